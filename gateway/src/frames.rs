@@ -1,0 +1,244 @@
+//! Checking the gRPC framing of a request body while it streams through, without buffering messages.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use cube_kit::ApiError;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+/// The first framing problem found in a request body, shared between the body and the call that forwards it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Violation(Arc<Mutex<Option<ApiError>>>);
+
+impl Violation {
+    fn record(&self, error: ApiError) {
+        if let Ok(mut slot) = self.0.lock()
+            && slot.is_none()
+        {
+            *slot = Some(error);
+        }
+    }
+
+    /// Takes the recorded problem, if any.
+    pub(crate) fn take(&self) -> Option<ApiError> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// Where the checker is inside the stream of length-prefixed messages.
+#[derive(Debug)]
+enum Position {
+    /// Reading a 5-byte message header; holds the bytes read so far.
+    Header { bytes: [u8; 5], read: usize },
+    /// Inside a message body; holds the bytes still to come and the message's size.
+    Message { remaining: usize, size: usize },
+}
+
+#[derive(Debug)]
+pub(crate) struct FrameChecker {
+    limit: usize,
+    position: Position,
+}
+
+impl FrameChecker {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            position: Position::Header {
+                bytes: [0; 5],
+                read: 0,
+            },
+        }
+    }
+
+    /// Advances over `data`, returning the first problem it shows.
+    pub(crate) fn advance(&mut self, mut data: &[u8]) -> Result<(), ApiError> {
+        while !data.is_empty() {
+            match &mut self.position {
+                Position::Header { bytes, read } => {
+                    let take = (5 - *read).min(data.len());
+                    bytes[*read..*read + take].copy_from_slice(&data[..take]);
+                    *read += take;
+                    data.advance(take);
+                    if *read == 5 {
+                        if bytes[0] > 1 {
+                            return Err(ApiError::MalformedRequest(format!(
+                                "message flag {:#04x} is neither 0 (plain) nor 1 (compressed)",
+                                bytes[0]
+                            )));
+                        }
+                        let size =
+                            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+                        if size > self.limit {
+                            return Err(ApiError::MessageTooLarge {
+                                limit: self.limit,
+                                size,
+                            });
+                        }
+                        self.position = Position::Message {
+                            remaining: size,
+                            size,
+                        };
+                        if size == 0 {
+                            self.position = Position::Header {
+                                bytes: [0; 5],
+                                read: 0,
+                            };
+                        }
+                    }
+                }
+                Position::Message { remaining, .. } => {
+                    let take = (*remaining).min(data.len());
+                    *remaining -= take;
+                    data.advance(take);
+                    if *remaining == 0 {
+                        self.position = Position::Header {
+                            bytes: [0; 5],
+                            read: 0,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the body did not end inside a message.
+    pub(crate) fn finish(&self) -> Result<(), ApiError> {
+        match self.position {
+            Position::Header { read: 0, .. } => Ok(()),
+            Position::Header { read, .. } => Err(ApiError::MalformedRequest(format!(
+                "request body ends inside a message header ({read} of 5 bytes)"
+            ))),
+            Position::Message { remaining, size } => Err(ApiError::MalformedRequest(format!(
+                "request body ends inside a message ({} of {size} bytes)",
+                size - remaining
+            ))),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that checks framing and message sizes as it streams, and fails the stream (so the upstream
+    /// call is reset) at the first problem, which it records in its [`Violation`].
+    pub(crate) struct CheckedBody<B> {
+        #[pin]
+        inner: B,
+        checker: FrameChecker,
+        violation: Violation,
+        failed: bool,
+    }
+}
+
+impl<B> CheckedBody<B> {
+    pub(crate) fn new(inner: B, limit: usize, violation: Violation) -> Self {
+        Self {
+            inner,
+            checker: FrameChecker::new(limit),
+            violation,
+            failed: false,
+        }
+    }
+}
+
+/// The error a [`CheckedBody`] fails its stream with; the proxy answers with the recorded [`Violation`] instead.
+#[derive(Debug, thiserror::Error)]
+#[error("request body rejected by the gateway")]
+pub(crate) struct Rejected;
+
+impl<B> HttpBody for CheckedBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = Rejected;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Rejected>>> {
+        let this = self.project();
+        if *this.failed {
+            return Poll::Ready(Some(Err(Rejected)));
+        }
+        let error = match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.data_ref().map(|data| this.checker.advance(data)) {
+                Some(Err(error)) => error,
+                _ => return Poll::Ready(Some(Ok(frame))),
+            },
+            Some(Err(error)) => {
+                ApiError::MalformedRequest(format!("cannot read the request body: {error}"))
+            }
+            None => match this.checker.finish() {
+                Ok(()) => return Poll::Ready(None),
+                Err(error) => error,
+            },
+        };
+        tracing::debug!(%error, "rejecting request body");
+        this.violation.record(error);
+        *this.failed = true;
+        Poll::Ready(Some(Err(Rejected)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.failed && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn whole_messages_pass_in_any_chunking() {
+        let mut stream = frame(b"hello");
+        stream.extend(frame(b""));
+        stream.extend(frame(&[7; 300]));
+        for chunk in [1, 2, 3, 5, 7, 64, 1000] {
+            let mut checker = FrameChecker::new(1024);
+            for piece in stream.chunks(chunk) {
+                checker.advance(piece).expect("valid");
+            }
+            checker.finish().expect("complete");
+        }
+    }
+
+    #[test]
+    fn truncation_oversize_and_bad_flags_are_caught() {
+        let mut checker = FrameChecker::new(1024);
+        checker
+            .advance(&frame(b"hello")[..7])
+            .expect("partial is fine so far");
+        let err = checker.finish().expect_err("truncated");
+        assert!(err.to_string().contains("2 of 5 bytes"), "{err}");
+
+        let mut checker = FrameChecker::new(4);
+        let err = checker.advance(&frame(b"hello")).expect_err("too large");
+        assert!(
+            matches!(err, ApiError::MessageTooLarge { limit: 4, size: 5 }),
+            "{err}"
+        );
+
+        let mut checker = FrameChecker::new(1024);
+        let err = checker.advance(&[9, 0, 0, 0, 1, 0]).expect_err("flag");
+        assert!(err.to_string().contains("0x09"), "{err}");
+
+        let mut checker = FrameChecker::new(1024);
+        checker.advance(&[0, 0]).expect("half a header");
+        assert!(checker.finish().is_err());
+    }
+}

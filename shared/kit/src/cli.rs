@@ -1,0 +1,153 @@
+//! What a service binary's `main` does: parse flags and env, start telemetry, serve until a signal.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::config::{ServerArgs, TelemetryArgs};
+use crate::metrics::RpcMetrics;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::error::BoxError;
+use crate::health::Health;
+use crate::server::Server;
+
+/// The flags of a service binary (and of `cube serve <service>`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where to listen and how to treat calls.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Logs and traces.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Parser)]
+struct ServiceCommand {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// Why a binary stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Telemetry could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// A listener could not be bound.
+    #[error("binding {address}: {source}")]
+    Bind {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Serve(BoxError),
+    /// The admin server failed.
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Binds `address`, naming it in the error.
+///
+/// # Errors
+/// Returns an error when the address cannot be bound.
+pub async fn bind(address: std::net::SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| RunError::Bind { address, source })
+}
+
+/// Runs one service's binary: parses its flags, serves `build()` until SIGTERM or SIGINT, and exits non-zero
+/// with the reason on failure.
+pub fn main(build: fn() -> Server) -> ExitCode {
+    let command = ServiceCommand::parse();
+    block_on(serve(build(), command.args))
+}
+
+/// Runs `future` on a multi-threaded tokio runtime and turns its result into the process's exit code, printing
+/// the error on failure.
+pub fn block_on<E: std::fmt::Display>(future: impl Future<Output = Result<(), E>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves `server` with its admin port until SIGTERM or SIGINT; what `main` and `cube serve` run.
+///
+/// # Errors
+/// Returns an error when telemetry, a listener or a server fails.
+pub async fn serve(server: Server, args: ServeArgs) -> Result<(), RunError> {
+    let name = server.name();
+    let health = server.health().clone();
+    let server_args = args.server.clone();
+    run(
+        name,
+        &args,
+        health,
+        |listener, metrics, shutdown| async move {
+            server
+                .serve(listener, &server_args, &metrics, shutdown)
+                .await
+        },
+    )
+    .await
+}
+
+/// Runs a gRPC server and the admin HTTP server beside it until SIGTERM or SIGINT: sets up telemetry, binds
+/// both listeners, and hands the gRPC listener, the RPC metrics and the shutdown signal to `serve`.
+///
+/// # Errors
+/// Returns an error when telemetry, a listener or a server fails.
+pub async fn run<F, Fut, E>(
+    name: &'static str,
+    args: &ServeArgs,
+    health: Health,
+    serve: F,
+) -> Result<(), RunError>
+where
+    F: FnOnce(TcpListener, RpcMetrics, WaitForCancellationFutureOwned) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    let _telemetry = crate::telemetry::init(name, &args.telemetry)?;
+    let shutdown = crate::shutdown::on_signal().map_err(RunError::Signals)?;
+    let mut registry = Registry::with_prefix("cube");
+    let metrics = RpcMetrics::register(&mut registry);
+    let listener = bind(args.server.listen).await?;
+    let admin_listener = bind(args.server.admin_listen).await?;
+    let admin = crate::admin::serve(
+        admin_listener,
+        Arc::new(registry),
+        health,
+        shutdown.clone().cancelled_owned(),
+    );
+    let grpc = serve(listener, metrics, shutdown.cancelled_owned());
+    let (grpc, admin) = tokio::join!(grpc, admin);
+    grpc.map_err(|error| RunError::Serve(error.into()))?;
+    admin.map_err(RunError::Admin)
+}

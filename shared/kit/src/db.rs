@@ -1,0 +1,124 @@
+//! Connecting to a service's database (SQLite, PostgreSQL or MySQL/MariaDB) and bringing its tables up to date.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm_migration::MigratorTrait;
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names a database Cube does not support.
+    #[error(
+        "unsupported database URL {0:?}: expected sqlite://PATH, postgres://USER@HOST/DB or mysql://USER@HOST/DB"
+    )]
+    UnsupportedUrl(String),
+    /// The directory for an SQLite file could not be created.
+    #[error("creating the directory for {path}: {source}")]
+    Directory {
+        /// The SQLite file's path.
+        path: String,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("connecting to the {backend} database: {source}")]
+    Connect {
+        /// Which kind of database.
+        backend: &'static str,
+        /// What the driver said.
+        source: DbErr,
+    },
+    /// A migration failed.
+    #[error("migrating the database: {0}")]
+    Migrate(DbErr),
+}
+
+/// Opens the database at `url` and, when `migrate` is set, applies the migrations of `M` that it lacks.
+///
+/// An `sqlite://` file (and its directory) is created when missing; `sqlite::memory:` opens a private in-memory
+/// database.
+///
+/// # Errors
+/// Returns an error naming the backend when the URL is unsupported, the database is unreachable, or a migration
+/// fails.
+pub async fn connect<M: MigratorTrait>(
+    url: &str,
+    migrate: bool,
+) -> Result<DatabaseConnection, DbError> {
+    let (backend, url) = normalize(url)?;
+    let mut options = ConnectOptions::new(url);
+    options
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10))
+        .sqlx_logging(false);
+    if backend == "sqlite" {
+        // SQLite serialises writers; one connection avoids "database is locked" under concurrent writes.
+        options.max_connections(1);
+    }
+    let db = Database::connect(options)
+        .await
+        .map_err(|source| DbError::Connect { backend, source })?;
+    if migrate {
+        M::up(&db, None).await.map_err(DbError::Migrate)?;
+    }
+    tracing::info!(backend, "database ready");
+    Ok(db)
+}
+
+fn normalize(url: &str) -> Result<(&'static str, String), DbError> {
+    if url == "sqlite::memory:" {
+        return Ok(("sqlite", url.to_owned()));
+    }
+    if let Some(rest) = url.strip_prefix("sqlite://") {
+        let path = rest.split('?').next().unwrap_or(rest);
+        if path.is_empty() {
+            return Err(DbError::UnsupportedUrl(url.to_owned()));
+        }
+        if let Some(dir) = std::path::Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| DbError::Directory {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let url = if rest.contains("mode=") {
+            url.to_owned()
+        } else if rest.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        return Ok(("sqlite", url));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(("postgres", url.to_owned()));
+    }
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        return Ok(("mysql", url.replacen("mariadb://", "mysql://", 1)));
+    }
+    Err(DbError::UnsupportedUrl(url.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_recognised_and_others_refused_with_the_accepted_forms() {
+        assert_eq!(normalize("postgres://u@h/d").expect("pg").0, "postgres");
+        assert_eq!(
+            normalize("mariadb://u@h/d").expect("maria").1,
+            "mysql://u@h/d"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/nested/cube.db", dir.path().display());
+        let (backend, normalized) = normalize(&url).expect("sqlite");
+        assert_eq!(backend, "sqlite");
+        assert!(normalized.ends_with("?mode=rwc"));
+        assert!(dir.path().join("nested").is_dir());
+        let err = normalize("mongodb://h/d").expect_err("mongo");
+        assert!(err.to_string().contains("expected sqlite://PATH"), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! The service kit every Cube server is built from: configuration groups, telemetry, the server skeleton with
+//! health, reflection, metrics and graceful shutdown, the error type at the API edge, client channels, and
+//! connectors for the database and Redis.
+
+pub mod admin;
+pub mod channel;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod redis;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use channel::Channel;
+pub use error::{ApiError, FieldViolation};
+pub use health::Health;
+pub use server::Server;

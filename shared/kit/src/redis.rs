@@ -1,0 +1,24 @@
+//! The Redis connection pool services share for the event bus and caches.
+
+use deadpool_redis::{Config, Pool, Runtime};
+
+/// Why a Redis pool could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Redis URL {url:?} (expected redis://HOST:PORT/DB): {source}")]
+pub struct RedisError {
+    url: String,
+    source: deadpool_redis::CreatePoolError,
+}
+
+/// Creates a pool of connections to the Redis at `url`; connections open on first use.
+///
+/// # Errors
+/// Returns an error when the URL is not a Redis URL.
+pub fn pool(url: &str) -> Result<Pool, RedisError> {
+    Config::from_url(url)
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|source| RedisError {
+            url: url.to_owned(),
+            source,
+        })
+}

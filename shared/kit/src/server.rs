@@ -1,0 +1,208 @@
+//! The one server skeleton every Cube gRPC server runs on: health, reflection, tracing, metrics, deadlines and
+//! a graceful shutdown that flips health to NOT_SERVING before it drains.
+
+use std::future::Future;
+use std::time::Duration;
+
+use http::Request;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tower_http::trace::TraceLayer;
+
+use crate::config::ServerArgs;
+use crate::health::Health;
+use crate::metrics::RpcMetrics;
+
+/// Why a server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection service could not read the descriptor set.
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A listener failed.
+    #[error("listening: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A gRPC server under construction: its services, plus health and reflection for them.
+#[derive(Debug)]
+pub struct Server {
+    name: &'static str,
+    package: String,
+    routes: Routes,
+    health: Health,
+    reflected: Vec<&'static str>,
+}
+
+impl Server {
+    /// Starts a server for the Cube service `name` (e.g. `auth`) whose API lives in proto package `package`
+    /// (e.g. `cube.auth.v1`); health reports `""` and `package` as serving.
+    pub fn new(name: &'static str, package: &str) -> Self {
+        let health = Health::new();
+        health.set_serving("");
+        health.set_serving(package);
+        Self {
+            name,
+            package: package.to_owned(),
+            routes: Routes::default(),
+            health,
+            reflected: Vec::new(),
+        }
+    }
+
+    /// Adds a gRPC service, reports it as serving, and lists it in reflection.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.health.set_serving(S::NAME);
+        self.reflected.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// Returns the server's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Returns the proto package of the server's API, e.g. `cube.auth.v1`.
+    pub fn package(&self) -> &str {
+        &self.package
+    }
+
+    /// Returns the server's health registry.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Returns every route of the server (its services, health and reflection), for serving or for calling
+    /// in-process.
+    ///
+    /// # Errors
+    /// Returns an error when the reflection service cannot be built from the descriptor sets.
+    pub fn into_routes(self) -> Result<Routes, ServeError> {
+        let mut v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cube_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        let mut v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cube_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for name in &self.reflected {
+            v1 = v1.with_service_name(*name);
+            v1alpha = v1alpha.with_service_name(*name);
+        }
+        Ok(self
+            .routes
+            .add_service(self.health.service())
+            .add_service(v1.build_v1()?)
+            .add_service(v1alpha.build_v1alpha()?))
+    }
+
+    /// Serves the server on `listener` until `shutdown` resolves, then flips health to NOT_SERVING and drains
+    /// calls in flight for at most `args.shutdown_grace`.
+    ///
+    /// # Errors
+    /// Returns an error when the server cannot be built or the transport fails.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        args: &ServerArgs,
+        metrics: &RpcMetrics,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let name = self.name;
+        let health = self.health.clone();
+        let routes = self.into_routes()?;
+        serve_routes(name, routes, health, listener, args, metrics, shutdown).await
+    }
+}
+
+/// Serves `routes` (HTTP/2 only) with the kit's layers; the shared half of [`Server::serve`] and the gateway.
+///
+/// # Errors
+/// Returns an error when the transport fails.
+pub async fn serve_routes(
+    name: &'static str,
+    routes: Routes,
+    health: Health,
+    listener: TcpListener,
+    args: &ServerArgs,
+    metrics: &RpcMetrics,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let address = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .timeout(args.request_timeout)
+        .layer(trace_layer())
+        .layer(metrics.layer())
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, closing(health.clone(), shutdown));
+    tracing::info!(server = name, %address, "serving grpc");
+    drain(name, &health, server, args.shutdown_grace).await
+}
+
+/// Waits for `shutdown`, then closes `health`; the signal handed to `serve_with_incoming_shutdown`.
+pub async fn closing(health: Health, shutdown: impl Future<Output = ()> + Send) {
+    shutdown.await;
+    tracing::info!("shutting down: health is NOT_SERVING, draining calls in flight");
+    health.close();
+}
+
+/// Runs `server` to completion, but stops waiting for calls in flight `grace` after `health` closed.
+///
+/// # Errors
+/// Returns the server's own error.
+pub async fn drain<E>(
+    name: &'static str,
+    health: &Health,
+    server: impl Future<Output = Result<(), E>>,
+    grace: Duration,
+) -> Result<(), ServeError>
+where
+    ServeError: From<E>,
+{
+    let deadline = health.closed();
+    tokio::select! {
+        result = server => result?,
+        () = async { deadline.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(server = name, ?grace, "calls still in flight after the shutdown grace, closing them");
+        }
+    }
+    tracing::info!(server = name, "stopped");
+    Ok(())
+}
+
+/// The trace layer every server uses.
+pub type RpcTraceLayer = TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::GrpcErrorsAsFailures>,
+    fn(&Request<tonic::body::Body>) -> tracing::Span,
+>;
+
+/// Returns the trace layer every server uses: a span per call named by its method, continuing the caller's
+/// W3C trace context.
+pub fn trace_layer() -> RpcTraceLayer {
+    TraceLayer::new_for_grpc()
+        .make_span_with(rpc_span as fn(&Request<tonic::body::Body>) -> tracing::Span)
+}
+
+fn rpc_span(request: &Request<tonic::body::Body>) -> tracing::Span {
+    let span = tracing::info_span!("rpc", rpc.method = %request.uri().path(), otel.kind = "server");
+    crate::telemetry::continue_trace(&span, request.headers());
+    span
+}
