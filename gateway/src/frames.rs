@@ -105,6 +105,11 @@ impl FrameChecker {
         Ok(())
     }
 
+    /// Returns whether the checker stands between messages, where a body may end.
+    pub(crate) fn at_boundary(&self) -> bool {
+        matches!(self.position, Position::Header { read: 0, .. })
+    }
+
     /// Checks that the body did not end inside a message.
     pub(crate) fn finish(&self) -> Result<(), ApiError> {
         match self.position {
@@ -184,11 +189,14 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        !self.failed && self.inner.is_end_stream()
+        // Inside a message, the sender must poll once more so that the truncation is seen and reported.
+        !self.failed && self.inner.is_end_stream() && self.checker.at_boundary()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // tonic-web passes on the size of the base64 text for grpc-web-text, which is not the size of the decoded
+        // body; an exact hint would become a wrong content-length upstream, so none is given.
+        SizeHint::default()
     }
 }
 

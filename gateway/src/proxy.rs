@@ -75,12 +75,15 @@ impl Proxy {
             violation.clone(),
         ));
         let call = channel.oneshot(Request::from_parts(parts, body));
+        let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(timeout, call).await;
         if let Some(error) = violation.take() {
             return Err(error);
         }
         match result {
+            // The network channel enforces `grpc-timeout` too, and its expiry is an error like any other.
             Err(_) => Err(ApiError::DeadlineExceeded(timeout)),
+            Ok(Err(_)) if started.elapsed() >= timeout => Err(ApiError::DeadlineExceeded(timeout)),
             Ok(Err(source)) => Err(ApiError::Unavailable {
                 service: package,
                 source,
