@@ -35,9 +35,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .with_state(AdminState { registry, health });
     tracing::info!(%address, "serving admin http");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

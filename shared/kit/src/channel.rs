@@ -43,19 +43,12 @@ impl Channel {
     /// Creates a channel that hands each call straight to `routes`, with no network in between.
     pub fn in_process(routes: tonic::service::Routes) -> Self {
         let routes = routes.prepare();
-        Self::from_service(ServiceExt::<Request<Body>>::map_err(
-            routes,
-            |never| match never {},
-        ))
+        Self::from_service(ServiceExt::<Request<Body>>::map_err(routes, |never| match never {}))
     }
 
     fn from_service<S>(service: S) -> Self
     where
-        S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         let service = service.map_request(|mut request: Request<Body>| {

@@ -78,10 +78,7 @@ pub fn main(build: fn() -> Server) -> ExitCode {
 /// Runs `future` on a multi-threaded tokio runtime and turns its result into the process's exit code, printing
 /// the error on failure.
 pub fn block_on<E: std::fmt::Display>(future: impl Future<Output = Result<(), E>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: starting the tokio runtime: {error}");
@@ -105,17 +102,25 @@ pub async fn serve(server: Server, args: ServeArgs) -> Result<(), RunError> {
     let name = server.name();
     let health = server.health().clone();
     let server_args = args.server.clone();
-    run(
-        name,
-        &args,
-        health,
-        |listener, metrics, shutdown| async move {
-            server
-                .serve(listener, &server_args, &metrics, shutdown)
-                .await
-        },
-    )
+    run(name, &args, health, |bound| async move {
+        server
+            .serve(bound.listener, &server_args, &bound.metrics, bound.shutdown)
+            .await
+    })
     .await
+}
+
+/// What [`run`] hands the gRPC server it starts.
+#[derive(Debug)]
+pub struct Bound {
+    /// The bound gRPC listener.
+    pub listener: TcpListener,
+    /// Where the admin HTTP server listens.
+    pub admin_address: std::net::SocketAddr,
+    /// The RPC metrics, registered with the admin server's registry.
+    pub metrics: RpcMetrics,
+    /// Resolves on SIGTERM or SIGINT.
+    pub shutdown: WaitForCancellationFutureOwned,
 }
 
 /// Runs a gRPC server and the admin HTTP server beside it until SIGTERM or SIGINT: sets up telemetry, binds
@@ -123,14 +128,9 @@ pub async fn serve(server: Server, args: ServeArgs) -> Result<(), RunError> {
 ///
 /// # Errors
 /// Returns an error when telemetry, a listener or a server fails.
-pub async fn run<F, Fut, E>(
-    name: &'static str,
-    args: &ServeArgs,
-    health: Health,
-    serve: F,
-) -> Result<(), RunError>
+pub async fn run<F, Fut, E>(name: &'static str, args: &ServeArgs, health: Health, serve: F) -> Result<(), RunError>
 where
-    F: FnOnce(TcpListener, RpcMetrics, WaitForCancellationFutureOwned) -> Fut,
+    F: FnOnce(Bound) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
 {
@@ -140,13 +140,19 @@ where
     let metrics = RpcMetrics::register(&mut registry);
     let listener = bind(args.server.listen).await?;
     let admin_listener = bind(args.server.admin_listen).await?;
+    let admin_address = admin_listener.local_addr().map_err(RunError::Admin)?;
     let admin = crate::admin::serve(
         admin_listener,
         Arc::new(registry),
         health,
         shutdown.clone().cancelled_owned(),
     );
-    let grpc = serve(listener, metrics, shutdown.cancelled_owned());
+    let grpc = serve(Bound {
+        listener,
+        admin_address,
+        metrics,
+        shutdown: shutdown.cancelled_owned(),
+    });
     let (grpc, admin) = tokio::join!(grpc, admin);
     grpc.map_err(|error| RunError::Serve(error.into()))?;
     admin.map_err(RunError::Admin)

@@ -14,11 +14,7 @@ pub struct ServerArgs {
     pub listen: SocketAddr,
 
     /// Address of the admin HTTP server that serves /metrics (Prometheus text) and /healthz.
-    #[arg(
-        long = "admin-listen",
-        env = "CUBE_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9090"
-    )]
+    #[arg(long = "admin-listen", env = "CUBE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
     /// Longest a call may run when the client sets no shorter deadline (e.g. 30s, 500ms, 2m).
@@ -81,13 +77,9 @@ pub struct RedisArgs {
 /// Returns a message showing the accepted forms when the text is anything else.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = || {
-        format!(
-            "invalid duration {text:?}: expected a whole number followed by ms, s, m or h (e.g. 500ms, 30s, 2m)"
-        )
+        format!("invalid duration {text:?}: expected a whole number followed by ms, s, m or h (e.g. 500ms, 30s, 2m)")
     };
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(invalid)?;
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
     let (digits, unit) = text.split_at(split);
     let value: u64 = digits.parse().map_err(|_| invalid())?;
     match unit {

@@ -180,10 +180,7 @@ impl ApiError {
             Self::PermissionDenied { permission } => {
                 metadata.insert("permission".to_owned(), permission.clone());
             }
-            Self::QuotaExceeded {
-                subject,
-                description,
-            } => {
+            Self::QuotaExceeded { subject, description } => {
                 details.add_quota_failure_violation(subject, description);
             }
             Self::MessageTooLarge { limit, size } => {
@@ -260,11 +257,7 @@ mod tests {
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("hunter2"));
         assert_eq!(
-            status
-                .get_error_details()
-                .error_info()
-                .expect("info")
-                .reason,
+            status.get_error_details().error_info().expect("info").reason,
             "INTERNAL"
         );
     }
@@ -283,16 +276,8 @@ mod tests {
             "projects/vision:gpu"
         );
 
-        let status = ApiError::MessageTooLarge {
-            limit: 10,
-            size: 11,
-        }
-        .status("gateway.cube.dev");
-        let info = status
-            .get_error_details()
-            .error_info()
-            .cloned()
-            .expect("info");
+        let status = ApiError::MessageTooLarge { limit: 10, size: 11 }.status("gateway.cube.dev");
+        let info = status.get_error_details().error_info().cloned().expect("info");
         assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
         assert_eq!(info.metadata.get("limit").map(String::as_str), Some("10"));
     }

@@ -65,9 +65,8 @@ impl Health {
     }
 
     fn set(&self, service: &str, status: ServingStatus) {
-        self.state.send_if_modified(|state| {
-            state.statuses.insert(service.to_owned(), status) != Some(status)
-        });
+        self.state
+            .send_if_modified(|state| state.statuses.insert(service.to_owned(), status) != Some(status));
     }
 
     /// Answers for every service name under `package` (e.g. `cube.auth.v1`) by asking `channel`'s own health
@@ -116,74 +115,56 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>
 
 #[tonic::async_trait]
 impl tonic_health::pb::health_server::Health for Health {
-    async fn check(
-        &self,
-        request: Request<HealthCheckRequest>,
-    ) -> Result<Response<HealthCheckResponse>, Status> {
+    async fn check(&self, request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
         let service = request.get_ref().service.clone();
         if let Some(status) = self.status(&service) {
-            return Ok(Response::new(HealthCheckResponse {
-                status: status.into(),
-            }));
+            return Ok(Response::new(HealthCheckResponse { status: status.into() }));
         }
         match self.upstream_for(&service) {
             Some(channel) => HealthClient::new(channel).check(request).await,
-            None => Err(Status::not_found(format!(
-                "no health status for service {service:?}"
-            ))),
+            None => Err(Status::not_found(format!("no health status for service {service:?}"))),
         }
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        request: Request<HealthCheckRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let service = request.get_ref().service.clone();
         if self.status(&service).is_none()
             && let Some(channel) = self.upstream_for(&service)
         {
-            let upstream = HealthClient::new(channel)
-                .watch(request)
-                .await?
-                .into_inner();
+            let upstream = HealthClient::new(channel).watch(request).await?.into_inner();
             // The gateway's own shutdown ends relayed streams too.
             let closing = self.closed();
             return Ok(Response::new(Box::pin(upstream.take_until(closing))));
         }
         let receiver = self.state.subscribe();
-        let stream = futures::stream::unfold(
-            (receiver, None, false),
-            move |(mut receiver, last, done)| {
-                let service = service.clone();
-                async move {
-                    if done {
+        let stream = futures::stream::unfold((receiver, None, false), move |(mut receiver, last, done)| {
+            let service = service.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let (status, closing) = {
+                        let state = receiver.borrow_and_update();
+                        let status = state
+                            .statuses
+                            .get(&service)
+                            .copied()
+                            .unwrap_or(ServingStatus::ServiceUnknown);
+                        (status, state.closing)
+                    };
+                    if last != Some(status) {
+                        let response = HealthCheckResponse { status: status.into() };
+                        return Some((Ok(response), (receiver, Some(status), closing)));
+                    }
+                    if closing || receiver.changed().await.is_err() {
                         return None;
                     }
-                    loop {
-                        let (status, closing) = {
-                            let state = receiver.borrow_and_update();
-                            let status = state
-                                .statuses
-                                .get(&service)
-                                .copied()
-                                .unwrap_or(ServingStatus::ServiceUnknown);
-                            (status, state.closing)
-                        };
-                        if last != Some(status) {
-                            let response = HealthCheckResponse {
-                                status: status.into(),
-                            };
-                            return Some((Ok(response), (receiver, Some(status), closing)));
-                        }
-                        if closing || receiver.changed().await.is_err() {
-                            return None;
-                        }
-                    }
                 }
-            },
-        );
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

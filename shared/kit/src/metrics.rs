@@ -45,9 +45,7 @@ impl RpcMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             handled: Family::default(),
-            latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
-            }),
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
             in_flight: Gauge::default(),
         };
         registry.register(
@@ -243,10 +241,7 @@ impl<B: HttpBody> HttpBody for MetricsBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
@@ -254,9 +249,7 @@ impl<B: HttpBody> HttpBody for MetricsBody<B> {
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(recorder) = this.recorder.take()
                 {
-                    let code = status_code(trailers)
-                        .or(recorder.code)
-                        .unwrap_or(Code::Unknown);
+                    let code = status_code(trailers).or(recorder.code).unwrap_or(Code::Unknown);
                     recorder.finish(code);
                 }
             }

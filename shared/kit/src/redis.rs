@@ -6,6 +6,7 @@ use deadpool_redis::{Config, Pool, Runtime};
 #[derive(Debug, thiserror::Error)]
 #[error("invalid Redis URL {url:?} (expected redis://HOST:PORT/DB): {source}")]
 pub struct RedisError {
+    /// The URL as given, its password redacted.
     url: String,
     source: deadpool_redis::CreatePoolError,
 }
@@ -18,7 +19,7 @@ pub fn pool(url: &str) -> Result<Pool, RedisError> {
     Config::from_url(url)
         .create_pool(Some(Runtime::Tokio1))
         .map_err(|source| RedisError {
-            url: url.to_owned(),
+            url: crate::db::redact(url),
             source,
         })
 }

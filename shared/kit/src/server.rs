@@ -166,6 +166,9 @@ pub async fn closing(health: Health, shutdown: impl Future<Output = ()> + Send) 
 
 /// Runs `server` to completion, but stops waiting for calls in flight `grace` after `health` closed.
 ///
+/// Connections still open then are not closed here: tonic serves each in a task of its own, and they end when the
+/// process exits, which is what every binary does once this returns.
+///
 /// # Errors
 /// Returns the server's own error.
 pub async fn drain<E>(
@@ -197,8 +200,7 @@ pub type RpcTraceLayer = TraceLayer<
 /// Returns the trace layer every server uses: a span per call named by its method, continuing the caller's
 /// W3C trace context.
 pub fn trace_layer() -> RpcTraceLayer {
-    TraceLayer::new_for_grpc()
-        .make_span_with(rpc_span as fn(&Request<tonic::body::Body>) -> tracing::Span)
+    TraceLayer::new_for_grpc().make_span_with(rpc_span as fn(&Request<tonic::body::Body>) -> tracing::Span)
 }
 
 fn rpc_span(request: &Request<tonic::body::Body>) -> tracing::Span {

@@ -13,17 +13,43 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{LogFormat, TelemetryArgs};
 
 /// Keeps the trace exporter alive; dropping it flushes spans that are still buffered.
+///
+/// Flushing blocks until the exporter has sent them over a connection that tasks of the tokio runtime drive. On a
+/// multi-threaded runtime dropping the guard is fine; on a current-thread runtime (`#[tokio::test]`) the drop
+/// would block the very thread those tasks need, so await [`Telemetry::shutdown`] there instead.
 #[derive(Debug)]
 #[must_use = "dropping the guard stops trace export"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+impl Telemetry {
+    /// Flushes the spans still buffered and stops export, without blocking the async runtime's thread.
+    pub async fn shutdown(mut self) {
+        if let Some(provider) = self.provider.take() {
+            match tokio::task::spawn_blocking(move || provider.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => eprintln!("flushing traces failed: {error}"),
+                Err(error) => eprintln!("flushing traces failed: {error}"),
+            }
+        }
+    }
+}
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take()
-            && let Err(error) = provider.shutdown()
-        {
+        let Some(provider) = self.provider.take() else {
+            return;
+        };
+        let shutdown = move || provider.shutdown();
+        // On a runtime worker, hand the worker's other tasks (among them the exporter's connection) to another
+        // thread while this one blocks; `block_in_place` is only allowed on the multi-threaded runtime.
+        let flavor = tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor());
+        let result = match flavor {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(shutdown),
+            _ => shutdown(),
+        };
+        if let Err(error) = result {
             eprintln!("flushing traces failed: {error}");
         }
     }
@@ -96,11 +122,7 @@ pub fn init(service: &str, args: &TelemetryArgs) -> Result<Telemetry, TelemetryE
         ),
         LogFormat::Json => (
             None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            ),
+            Some(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)),
         ),
     };
     // An already-installed subscriber (a second service in `cube up`, or a test) stays in charge.
@@ -131,9 +153,7 @@ pub fn current_trace_id() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     let context = tracing::Span::current().context();
     let span_context = context.span().span_context().clone();
-    span_context
-        .is_valid()
-        .then(|| span_context.trace_id().to_string())
+    span_context.is_valid().then(|| span_context.trace_id().to_string())
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
