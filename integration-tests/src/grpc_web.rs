@@ -97,10 +97,7 @@ impl GrpcWebClient {
     ///
     /// # Errors
     /// Returns an error when the connection or handshake fails.
-    pub async fn connect(
-        address: SocketAddr,
-        http: Http,
-    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    pub async fn connect(address: SocketAddr, http: Http) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let stream = tokio::net::TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
         let io = TokioIo::new(stream);
@@ -111,8 +108,7 @@ impl GrpcWebClient {
                 Sender::One(sender)
             }
             Http::Two => {
-                let (sender, connection) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
                 tokio::spawn(connection);
                 Sender::Two(sender)
             }
@@ -145,10 +141,9 @@ impl GrpcWebClient {
             .header("x-grpc-web", "1")
             .body(Full::new(body))?;
         for (name, value) in headers {
-            request.headers_mut().insert(
-                HeaderName::from_bytes(name.as_bytes())?,
-                HeaderValue::from_str(value)?,
-            );
+            request
+                .headers_mut()
+                .insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
         }
         let response = match &mut self.sender {
             Sender::One(sender) => {
@@ -185,9 +180,7 @@ fn decode_text(text: &[u8]) -> Result<Bytes, base64::DecodeError> {
     Ok(out.freeze())
 }
 
-fn parse_frames(
-    mut bytes: Bytes,
-) -> Result<(Vec<Bytes>, HeaderMap), Box<dyn std::error::Error + Send + Sync>> {
+fn parse_frames(mut bytes: Bytes) -> Result<(Vec<Bytes>, HeaderMap), Box<dyn std::error::Error + Send + Sync>> {
     let mut messages = Vec::new();
     let mut trailers = HeaderMap::new();
     while bytes.has_remaining() {

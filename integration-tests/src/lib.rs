@@ -23,8 +23,7 @@ pub mod echo {
     tonic::include_proto!("cube.testing.v1");
 
     /// The encoded `FileDescriptorSet` of the echo API.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/echo_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo_descriptor.bin"));
 }
 
 use echo::echo_service_server::{EchoService, EchoServiceServer};
@@ -43,10 +42,7 @@ pub struct Echo;
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
 
 impl Echo {
-    async fn answer(
-        request: EchoRequest,
-        metadata: HashMap<String, String>,
-    ) -> Result<EchoResponse, Status> {
+    async fn answer(request: EchoRequest, metadata: HashMap<String, String>) -> Result<EchoResponse, Status> {
         if request.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(request.delay_ms))).await;
         }
@@ -87,12 +83,9 @@ fn seen_metadata(metadata: &tonic::metadata::MetadataMap) -> HashMap<String, Str
         .iter()
         .filter(|(name, _)| {
             let name = name.as_str();
-            name.starts_with("x-")
-                || matches!(name, "grpc-timeout" | "traceparent" | "content-type")
+            name.starts_with("x-") || matches!(name, "grpc-timeout" | "traceparent" | "content-type")
         })
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
         .collect()
 }
 
@@ -100,9 +93,7 @@ fn seen_metadata(metadata: &tonic::metadata::MetadataMap) -> HashMap<String, Str
 impl EchoService for Echo {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let metadata = seen_metadata(request.metadata());
-        Self::answer(request.into_inner(), metadata)
-            .await
-            .map(Response::new)
+        Self::answer(request.into_inner(), metadata).await.map(Response::new)
     }
 
     type EchoStreamStream = ResponseStream;
@@ -128,10 +119,7 @@ impl EchoService for Echo {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn collect(
-        &self,
-        request: Request<Streaming<EchoRequest>>,
-    ) -> Result<Response<EchoResponse>, Status> {
+    async fn collect(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<EchoResponse>, Status> {
         let metadata = seen_metadata(request.metadata());
         let mut stream = request.into_inner();
         let mut messages = Vec::new();
@@ -150,10 +138,7 @@ impl EchoService for Echo {
 
     type ChatStream = ResponseStream;
 
-    async fn chat(
-        &self,
-        request: Request<Streaming<EchoRequest>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
+    async fn chat(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<Self::ChatStream>, Status> {
         let stream = request
             .into_inner()
             .then(|item| async move { Self::answer(item?, HashMap::new()).await });
@@ -180,8 +165,7 @@ impl Running {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            task.await
-                .unwrap_or_else(|error| panic!("server task: {error}"));
+            task.await.unwrap_or_else(|error| panic!("server task: {error}"));
         }
     }
 }
@@ -215,15 +199,11 @@ pub async fn start_echo() -> Running {
         .local_addr()
         .unwrap_or_else(|error| panic!("local address: {error}"));
     let shutdown = CancellationToken::new();
-    let server =
-        cube_kit::Server::new("echo", ECHO_PACKAGE).add_service(EchoServiceServer::new(Echo));
+    let server = cube_kit::Server::new("echo", ECHO_PACKAGE).add_service(EchoServiceServer::new(Echo));
     let metrics = RpcMetrics::register(&mut prometheus_client::registry::Registry::default());
     let signal = shutdown.clone().cancelled_owned();
     let task = tokio::spawn(async move {
-        if let Err(error) = server
-            .serve(listener, &test_server_args(), &metrics, signal)
-            .await
-        {
+        if let Err(error) = server.serve(listener, &test_server_args(), &metrics, signal).await {
             panic!("echo server failed: {error}");
         }
     });

@@ -7,9 +7,7 @@ use bytes::Bytes;
 use cube_integration_tests::echo::echo_service_client::EchoServiceClient;
 use cube_integration_tests::echo::{EchoRequest, EchoStreamRequest};
 use cube_integration_tests::grpc_web::{GrpcWebClient, Http, Mode, frame};
-use cube_integration_tests::{
-    Running, connect, echo_gateway, echo_routes, start_echo, start_gateway,
-};
+use cube_integration_tests::{Running, connect, echo_gateway, echo_routes, start_echo, start_gateway};
 use cube_kit::Channel;
 use futures::StreamExt;
 use prost::Message;
@@ -50,10 +48,7 @@ async fn every_call_shape_streams_through_with_metadata() {
     let reply = client.echo(call).await.expect("echo").into_inner();
     assert_eq!(reply.message, "hello");
     assert_eq!(reply.payload, [1, 2, 3]);
-    assert_eq!(
-        reply.metadata.get("x-request-id").map(String::as_str),
-        Some("r-1")
-    );
+    assert_eq!(reply.metadata.get("x-request-id").map(String::as_str), Some("r-1"));
 
     let replies: Vec<_> = client
         .echo_stream(EchoStreamRequest {
@@ -70,11 +65,7 @@ async fn every_call_shape_streams_through_with_metadata() {
     assert_eq!(replies, ["tick 0", "tick 1", "tick 2", "tick 3", "tick 4"]);
 
     let requests = futures::stream::iter(["a", "b", "c"].map(request));
-    let collected = client
-        .collect(requests)
-        .await
-        .expect("collect")
-        .into_inner();
+    let collected = client.collect(requests).await.expect("collect").into_inner();
     assert_eq!(collected.message, "a,b,c");
 
     // Bidirectional: each answer arrives before the next request is sent, so nothing is buffered whole.
@@ -94,10 +85,7 @@ async fn every_call_shape_streams_through_with_metadata() {
         assert_eq!(answer.message, word);
     }
     drop(sender);
-    assert!(
-        answers.next().await.is_none(),
-        "the stream ends after the client's end"
-    );
+    assert!(answers.next().await.is_none(), "the stream ends after the client's end");
 }
 
 #[tokio::test]
@@ -138,14 +126,8 @@ async fn error_details_survive_the_gateway() {
         .expect_err("asked to fail");
     assert_eq!(status.code(), Code::InvalidArgument);
     let details = status.get_error_details();
-    assert_eq!(
-        details.error_info().expect("error info").reason,
-        "FIELD_INVALID"
-    );
-    assert_eq!(
-        details.error_info().expect("error info").domain,
-        "echo.cube.dev"
-    );
+    assert_eq!(details.error_info().expect("error info").reason, "FIELD_INVALID");
+    assert_eq!(details.error_info().expect("error info").domain, "echo.cube.dev");
     assert_eq!(
         details.bad_request().expect("bad request").field_violations[0].field,
         "message"
@@ -161,10 +143,7 @@ async fn error_details_survive_the_gateway() {
         .expect_err("asked to fail");
     assert_eq!(status.code(), Code::FailedPrecondition);
     let info = status.get_details_error_info().expect("error info");
-    assert_eq!(
-        info.metadata.get("message").map(String::as_str),
-        Some("gone")
-    );
+    assert_eq!(info.metadata.get("message").map(String::as_str), Some("gone"));
 }
 
 #[tokio::test]
@@ -181,12 +160,7 @@ async fn deadlines_are_kept() {
     };
     let started = Instant::now();
     let reply = client
-        .call(
-            ECHO,
-            Mode::Binary,
-            frame(&late),
-            &[("grpc-timeout", "200m")],
-        )
+        .call(ECHO, Mode::Binary, frame(&late), &[("grpc-timeout", "200m")])
         .await
         .expect("answered");
     let status = reply.status();
@@ -240,16 +214,11 @@ async fn unknown_services_and_unreachable_upstreams_get_clean_codes() {
         .expect("answered");
     let status = reply.status();
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert_eq!(
-        status.get_details_error_info().expect("info").reason,
-        "UNKNOWN_SERVICE"
-    );
+    assert_eq!(status.get_details_error_info().expect("info").reason, "UNKNOWN_SERVICE");
 
     // The gateway's own health still answers.
     let health = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+        .check(HealthCheckRequest { service: String::new() })
         .await
         .expect("health");
     assert_eq!(health.into_inner().status(), ServingStatus::Serving);
@@ -259,9 +228,7 @@ async fn unknown_services_and_unreachable_upstreams_get_clean_codes() {
 async fn grpc_web_binary_and_text_over_both_http_versions() {
     let (_echo, gateway) = remote_setup(1 << 20).await;
     for http in [Http::One, Http::Two] {
-        let mut client = GrpcWebClient::connect(gateway.address, http)
-            .await
-            .expect("connect");
+        let mut client = GrpcWebClient::connect(gateway.address, http).await.expect("connect");
         for mode in [Mode::Binary, Mode::Text] {
             let reply = client
                 .call(ECHO, mode, frame(&request("web")), &[("x-client", "test")])
@@ -274,14 +241,9 @@ async fn grpc_web_binary_and_text_over_both_http_versions() {
                 "{http:?} {mode:?}: {:?}",
                 reply.status()
             );
-            let answer =
-                cube_integration_tests::echo::EchoResponse::decode(reply.messages[0].clone())
-                    .expect("decode");
+            let answer = cube_integration_tests::echo::EchoResponse::decode(reply.messages[0].clone()).expect("decode");
             assert_eq!(answer.message, "web");
-            assert_eq!(
-                answer.metadata.get("x-client").map(String::as_str),
-                Some("test")
-            );
+            assert_eq!(answer.metadata.get("x-client").map(String::as_str), Some("test"));
             let content_type = reply.headers.get("content-type").expect("content type");
             assert!(
                 content_type
@@ -380,11 +342,7 @@ async fn bad_input_gets_grpc_errors_and_the_gateway_keeps_serving() {
     assert_eq!(reply.status().code(), Code::Ok, "{:?}", reply.status());
     let mut grpc = EchoServiceClient::new(connect(&gateway).await);
     assert_eq!(
-        grpc.echo(request("and here"))
-            .await
-            .expect("echo")
-            .into_inner()
-            .message,
+        grpc.echo(request("and here")).await.expect("echo").into_inner().message,
         "and here"
     );
 }
@@ -394,12 +352,7 @@ async fn in_process_upstreams_work_like_remote_ones() {
     let gateway = start_gateway(echo_gateway(Channel::in_process(echo_routes()), 1 << 20)).await;
     let mut client = EchoServiceClient::new(connect(&gateway).await);
     assert_eq!(
-        client
-            .echo(request("local"))
-            .await
-            .expect("echo")
-            .into_inner()
-            .message,
+        client.echo(request("local")).await.expect("echo").into_inner().message,
         "local"
     );
     let status = client
@@ -433,10 +386,7 @@ async fn health_is_the_gateways_own_and_asks_upstreams_for_theirs() {
         let upstream = health.check(check(name)).await.expect(name).into_inner();
         assert_eq!(upstream.status(), ServingStatus::Serving, "{name}");
     }
-    let status = health
-        .check(check("cube.unknown.v1"))
-        .await
-        .expect_err("unknown");
+    let status = health.check(check("cube.unknown.v1")).await.expect_err("unknown");
     assert_eq!(status.code(), Code::NotFound);
 
     // Watch relays the upstream's changes: stopping it ends in NOT_SERVING or a closed stream.
@@ -461,9 +411,7 @@ async fn shutdown_ends_health_watches_and_stops_promptly() {
     let (_echo, gateway) = remote_setup(1 << 20).await;
     let mut health = HealthClient::new(connect(&gateway).await);
     let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
+        .watch(HealthCheckRequest { service: String::new() })
         .await
         .expect("watch")
         .into_inner();
@@ -506,11 +454,7 @@ async fn reflection_describes_the_routed_apis() {
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("unexpected reflection response {response:?}");
     };
-    let names: Vec<_> = list
-        .service
-        .into_iter()
-        .map(|service| service.name)
-        .collect();
+    let names: Vec<_> = list.service.into_iter().map(|service| service.name).collect();
     for expected in ["cube.testing.v1.EchoService", "grpc.health.v1.Health"] {
         assert!(
             names.iter().any(|name| name == expected),

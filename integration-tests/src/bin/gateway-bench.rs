@@ -1,0 +1,451 @@
+//! Benchmarks the gateway: small unary calls at concurrency 1 and 64, sent directly to a service, through the
+//! gateway over gRPC and over grpc-web, through Debian's nginx (`grpc_pass`) for comparison, and through the
+//! gateway wired to the service in-process as `cube up` does. Prints requests/s, p50, p99 and the CPU seconds
+//! per 1,000 requests of the process between client and service, with ratios to direct.
+//!
+//! Run: `cargo run --release -p cube-integration-tests --bin gateway-bench -- [--seconds 10]`.
+//! The benchmark starts each server as a child process of its own (this binary, re-run in a server role), so
+//! that each one's CPU time can be read from /proc.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use cube_integration_tests::echo::EchoRequest;
+use cube_integration_tests::echo::echo_service_client::EchoServiceClient;
+use cube_integration_tests::grpc_web::{GrpcWebClient, Http, Mode, frame};
+use cube_integration_tests::{echo_gateway, echo_routes, start_echo, start_gateway, test_server_args};
+use cube_kit::Channel;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks Cube's gateway against direct calls and nginx")]
+struct Args {
+    /// A server role, used when the benchmark re-runs itself as a child process.
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of warm-up before each measurement.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// The nginx binary; the nginx rows are skipped when it is missing.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Role {
+    /// Serves the echo service.
+    Echo,
+    /// Serves the gateway in front of the echo service at URL.
+    Gateway { upstream: String },
+    /// Serves the gateway with the echo service in the same process, as `cube up` wires services.
+    InProcess,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match args.role {
+        Some(role) => runtime.block_on(serve_role(role)),
+        None => runtime.block_on(benchmark(&args)),
+    }
+}
+
+async fn serve_role(role: Role) -> anyhow::Result<()> {
+    let running = match role {
+        Role::Echo => start_echo().await,
+        Role::Gateway { upstream } => start_gateway(echo_gateway(Channel::remote(&upstream)?, 4 << 20)).await,
+        Role::InProcess => {
+            let mut args = test_server_args();
+            args.request_timeout = Duration::from_secs(30);
+            cube_integration_tests::start_gateway_with(echo_gateway(Channel::in_process(echo_routes()), 4 << 20), args)
+                .await
+        }
+    };
+    println!("listening {}", running.address);
+    // Runs until the benchmark kills this process.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// A server the benchmark started, and the processes whose CPU time counts as its own.
+struct Server {
+    address: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the server has exited")
+    }
+}
+
+async fn spawn_role(role: &[&str]) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(role)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let line = tokio::time::timeout(Duration::from_secs(10), BufReader::new(stdout).lines().next_line())
+        .await
+        .context("waiting for the server to listen")??
+        .context("the server exited before listening")?;
+    let address = line
+        .strip_prefix("listening ")
+        .context("unexpected first line")?
+        .parse()?;
+    Ok(Server { address, child })
+}
+
+async fn spawn_nginx(nginx: &Path, upstream: SocketAddr) -> anyhow::Result<(Server, tempfile_dir::Dir)> {
+    let dir = tempfile_dir::Dir::new()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let config = format!(
+        "worker_processes auto;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+           fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
+           upstream echo {{ server {upstream}; keepalive 128; keepalive_requests 1000000000; }}\n\
+           server {{\n    listen 127.0.0.1:{port} http2;\n    keepalive_requests 1000000000;\n\
+             location / {{ grpc_pass grpc://echo; }}\n  }}\n}}\n",
+        dir = dir.path().display(),
+    );
+    let config_path = dir.path().join("nginx.conf");
+    std::fs::write(&config_path, config)?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&config_path)
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .kill_on_drop(true)
+        .spawn()?;
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(address).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("nginx did not listen on {address}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((Server { address, child }, dir))
+}
+
+/// A scratch directory removed on drop (nginx needs one for its config, pid and temp paths).
+mod tempfile_dir {
+    pub(crate) struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        pub(crate) fn new() -> std::io::Result<Self> {
+            let path = std::env::temp_dir().join(format!("cube-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&path)?;
+            Ok(Self(path))
+        }
+
+        pub(crate) fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// CPU seconds (user + system) used so far by `pid` and its child processes.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let ticks = 100.0; // USER_HZ, 100 on Linux for every architecture Debian ships.
+    let mut total = process_ticks(pid)?;
+    for entry in std::fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if parent_of(child) == Some(pid) {
+            total += process_ticks(child).unwrap_or(0.0);
+        }
+    }
+    Ok(total / ticks)
+}
+
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; the fields after it are plain.
+    let after = stat.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+fn process_ticks(pid: u32) -> anyhow::Result<f64> {
+    let fields = stat_fields(pid).context("reading /proc stat")?;
+    // After the name: state(0) ppid(1) … utime(11) stime(12).
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Client {
+    Grpc,
+    GrpcWeb,
+}
+
+struct Measurement {
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_seconds: f64,
+}
+
+impl Measurement {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    fn cpu_per_1000(&self) -> f64 {
+        self.cpu_seconds / (self.requests.max(1) as f64) * 1000.0
+    }
+}
+
+async fn measure(
+    address: SocketAddr,
+    client: Client,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    cpu_pid: u32,
+) -> anyhow::Result<Measurement> {
+    let url = format!("http://{address}");
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let start_at = Instant::now() + warmup;
+    let stop_at = start_at + duration;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let channel = channel.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let request = EchoRequest {
+                message: "hello".into(),
+                ..EchoRequest::default()
+            };
+            match client {
+                Client::Grpc => {
+                    let mut client = EchoServiceClient::new(channel);
+                    loop {
+                        let sent = Instant::now();
+                        if sent >= stop_at {
+                            break;
+                        }
+                        let ok = client.echo(request.clone()).await.is_ok();
+                        if sent >= start_at {
+                            latencies.push(sent.elapsed().as_micros() as u32);
+                            errors += u64::from(!ok);
+                        }
+                    }
+                }
+                Client::GrpcWeb => {
+                    let mut client = GrpcWebClient::connect(address, Http::One)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("{error}"))?;
+                    let body = frame(&request);
+                    loop {
+                        let sent = Instant::now();
+                        if sent >= stop_at {
+                            break;
+                        }
+                        let reply = client
+                            .call("/cube.testing.v1.EchoService/Echo", Mode::Binary, body.clone(), &[])
+                            .await;
+                        let ok = reply.is_ok_and(|reply| reply.status().code() == tonic::Code::Ok);
+                        if sent >= start_at {
+                            latencies.push(sent.elapsed().as_micros() as u32);
+                            errors += u64::from(!ok);
+                        }
+                    }
+                }
+            }
+            anyhow::Ok((latencies, errors))
+        }));
+    }
+    tokio::time::sleep_until(start_at.into()).await;
+    let cpu_before = cpu_seconds(cpu_pid)?;
+    tokio::time::sleep_until(stop_at.into()).await;
+    let cpu_after = cpu_seconds(cpu_pid)?;
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (mut worker_latencies, worker_errors) = worker.await??;
+        latencies.append(&mut worker_latencies);
+        errors += worker_errors;
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| {
+        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies.get(index).copied().map_or(f64::NAN, f64::from)
+    };
+    Ok(Measurement {
+        requests: latencies.len() as u64,
+        errors,
+        seconds: duration.as_secs_f64(),
+        p50_us: percentile(0.50),
+        p99_us: percentile(0.99),
+        cpu_seconds: cpu_after - cpu_before,
+    })
+}
+
+async fn benchmark(args: &Args) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.seconds);
+    let warmup = Duration::from_secs(args.warmup);
+    println!(
+        "gateway benchmark: unary Echo(\"hello\"), {}s per row after {}s warm-up, {} cores",
+        args.seconds,
+        args.warmup,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+
+    let echo = spawn_role(&["echo"]).await?;
+    let upstream = format!("http://{}", echo.address);
+    let gateway = spawn_role(&["gateway", &upstream]).await?;
+    let in_process = spawn_role(&["in-process"]).await?;
+    let nginx = if args.nginx.exists() {
+        Some(spawn_nginx(&args.nginx, echo.address).await?)
+    } else {
+        println!(
+            "({} not found: the nginx rows are skipped; apt-get install nginx-light)",
+            args.nginx.display()
+        );
+        None
+    };
+
+    // (row name, address, client, whose CPU counts)
+    let mut rows: Vec<(&str, SocketAddr, Client, u32)> = vec![
+        ("direct (gRPC to the service)", echo.address, Client::Grpc, echo.pid()?),
+        ("gateway, gRPC", gateway.address, Client::Grpc, gateway.pid()?),
+        (
+            "gateway, grpc-web (HTTP/1.1)",
+            gateway.address,
+            Client::GrpcWeb,
+            gateway.pid()?,
+        ),
+    ];
+    if let Some((nginx, _)) = &nginx {
+        rows.push(("nginx grpc_pass, gRPC", nginx.address, Client::Grpc, nginx.pid()?));
+    }
+    rows.push((
+        "cube up (gateway + service in-process)",
+        in_process.address,
+        Client::Grpc,
+        in_process.pid()?,
+    ));
+
+    for concurrency in [1, 64] {
+        println!();
+        println!("concurrency {concurrency}");
+        println!(
+            "{:<40} {:>10} {:>9} {:>9} {:>14} {:>9} {:>12} {:>7}",
+            "path", "req/s", "p50 µs", "p99 µs", "CPU s/1k req", "× direct", "+p50 µs", "errors"
+        );
+        let mut direct: Option<Measurement> = None;
+        for (name, address, client, pid) in &rows {
+            let m = measure(*address, *client, concurrency, warmup, duration, *pid).await?;
+            let (ratio, added) = match &direct {
+                Some(d) => (
+                    format!("{:.2}", m.rps() / d.rps()),
+                    format!("{:.0}", m.p50_us - d.p50_us),
+                ),
+                None => ("1.00".to_owned(), "0".to_owned()),
+            };
+            println!(
+                "{:<40} {:>10.0} {:>9.0} {:>9.0} {:>14.4} {:>9} {:>12} {:>7}",
+                name,
+                m.rps(),
+                m.p50_us,
+                m.p99_us,
+                m.cpu_per_1000(),
+                ratio,
+                added,
+                m.errors
+            );
+            if direct.is_none() {
+                direct = Some(m);
+            }
+        }
+    }
+    println!();
+    println!("CPU s/1k req is the CPU time of the process between client and service (for direct, the service).");
+    cube_up_readiness().await?;
+    Ok(())
+}
+
+/// Times `cube up` from spawn to its ready line, when the `cube` binary was built beside this one.
+async fn cube_up_readiness() -> anyhow::Result<()> {
+    let cube = std::env::current_exe()?.with_file_name("cube");
+    if !cube.exists() {
+        println!("cube up readiness: skipped ({} not built)", cube.display());
+        return Ok(());
+    }
+    let data_dir = tempfile_dir::Dir::new()?;
+    let started = Instant::now();
+    let mut child = Command::new(&cube)
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let line = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await?
+        .context("no ready line")?;
+    let ready = started.elapsed();
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no address")?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect()
+        .await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "cube.auth.v1".into(),
+        })
+        .await?;
+    let answered = started.elapsed();
+    println!(
+        "cube up readiness: ready line after {:.1} ms, first health answer through the gateway after {:.1} ms",
+        ready.as_secs_f64() * 1000.0,
+        answered.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
