@@ -91,10 +91,7 @@ fn serve(build: fn() -> Server, args: ServeArgs) -> ExitCode {
 #[derive(Debug, thiserror::Error)]
 enum UpError {
     #[error("creating the data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Run(#[from] RunError),
 }
@@ -108,31 +105,28 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     for build in SERVICES {
         let server = build();
         let package = server.package().to_owned();
-        let routes = server
-            .into_routes()
-            .map_err(|error| RunError::Serve(error.into()))?;
+        let routes = server.into_routes().map_err(|error| RunError::Serve(error.into()))?;
         gateway = gateway.route(&package, Channel::in_process(routes));
     }
     let health = gateway.health().clone();
     let server_args = args.serve.server.clone();
     let data_dir = args.data_dir.clone();
-    cube_kit::cli::run(
-        "cube",
-        &args.serve,
-        health,
-        |listener, metrics, shutdown| async move {
-            let address = listener
-                .local_addr()
-                .map_err(|error| RunError::Serve(error.into()))?;
-            tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len(), "cube is up");
-            // The one line scripts and people wait for.
-            println!("cube is up: gateway listening on http://{address}");
-            gateway
-                .serve(listener, &server_args, &metrics, shutdown)
-                .await
-                .map_err(RunError::from)
-        },
-    )
+    cube_kit::cli::run("cube", &args.serve, health, |bound| async move {
+        let address = bound
+            .listener
+            .local_addr()
+            .map_err(|error| RunError::Serve(error.into()))?;
+        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len(), "cube is up");
+        // The one line scripts and people wait for.
+        println!(
+            "cube is up: gateway listening on http://{address} (metrics on http://{}/metrics)",
+            bound.admin_address
+        );
+        gateway
+            .serve(bound.listener, &server_args, &bound.metrics, bound.shutdown)
+            .await
+            .map_err(RunError::from)
+    })
     .await?;
     Ok(())
 }

@@ -46,10 +46,7 @@ impl FrameChecker {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
             limit,
-            position: Position::Header {
-                bytes: [0; 5],
-                read: 0,
-            },
+            position: Position::Header { bytes: [0; 5], read: 0 },
         }
     }
 
@@ -69,23 +66,16 @@ impl FrameChecker {
                                 bytes[0]
                             )));
                         }
-                        let size =
-                            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+                        let size = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
                         if size > self.limit {
                             return Err(ApiError::MessageTooLarge {
                                 limit: self.limit,
                                 size,
                             });
                         }
-                        self.position = Position::Message {
-                            remaining: size,
-                            size,
-                        };
+                        self.position = Position::Message { remaining: size, size };
                         if size == 0 {
-                            self.position = Position::Header {
-                                bytes: [0; 5],
-                                read: 0,
-                            };
+                            self.position = Position::Header { bytes: [0; 5], read: 0 };
                         }
                     }
                 }
@@ -94,10 +84,7 @@ impl FrameChecker {
                     *remaining -= take;
                     data.advance(take);
                     if *remaining == 0 {
-                        self.position = Position::Header {
-                            bytes: [0; 5],
-                            read: 0,
-                        };
+                        self.position = Position::Header { bytes: [0; 5], read: 0 };
                     }
                 }
             }
@@ -161,10 +148,7 @@ where
     type Data = Bytes;
     type Error = Rejected;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Rejected>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Rejected>>> {
         let this = self.project();
         if *this.failed {
             return Poll::Ready(Some(Err(Rejected)));
@@ -174,9 +158,7 @@ where
                 Some(Err(error)) => error,
                 _ => return Poll::Ready(Some(Ok(frame))),
             },
-            Some(Err(error)) => {
-                ApiError::MalformedRequest(format!("cannot read the request body: {error}"))
-            }
+            Some(Err(error)) => ApiError::MalformedRequest(format!("cannot read the request body: {error}")),
             None => match this.checker.finish() {
                 Ok(()) => return Poll::Ready(None),
                 Err(error) => error,
@@ -228,18 +210,13 @@ mod tests {
     #[test]
     fn truncation_oversize_and_bad_flags_are_caught() {
         let mut checker = FrameChecker::new(1024);
-        checker
-            .advance(&frame(b"hello")[..7])
-            .expect("partial is fine so far");
+        checker.advance(&frame(b"hello")[..7]).expect("partial is fine so far");
         let err = checker.finish().expect_err("truncated");
         assert!(err.to_string().contains("2 of 5 bytes"), "{err}");
 
         let mut checker = FrameChecker::new(4);
         let err = checker.advance(&frame(b"hello")).expect_err("too large");
-        assert!(
-            matches!(err, ApiError::MessageTooLarge { limit: 4, size: 5 }),
-            "{err}"
-        );
+        assert!(matches!(err, ApiError::MessageTooLarge { limit: 4, size: 5 }), "{err}");
 
         let mut checker = FrameChecker::new(1024);
         let err = checker.advance(&[9, 0, 0, 0, 1, 0]).expect_err("flag");

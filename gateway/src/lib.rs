@@ -36,9 +36,9 @@ impl FromStr for Route {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (package, url) = text
-            .split_once('=')
-            .ok_or_else(|| format!("invalid route {text:?}: expected PACKAGE=URL, e.g. cube.auth.v1=http://cube-auth:8080"))?;
+        let (package, url) = text.split_once('=').ok_or_else(|| {
+            format!("invalid route {text:?}: expected PACKAGE=URL, e.g. cube.auth.v1=http://cube-auth:8080")
+        })?;
         if package.is_empty() || !package.split('.').all(|part| !part.is_empty()) {
             return Err(format!(
                 "invalid route {text:?}: {package:?} is not a proto package like cube.auth.v1"
@@ -170,8 +170,7 @@ impl Gateway {
     /// # Errors
     /// Returns an error when `origin` is not a valid header value.
     pub fn allow_origin(mut self, origin: &str) -> Result<Self, GatewayError> {
-        let value = HeaderValue::from_str(origin)
-            .map_err(|_| GatewayError::CorsOrigin(origin.to_owned()))?;
+        let value = HeaderValue::from_str(origin).map_err(|_| GatewayError::CorsOrigin(origin.to_owned()))?;
         self.cors_origins.push(value);
         Ok(self)
     }
@@ -202,9 +201,7 @@ impl Gateway {
             .add_service(self.health.service())
             .add_service(v1.build_v1()?)
             .add_service(v1alpha.build_v1alpha()?);
-        Ok(Routes::from(
-            routes.into_axum_router().fallback_service(proxy),
-        ))
+        Ok(Routes::from(routes.into_axum_router().fallback_service(proxy)))
     }
 
     /// Serves gRPC and grpc-web on `listener` until `shutdown` resolves, then flips health to NOT_SERVING and
@@ -244,8 +241,7 @@ impl Gateway {
 /// Returns the CORS policy: the listed origins may POST gRPC-web calls with any request headers, and read the
 /// gRPC status headers of the answer.
 fn cors_layer(origins: Vec<HeaderValue>) -> CorsLayer {
-    let exposed =
-        ["grpc-status", "grpc-message", "grpc-status-details-bin"].map(HeaderName::from_static);
+    let exposed = ["grpc-status", "grpc-message", "grpc-status-details-bin"].map(HeaderName::from_static);
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_methods([Method::POST, Method::OPTIONS])
@@ -262,12 +258,7 @@ mod tests {
     fn routes_parse_and_bad_ones_say_what_is_expected() {
         let route: Route = "cube.auth.v1=http://127.0.0.1:1".parse().expect("route");
         assert_eq!(route.package, "cube.auth.v1");
-        for bad in [
-            "cube.auth.v1",
-            "=http://x",
-            "cube..v1=http://x",
-            "cube.auth.v1=ftp://x",
-        ] {
+        for bad in ["cube.auth.v1", "=http://x", "cube..v1=http://x", "cube.auth.v1=ftp://x"] {
             let err = bad.parse::<Route>().expect_err(bad);
             assert!(err.contains("invalid route"), "{err}");
         }
@@ -306,16 +297,11 @@ pub mod cli {
         let gateway = Gateway::from_args(&command.gateway)?.remote_routes(&command.routes)?;
         let health = gateway.health().clone();
         let server_args = command.serve.server.clone();
-        cube_kit::cli::run(
-            "gateway",
-            &command.serve,
-            health,
-            |listener, metrics, shutdown| async move {
-                gateway
-                    .serve(listener, &server_args, &metrics, shutdown)
-                    .await
-            },
-        )
+        cube_kit::cli::run("gateway", &command.serve, health, |bound| async move {
+            gateway
+                .serve(bound.listener, &server_args, &bound.metrics, bound.shutdown)
+                .await
+        })
         .await
     }
 

@@ -65,15 +65,9 @@ impl Proxy {
         for name in &HOP_BY_HOP {
             parts.headers.remove(name);
         }
-        parts
-            .headers
-            .insert(header::TE, HeaderValue::from_static("trailers"));
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
         let violation = Violation::default();
-        let body = Body::new(CheckedBody::new(
-            body,
-            self.max_message_bytes,
-            violation.clone(),
-        ));
+        let body = Body::new(CheckedBody::new(body, self.max_message_bytes, violation.clone()));
         let call = channel.oneshot(Request::from_parts(parts, body));
         let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(timeout, call).await;
@@ -163,14 +157,8 @@ mod tests {
 
     #[test]
     fn packages_come_from_method_paths() {
-        assert_eq!(
-            package_of("/cube.auth.v1.AuthService/Login"),
-            Some("cube.auth.v1")
-        );
-        assert_eq!(
-            package_of("/grpc.health.v1.Health/Check"),
-            Some("grpc.health.v1")
-        );
+        assert_eq!(package_of("/cube.auth.v1.AuthService/Login"), Some("cube.auth.v1"));
+        assert_eq!(package_of("/grpc.health.v1.Health/Check"), Some("grpc.health.v1"));
         for bad in [
             "",
             "/",
@@ -188,22 +176,9 @@ mod tests {
         let parse = |text: &'static str| parse_grpc_timeout(&HeaderValue::from_static(text));
         assert_eq!(parse("5S").expect("5S"), Duration::from_secs(5));
         assert_eq!(parse("250m").expect("250m"), Duration::from_millis(250));
-        assert_eq!(
-            parse("99999999n").expect("n"),
-            Duration::from_nanos(99_999_999)
-        );
+        assert_eq!(parse("99999999n").expect("n"), Duration::from_nanos(99_999_999));
         assert_eq!(parse("2H").expect("H"), Duration::from_secs(7200));
-        for bad in [
-            "",
-            "S",
-            "5",
-            "5s",
-            "123456789S",
-            "-1S",
-            "1.5S",
-            "abcS",
-            "5 S",
-        ] {
+        for bad in ["", "S", "5", "5s", "123456789S", "-1S", "1.5S", "abcS", "5 S"] {
             let err = parse(bad).expect_err(bad);
             assert!(err.to_string().contains("grpc-timeout"), "{err}");
         }

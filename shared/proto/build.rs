@@ -14,11 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("cube_descriptor.bin"))
-        .compile_with_config(
-            config,
-            &protos,
-            &[root, protoc_bin_vendored::include_path()?],
-        )?;
+        .compile_with_config(config, &protos, &[root, protoc_bin_vendored::include_path()?])?;
     Ok(())
 }
 

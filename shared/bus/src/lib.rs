@@ -34,11 +34,7 @@ pub use crate::redis_bus::RedisBus;
 /// Publishes events to topics and subscribes consumer groups to them; object safe, shared as `Arc<dyn EventBus>`.
 pub trait EventBus: Send + Sync + 'static {
     /// Appends an event to `topic` and returns its id once the event is stored.
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: Bytes,
-    ) -> BoxFuture<'a, Result<EventId, BusError>>;
+    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>>;
 
     /// Subscribes `consumer` of `group` to `topic`, creating the group at the end of the topic if it is new.
     ///
@@ -100,10 +96,7 @@ impl Default for BusOptions {
 impl BusOptions {
     /// Returns how often a subscription looks for events whose delivery has expired.
     pub(crate) fn claim_interval(&self) -> Duration {
-        (self.redeliver_after / 4).clamp(
-            Duration::from_millis(10),
-            self.block.max(Duration::from_millis(10)),
-        )
+        (self.redeliver_after / 4).clamp(Duration::from_millis(10), self.block.max(Duration::from_millis(10)))
     }
 
     pub(crate) fn batch_size(&self) -> usize {
@@ -153,10 +146,7 @@ impl fmt::Debug for Delivery {
 
 /// Knows where to send the acknowledgement of one delivery.
 enum Acker {
-    Memory {
-        group: Arc<memory::GroupHandle>,
-        seq: u64,
-    },
+    Memory { group: Arc<memory::GroupHandle>, seq: u64 },
     Redis(Arc<redis_bus::GroupHandle>),
 }
 
@@ -172,12 +162,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    fn new(
-        topic: &str,
-        group: &str,
-        consumer: &str,
-        inner: BoxStream<'static, Result<Delivery, BusError>>,
-    ) -> Self {
+    fn new(topic: &str, group: &str, consumer: &str, inner: BoxStream<'static, Result<Delivery, BusError>>) -> Self {
         Self {
             topic: topic.to_owned(),
             group: group.to_owned(),

@@ -8,10 +8,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::{
-    Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name,
-    validate_names,
-};
+use crate::{Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name, validate_names};
 
 /// Runs the bus inside this process, for `cube up`: the semantics of [`crate::RedisBus`] without Redis.
 ///
@@ -43,11 +40,7 @@ impl std::fmt::Debug for MemoryBus {
 }
 
 impl EventBus for MemoryBus {
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: Bytes,
-    ) -> BoxFuture<'a, Result<EventId, BusError>> {
+    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
         Box::pin(async move {
             validate_name("topic", topic)?;
             let (id, notify) = {
@@ -144,12 +137,7 @@ impl Default for Topic {
 impl Topic {
     /// Drops the events every group has acknowledged, then the oldest ones beyond `max_len`.
     fn trim(&mut self, max_len: usize) {
-        let floor = self
-            .groups
-            .values()
-            .map(Group::floor)
-            .min()
-            .unwrap_or(self.next_seq);
+        let floor = self.groups.values().map(Group::floor).min().unwrap_or(self.next_seq);
         while self.events.front().is_some_and(|event| event.seq < floor) {
             self.events.pop_front();
         }
@@ -318,13 +306,7 @@ impl Consumer {
     }
 
     /// Hands a pending event to this consumer again, or forgets it when it was trimmed.
-    fn redeliver(
-        &self,
-        events: &VecDeque<Event>,
-        group: &mut Group,
-        seq: u64,
-        now: Instant,
-    ) -> Option<Delivery> {
+    fn redeliver(&self, events: &VecDeque<Event>, group: &mut Group, seq: u64, now: Instant) -> Option<Delivery> {
         let Some(event) = Topic::event(events, seq) else {
             group.pending.remove(&seq);
             tracing::warn!(
@@ -374,19 +356,14 @@ mod tests {
     }
 
     fn held(bus: &MemoryBus, topic: &str) -> usize {
-        bus.shared
-            .lock()
-            .get(topic)
-            .map_or(0, |topic| topic.events.len())
+        bus.shared.lock().get(topic).map_or(0, |topic| topic.events.len())
     }
 
     #[tokio::test]
     async fn events_no_group_needs_are_not_kept() {
         let bus = bus(1000);
         for _ in 0..10 {
-            bus.publish("t", Bytes::from_static(b"x"))
-                .await
-                .expect("publish");
+            bus.publish("t", Bytes::from_static(b"x")).await.expect("publish");
         }
         assert_eq!(held(&bus, "t"), 0);
     }
@@ -397,9 +374,7 @@ mod tests {
         let mut first = bus.subscribe("t", "g1", "c").await.expect("subscribe");
         let mut second = bus.subscribe("t", "g2", "c").await.expect("subscribe");
         for _ in 0..10 {
-            bus.publish("t", Bytes::from_static(b"x"))
-                .await
-                .expect("publish");
+            bus.publish("t", Bytes::from_static(b"x")).await.expect("publish");
         }
         for _ in 0..10 {
             first
@@ -433,9 +408,7 @@ mod tests {
         let bus = bus(5);
         let _sub = bus.subscribe("t", "g", "c").await.expect("subscribe");
         for _ in 0..20 {
-            bus.publish("t", Bytes::from_static(b"x"))
-                .await
-                .expect("publish");
+            bus.publish("t", Bytes::from_static(b"x")).await.expect("publish");
         }
         assert_eq!(held(&bus, "t"), 5);
     }

@@ -10,10 +10,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::{
-    Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name,
-    validate_names,
-};
+use crate::{Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name, validate_names};
 
 /// Prefix of the Redis keys that hold topics.
 const KEY_PREFIX: &str = "cube:events:";
@@ -64,11 +61,7 @@ impl std::fmt::Debug for RedisBus {
 }
 
 impl EventBus for RedisBus {
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        payload: Bytes,
-    ) -> BoxFuture<'a, Result<EventId, BusError>> {
+    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
         Box::pin(async move {
             validate_name("topic", topic)?;
             let mut xadd = redis::cmd("XADD");
@@ -80,8 +73,7 @@ impl EventBus for RedisBus {
             let mut conn = self.pool.get().await?;
             unblock_abandoned(&self.abandoned, &mut conn).await;
             let reply: Value = xadd.query_async(&mut conn).await?;
-            let id =
-                text(&reply).ok_or_else(|| BusError::unexpected("XADD", format!("{reply:?}")))?;
+            let id = text(&reply).ok_or_else(|| BusError::unexpected("XADD", format!("{reply:?}")))?;
             Ok(EventId::new(id))
         })
     }
@@ -273,11 +265,7 @@ impl Reader {
     async fn open(&self) -> Result<(MultiplexedConnection, Option<i64>), BusError> {
         let mut conn = deadpool_redis::Connection::take(self.handle.pool.get().await?);
         conn.set_response_timeout(self.options.block + BLOCK_REPLY_GRACE);
-        let client_id = match redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async::<i64>(&mut conn)
-            .await
-        {
+        let client_id = match redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await {
             Ok(id) => Some(id),
             Err(error) => {
                 tracing::debug!(%error, "client id unavailable, abandoned reads will not be unblocked");
@@ -287,11 +275,7 @@ impl Reader {
         Ok((conn, client_id))
     }
 
-    async fn read_history(
-        &self,
-        conn: &mut MultiplexedConnection,
-        after: &str,
-    ) -> Result<Vec<Entry>, BusError> {
+    async fn read_history(&self, conn: &mut MultiplexedConnection, after: &str) -> Result<Vec<Entry>, BusError> {
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.handle.group)
@@ -306,11 +290,7 @@ impl Reader {
         parse_read_reply(reply)
     }
 
-    async fn read_new(
-        &self,
-        conn: &mut MultiplexedConnection,
-        block: Duration,
-    ) -> Result<Vec<Entry>, BusError> {
+    async fn read_new(&self, conn: &mut MultiplexedConnection, block: Duration) -> Result<Vec<Entry>, BusError> {
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.handle.group)
@@ -327,10 +307,7 @@ impl Reader {
         parse_read_reply(reply)
     }
 
-    async fn claim_expired(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<Vec<Entry>, BusError> {
+    async fn claim_expired(&mut self, conn: &mut MultiplexedConnection) -> Result<Vec<Entry>, BusError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(&self.handle.key)
             .arg(&self.handle.group)
@@ -449,10 +426,7 @@ impl Drop for Reader {
 /// Ids are forgotten only once their `CLIENT UNBLOCK` has been answered: a caller that finds the list empty knows
 /// that Redis has processed every unblock sent so far, before anything it sends next on its own connection.
 async fn unblock_abandoned(abandoned: &Mutex<Vec<i64>>, conn: &mut impl ConnectionLike) {
-    let ids = abandoned
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let ids = abandoned.lock().unwrap_or_else(PoisonError::into_inner).clone();
     if ids.is_empty() {
         return;
     }
@@ -507,10 +481,7 @@ fn parse_read_reply(reply: Value) -> Result<Vec<Entry>, BusError> {
             .into_iter()
             .map(|stream| match stream {
                 Value::Array(mut pair) if pair.len() == 2 => Ok(pair.swap_remove(1)),
-                other => Err(BusError::unexpected(
-                    "XREADGROUP",
-                    format!("stream {other:?}"),
-                )),
+                other => Err(BusError::unexpected("XREADGROUP", format!("stream {other:?}"))),
             })
             .collect::<Result<Vec<_>, _>>()?,
         Value::Map(pairs) => pairs.into_iter().map(|(_, entries)| entries).collect(),
@@ -532,17 +503,13 @@ fn parse_autoclaim_reply(reply: Value) -> Result<(String, Vec<Entry>), BusError>
         return Err(BusError::unexpected("XAUTOCLAIM", format!("{items:?}")));
     }
     let entries = parse_entries("XAUTOCLAIM", items.swap_remove(1))?;
-    let cursor = text(&items[0])
-        .ok_or_else(|| BusError::unexpected("XAUTOCLAIM", format!("cursor {:?}", items[0])))?;
+    let cursor = text(&items[0]).ok_or_else(|| BusError::unexpected("XAUTOCLAIM", format!("cursor {:?}", items[0])))?;
     Ok((cursor, entries))
 }
 
 fn parse_entries(command: &'static str, entries: Value) -> Result<Vec<Entry>, BusError> {
     let Value::Array(entries) = entries else {
-        return Err(BusError::unexpected(
-            command,
-            format!("entries {entries:?}"),
-        ));
+        return Err(BusError::unexpected(command, format!("entries {entries:?}")));
     };
     entries
         .into_iter()
@@ -561,8 +528,7 @@ fn parse_entry(command: &'static str, entry: Value) -> Result<Entry, BusError> {
         return Err(BusError::unexpected(command, format!("entry {parts:?}")));
     }
     let fields = parts.swap_remove(1);
-    let id = text(&parts[0])
-        .ok_or_else(|| BusError::unexpected(command, format!("entry id {:?}", parts[0])))?;
+    let id = text(&parts[0]).ok_or_else(|| BusError::unexpected(command, format!("entry id {:?}", parts[0])))?;
     let pairs: Vec<(Value, Value)> = match fields {
         Value::Nil => {
             return Ok(Entry {
@@ -580,18 +546,13 @@ fn parse_entry(command: &'static str, entry: Value) -> Result<Entry, BusError> {
         }
         Value::Map(pairs) => pairs,
         other => {
-            return Err(BusError::unexpected(
-                command,
-                format!("fields of {id}: {other:?}"),
-            ));
+            return Err(BusError::unexpected(command, format!("fields of {id}: {other:?}")));
         }
     };
     let payload = pairs
         .into_iter()
         .find_map(|(field, value)| match (text(&field), value) {
-            (Some(field), Value::BulkString(bytes)) if field == PAYLOAD_FIELD => {
-                Some(Bytes::from(bytes))
-            }
+            (Some(field), Value::BulkString(bytes)) if field == PAYLOAD_FIELD => Some(Bytes::from(bytes)),
             _ => None,
         });
     Ok(Entry {

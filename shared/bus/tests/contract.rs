@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cube_bus::{
-    BusError, BusOptions, Delivery, EventBus, EventId, MemoryBus, RedisBus, Subscription,
-};
+use cube_bus::{BusError, BusOptions, Delivery, EventBus, EventId, MemoryBus, RedisBus, Subscription};
 use deadpool_redis::{Pool, Runtime};
 use futures::{FutureExt, StreamExt};
 use tokio::time::{Instant, timeout};
@@ -160,33 +158,21 @@ fn payload(text: &str) -> Bytes {
     Bytes::from(text.to_owned())
 }
 
-async fn subscribe(
-    bus: &Arc<dyn EventBus>,
-    topic: &str,
-    group: &str,
-    consumer: &str,
-) -> Subscription {
+async fn subscribe(bus: &Arc<dyn EventBus>, topic: &str, group: &str, consumer: &str) -> Subscription {
     bus.subscribe(topic, group, consumer)
         .await
         .expect("subscribe should succeed")
 }
 
 async fn publish(bus: &Arc<dyn EventBus>, topic: &str, text: &str) -> EventId {
-    bus.publish(topic, payload(text))
-        .await
-        .expect("publish should succeed")
+    bus.publish(topic, payload(text)).await.expect("publish should succeed")
 }
 
 /// Waits for the next delivery, failing the test if none comes in time.
 async fn next(sub: &mut Subscription) -> Delivery {
     timeout(DELIVERY_TIMEOUT, sub.next())
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "no delivery for {} within {DELIVERY_TIMEOUT:?}",
-                sub.consumer()
-            )
-        })
+        .unwrap_or_else(|_| panic!("no delivery for {} within {DELIVERY_TIMEOUT:?}", sub.consumer()))
         .expect("a subscription never ends")
         .expect("the delivery should be readable")
 }
@@ -194,10 +180,7 @@ async fn next(sub: &mut Subscription) -> Delivery {
 /// Fails the test if anything is delivered within `window`.
 async fn assert_quiet(sub: &mut Subscription, window: Duration) {
     if let Ok(item) = timeout(window, sub.next()).await {
-        panic!(
-            "{} expected nothing within {window:?}, got {item:?}",
-            sub.consumer()
-        );
+        panic!("{} expected nothing within {window:?}, got {item:?}", sub.consumer());
     }
 }
 
@@ -239,12 +222,7 @@ async fn every_group_receives_every_event(ctx: Arc<Ctx>) {
             ack(&delivery).await;
             got.push(delivery.id);
         }
-        assert_eq!(
-            got,
-            ids,
-            "group {} should get every event in order",
-            sub.group()
-        );
+        assert_eq!(got, ids, "group {} should get every event in order", sub.group());
     }
 }
 
@@ -264,10 +242,7 @@ async fn consumers_of_a_group_split_events_exactly_once(ctx: Arc<Ctx>) {
             delivery = next(&mut c1) => delivery,
             delivery = next(&mut c2) => delivery,
         };
-        assert_eq!(
-            delivery.delivery_count, 1,
-            "{delivery:?} should be a first delivery"
-        );
+        assert_eq!(delivery.delivery_count, 1, "{delivery:?} should be a first delivery");
         ack(&delivery).await;
         received.push(delivery.id);
     }
@@ -293,10 +268,7 @@ async fn unacked_event_is_redelivered_to_the_same_consumer(ctx: Arc<Ctx>) {
     assert_eq!(first.payload, payload("acked"));
     ack(&first).await;
     let second = next(&mut sub).await;
-    assert_eq!(
-        (second.id.clone(), second.delivery_count),
-        (unacked.clone(), 1)
-    );
+    assert_eq!((second.id.clone(), second.delivery_count), (unacked.clone(), 1));
     let delivered_at = Instant::now();
 
     let again = next(&mut sub).await;
@@ -325,10 +297,7 @@ async fn unacked_event_of_a_gone_consumer_goes_to_another(ctx: Arc<Ctx>) {
 
     let mut other = subscribe(&bus, &topic, "g", "other").await;
     let redelivered = next(&mut other).await;
-    assert_eq!(
-        (redelivered.id.clone(), redelivered.delivery_count),
-        (unacked, 2)
-    );
+    assert_eq!((redelivered.id.clone(), redelivered.delivery_count), (unacked, 2));
     assert_eq!(redelivered.payload, payload("unacked"));
     assert!(
         delivered_at.elapsed() >= REDELIVER_AFTER.mul_f32(0.8),
@@ -384,10 +353,7 @@ async fn group_does_not_see_events_published_before_it_existed(ctx: Arc<Ctx>) {
     let delivery = next(&mut late).await;
     assert_eq!(delivery.payload, payload("after"));
     ack(&delivery).await;
-    tokio::join!(
-        assert_quiet(&mut early, QUIET),
-        assert_quiet(&mut late, QUIET)
-    );
+    tokio::join!(assert_quiet(&mut early, QUIET), assert_quiet(&mut late, QUIET));
 }
 
 async fn order_is_preserved(ctx: Arc<Ctx>) {
@@ -396,10 +362,7 @@ async fn order_is_preserved(ctx: Arc<Ctx>) {
     let mut sub = subscribe(&bus, &topic, "g", "c").await;
     let mut published = Vec::new();
     for i in 0..50 {
-        published.push((
-            publish(&bus, &topic, &format!("e{i}")).await,
-            payload(&format!("e{i}")),
-        ));
+        published.push((publish(&bus, &topic, &format!("e{i}")).await, payload(&format!("e{i}"))));
     }
     let mut received = Vec::new();
     for _ in 0..published.len() {
@@ -443,29 +406,17 @@ async fn invalid_names_are_rejected(ctx: Arc<Ctx>) {
     );
     let subscribed = bus.subscribe(&topic, "", "c").await;
     assert!(
-        matches!(
-            subscribed,
-            Err(BusError::InvalidName { field: "group", .. })
-        ),
+        matches!(subscribed, Err(BusError::InvalidName { field: "group", .. })),
         "{subscribed:?}"
     );
     let subscribed = bus.subscribe(&topic, "g", "c\n").await;
     assert!(
-        matches!(
-            subscribed,
-            Err(BusError::InvalidName {
-                field: "consumer",
-                ..
-            })
-        ),
+        matches!(subscribed, Err(BusError::InvalidName { field: "consumer", .. })),
         "{subscribed:?}"
     );
     let subscribed = bus.subscribe(&"t".repeat(201), "g", "c").await;
     assert!(
-        matches!(
-            subscribed,
-            Err(BusError::InvalidName { field: "topic", .. })
-        ),
+        matches!(subscribed, Err(BusError::InvalidName { field: "topic", .. })),
         "{subscribed:?}"
     );
 }
@@ -497,11 +448,7 @@ async fn streams_are_capped_near_max_len(ctx: Arc<Ctx>) {
 
 #[tokio::test]
 async fn redis_subscription_survives_its_stream_being_deleted() {
-    run(
-        Backend::Redis,
-        subscription_survives_its_stream_being_deleted,
-    )
-    .await;
+    run(Backend::Redis, subscription_survives_its_stream_being_deleted).await;
 }
 
 async fn subscription_survives_its_stream_being_deleted(ctx: Arc<Ctx>) {
@@ -522,33 +469,25 @@ async fn subscription_survives_its_stream_being_deleted(ctx: Arc<Ctx>) {
     drop(conn);
     // Reading fails with NOGROUP until the subscription recreates its group, from the end of the new stream.
     let reading = tokio::spawn(async move { next(&mut sub).await });
-    cube_testkit::eventually(
-        "the consumer group to be recreated",
-        Duration::from_secs(3),
-        || {
-            let pool = pool.clone();
-            let key = key.clone();
-            async move {
-                let mut conn = pool.get().await.ok()?;
-                let groups: deadpool_redis::redis::Value = deadpool_redis::redis::cmd("XINFO")
-                    .arg("GROUPS")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
-                matches!(groups, deadpool_redis::redis::Value::Array(ref g) if !g.is_empty())
-                    .then_some(())
-            }
-        },
-    )
+    cube_testkit::eventually("the consumer group to be recreated", Duration::from_secs(3), || {
+        let pool = pool.clone();
+        let key = key.clone();
+        async move {
+            let mut conn = pool.get().await.ok()?;
+            let groups: deadpool_redis::redis::Value = deadpool_redis::redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            matches!(groups, deadpool_redis::redis::Value::Array(ref g) if !g.is_empty()).then_some(())
+        }
+    })
     .await;
     publish(&bus, &topic, "second").await;
     let delivery = timeout(TEST_TIMEOUT, reading)
         .await
         .expect("in time")
         .expect("the reading task should not panic");
-    assert_eq!(
-        (delivery.payload, delivery.delivery_count),
-        (payload("second"), 1)
-    );
+    assert_eq!((delivery.payload, delivery.delivery_count), (payload("second"), 1));
 }

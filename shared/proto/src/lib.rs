@@ -17,8 +17,7 @@ pub mod cube {
 }
 
 /// The encoded `FileDescriptorSet` of every Cube proto, for gRPC reflection and grpc-web clients.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/cube_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cube_descriptor.bin"));
 
 /// The proto packages of Cube's services, with the service each belongs to.
 ///

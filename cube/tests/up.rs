@@ -1,0 +1,132 @@
+//! `cube up` as a user runs it: a process that becomes ready, answers health for every service through the
+//! gateway, exposes metrics, and exits cleanly on SIGTERM.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const SERVICES: [&str; 7] = [
+    "auth",
+    "projects",
+    "scheduler",
+    "workflow",
+    "notebook",
+    "serving",
+    "watcher",
+];
+
+async fn http_get(address: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect admin");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+#[tokio::test]
+async fn cube_up_serves_every_service_and_stops_cleanly_on_sigterm() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cube"))
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir.path().join("state"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cube up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("cube up prints its address")
+        .expect("read stdout")
+        .expect("a line");
+    let ready_after = started.elapsed();
+    eprintln!("cube up was ready after {ready_after:?}: {line}");
+    let gateway = line
+        .split("gateway listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the gateway address")
+        .to_owned();
+    let admin = line
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the admin address")
+        .to_owned();
+    assert!(data_dir.path().join("state").is_dir(), "the data directory is created");
+
+    let channel = tonic::transport::Endpoint::from_shared(gateway)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect to the gateway");
+    let mut health = HealthClient::new(channel);
+    let own = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("gateway health");
+    assert_eq!(own.into_inner().status(), ServingStatus::Serving);
+    for service in SERVICES {
+        let name = format!("cube.{service}.v1");
+        let reply = health
+            .check(HealthCheckRequest { service: name.clone() })
+            .await
+            .unwrap_or_else(|status| panic!("health of {name}: {status:?}"));
+        assert_eq!(reply.into_inner().status(), ServingStatus::Serving, "{name}");
+    }
+
+    let metrics = http_get(&admin, "/metrics").await;
+    assert!(
+        metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cube_grpc_server_handled_total{grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_code="OK"} 8"#),
+        "{metrics}"
+    );
+    let healthz = http_get(&admin, "/healthz").await;
+    assert!(healthz.contains("200 OK") && healthz.contains("serving"), "{healthz}");
+
+    let pid = child.id().expect("pid").to_string();
+    let stopping = Instant::now();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("cube up exits within 5 seconds of SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "cube up exited with {status:?}");
+    eprintln!("cube up stopped {:?} after SIGTERM", stopping.elapsed());
+}
+
+#[tokio::test]
+async fn cube_up_refuses_a_bad_flag_with_a_clear_message() {
+    let output = Command::new(env!("CARGO_BIN_EXE_cube"))
+        .args(["up", "--request-timeout", "soon"])
+        .output()
+        .await
+        .expect("run cube");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expected a whole number followed by ms, s, m or h"),
+        "{stderr}"
+    );
+}
