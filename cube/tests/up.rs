@@ -130,3 +130,99 @@ async fn cube_up_refuses_a_bad_flag_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+/// Starts `cube` with `args` and returns it with the gRPC address it logs once listening.
+async fn spawn_logged(args: &[&str], message: &str) -> (tokio::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cube"))
+        .args(args)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cube");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let address = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            if line.contains(message) {
+                let address = line
+                    .split(r#""address":""#)
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or_else(|| panic!("no address in {line}"));
+                return address.to_owned();
+            }
+        }
+        panic!("cube {args:?} exited before logging {message:?}");
+    })
+    .await
+    .expect("the server logs its address");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, address)
+}
+
+async fn terminate(mut child: tokio::process::Child) {
+    let pid = child.id().expect("pid").to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill")
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits within 5 seconds of SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "exited with {status:?}");
+}
+
+#[tokio::test]
+async fn cube_serve_runs_services_apart_behind_a_gateway_over_the_network() {
+    let (auth, auth_address) = spawn_logged(&["serve", "auth"], "serving grpc").await;
+    let route = format!("cube.auth.v1=http://{auth_address}");
+    let (gateway, gateway_address) = spawn_logged(
+        &["serve", "gateway", "--route", &route],
+        "gateway serving grpc and grpc-web",
+    )
+    .await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{gateway_address}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect to the gateway");
+    let mut health = HealthClient::new(channel);
+    let reply = health
+        .check(HealthCheckRequest {
+            service: "cube.auth.v1".into(),
+        })
+        .await
+        .expect("auth's health through the gateway");
+    assert_eq!(reply.into_inner().status(), ServingStatus::Serving);
+
+    // With auth gone, the gateway answers for it with UNAVAILABLE rather than hanging or failing itself.
+    terminate(auth).await;
+    let status = health
+        .check(HealthCheckRequest {
+            service: "cube.auth.v1".into(),
+        })
+        .await
+        .expect_err("auth is stopped");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let own = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("gateway health");
+    assert_eq!(own.into_inner().status(), ServingStatus::Serving);
+    terminate(gateway).await;
+}
