@@ -72,12 +72,7 @@ async fn cube_up_serves_every_service_and_stops_cleanly_on_sigterm() {
         .to_owned();
     assert!(data_dir.path().join("state").is_dir(), "the data directory is created");
 
-    let channel = tonic::transport::Endpoint::from_shared(gateway)
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect to the gateway");
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(connect(&gateway).await);
     let own = health
         .check(HealthCheckRequest::default())
         .await
@@ -104,16 +99,7 @@ async fn cube_up_serves_every_service_and_stops_cleanly_on_sigterm() {
     let healthz = http_get(&admin, "/healthz").await;
     assert!(healthz.contains("200 OK") && healthz.contains("serving"), "{healthz}");
 
-    let pid = child.id().expect("pid").to_string();
-    let stopping = Instant::now();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
-        .await
-        .expect("cube up exits within 5 seconds of SIGTERM")
-        .expect("wait");
-    assert!(status.success(), "cube up exited with {status:?}");
-    eprintln!("cube up stopped {:?} after SIGTERM", stopping.elapsed());
+    terminate(child).await;
 }
 
 #[tokio::test]
@@ -169,6 +155,15 @@ async fn spawn_logged(args: &[&str], message: &str) -> (tokio::process::Child, S
     (child, address)
 }
 
+async fn connect(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect to the gateway")
+}
+
+/// Sends SIGTERM and expects a clean exit within 5 seconds.
 async fn terminate(mut child: tokio::process::Child) {
     let pid = child.id().expect("pid").to_string();
     assert!(
@@ -196,12 +191,7 @@ async fn cube_serve_runs_services_apart_behind_a_gateway_over_the_network() {
     )
     .await;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{gateway_address}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect to the gateway");
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(connect(&format!("http://{gateway_address}")).await);
     let reply = health
         .check(HealthCheckRequest {
             service: "cube.auth.v1".into(),

@@ -87,8 +87,8 @@ pub enum GatewayError {
     Route {
         /// The route's package.
         package: String,
-        /// What the URI parser said.
-        source: tonic::transport::Error,
+        /// Why the URL was refused.
+        source: cube_kit::channel::InvalidUri,
     },
     /// A CORS origin is not a valid header value.
     #[error("invalid --cors-origin {0:?}: expected an origin like https://cube.example.com")]
@@ -223,7 +223,6 @@ impl Gateway {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
-            .layer(cube_kit::server::trace_layer())
             .layer(metrics.layer())
             .layer(cors)
             .layer(tonic_web::GrpcWebLayer::new())

@@ -34,6 +34,10 @@ struct Args {
     /// Seconds of warm-up before each measurement.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Threads each separate proxy may use: tokio worker threads for the gateway, worker processes for nginx
+    /// (like a proxy pod with this many CPUs).
+    #[arg(long, default_value_t = 1)]
+    proxy_threads: usize,
     /// The nginx binary; the nginx rows are skipped when it is missing.
     #[arg(long, default_value = "/usr/sbin/nginx")]
     nginx: PathBuf,
@@ -87,9 +91,13 @@ impl Server {
     }
 }
 
-async fn spawn_role(role: &[&str]) -> anyhow::Result<Server> {
+async fn spawn_role(role: &[&str], threads: Option<usize>) -> anyhow::Result<Server> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    if let Some(threads) = threads {
+        command.env("TOKIO_WORKER_THREADS", threads.to_string());
+    }
+    let mut child = command
         .args(role)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -107,11 +115,15 @@ async fn spawn_role(role: &[&str]) -> anyhow::Result<Server> {
     Ok(Server { address, child })
 }
 
-async fn spawn_nginx(nginx: &Path, upstream: SocketAddr) -> anyhow::Result<(Server, tempfile_dir::Dir)> {
+async fn spawn_nginx(
+    nginx: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+) -> anyhow::Result<(Server, tempfile_dir::Dir)> {
     let dir = tempfile_dir::Dir::new()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = format!(
-        "worker_processes auto;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+        "worker_processes {workers};\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
            fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
@@ -317,18 +329,19 @@ async fn benchmark(args: &Args) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     let warmup = Duration::from_secs(args.warmup);
     println!(
-        "gateway benchmark: unary Echo(\"hello\"), {}s per row after {}s warm-up, {} cores",
+        "gateway benchmark: unary Echo(\"hello\"), {}s per row after {}s warm-up, {} cores, {} thread(s) per proxy",
         args.seconds,
         args.warmup,
-        std::thread::available_parallelism().map_or(0, usize::from)
+        std::thread::available_parallelism().map_or(0, usize::from),
+        args.proxy_threads
     );
 
-    let echo = spawn_role(&["echo"]).await?;
+    let echo = spawn_role(&["echo"], None).await?;
     let upstream = format!("http://{}", echo.address);
-    let gateway = spawn_role(&["gateway", &upstream]).await?;
-    let in_process = spawn_role(&["in-process"]).await?;
+    let gateway = spawn_role(&["gateway", &upstream], Some(args.proxy_threads)).await?;
+    let in_process = spawn_role(&["in-process"], None).await?;
     let nginx = if args.nginx.exists() {
-        Some(spawn_nginx(&args.nginx, echo.address).await?)
+        Some(spawn_nginx(&args.nginx, echo.address, args.proxy_threads).await?)
     } else {
         println!(
             "({} not found: the nginx rows are skipped; apt-get install nginx-light)",

@@ -1,8 +1,10 @@
-//! Per-RPC metrics (calls handled by code, latency, calls in flight) kept in a Prometheus registry that the
-//! admin HTTP server exposes at `/metrics`.
+//! Observing every call a server handles: a tracing span that continues the caller's W3C trace, and per-RPC
+//! metrics (calls handled by code, latency, calls in flight) kept in a Prometheus registry that the admin HTTP
+//! server exposes at `/metrics`. One layer does both, with one body wrapper, because it runs on every call.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -16,6 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tonic::Code;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -38,6 +41,16 @@ pub struct RpcMetrics {
     handled: Family<HandledLabels, Counter>,
     latency: LatencyFamily,
     in_flight: Gauge,
+    /// The series of each method path seen, so that a call finds its counters without building label sets.
+    methods: Arc<RwLock<HashMap<String, Arc<MethodSeries>>>>,
+}
+
+/// The series of one method: its latency histogram and, once used, a counter per status code.
+#[derive(Debug)]
+struct MethodSeries {
+    labels: MethodLabels,
+    latency: Histogram,
+    handled: [OnceLock<Counter>; 17],
 }
 
 impl RpcMetrics {
@@ -47,6 +60,7 @@ impl RpcMetrics {
             handled: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
             in_flight: Gauge::default(),
+            methods: Arc::default(),
         };
         registry.register(
             "grpc_server_handled",
@@ -66,7 +80,52 @@ impl RpcMetrics {
         metrics
     }
 
-    /// Returns the tower layer that records every call through it.
+    /// Returns the series of the method at `path` (`/package.Service/Method`), creating it on first use.
+    fn series(&self, path: &str) -> Arc<MethodSeries> {
+        if let Some(series) = self.methods.read().ok().and_then(|methods| methods.get(path).cloned()) {
+            return series;
+        }
+        let (service, method) = path
+            .strip_prefix('/')
+            .and_then(|path| path.split_once('/'))
+            .unwrap_or(("unknown", "unknown"));
+        let labels = MethodLabels {
+            grpc_service: service.to_owned(),
+            grpc_method: method.to_owned(),
+        };
+        let series = Arc::new(MethodSeries {
+            latency: self.latency.get_or_create(&labels).clone(),
+            labels,
+            handled: Default::default(),
+        });
+        if let Ok(mut methods) = self.methods.write() {
+            methods.insert(path.to_owned(), series.clone());
+        }
+        series
+    }
+
+    fn record(&self, path: &str, code: Code, elapsed: std::time::Duration) {
+        // Unknown methods share one series, so random paths cannot blow up the series count.
+        let path = if code == Code::Unimplemented {
+            "/unknown/unknown"
+        } else {
+            path
+        };
+        let series = self.series(path);
+        series.latency.observe(elapsed.as_secs_f64());
+        let counter = series.handled[code as usize].get_or_init(|| {
+            self.handled
+                .get_or_create(&HandledLabels {
+                    grpc_service: series.labels.grpc_service.clone(),
+                    grpc_method: series.labels.grpc_method.clone(),
+                    grpc_code: code_name(code).to_owned(),
+                })
+                .clone()
+        });
+        counter.inc();
+    }
+
+    /// Returns the tower layer that traces and records every call through it.
     pub fn layer(&self) -> RpcMetricsLayer {
         RpcMetricsLayer {
             metrics: Arc::new(self.clone()),
@@ -112,8 +171,13 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let recorder = Recorder::start(self.metrics.clone(), request.uri().path());
-        let future = self.inner.call(request);
+        let path = request.uri().path();
+        let span = tracing::info_span!("rpc", rpc.method = %path, otel.kind = "server");
+        if !span.is_disabled() && request.headers().contains_key("traceparent") {
+            crate::telemetry::continue_trace(&span, request.headers());
+        }
+        let recorder = Recorder::start(self.metrics.clone(), request.uri());
+        let future = self.inner.call(request).instrument(span);
         Box::pin(async move {
             let mut recorder = recorder;
             match future.await {
@@ -135,58 +199,27 @@ where
 
 struct Recorder {
     metrics: Arc<RpcMetrics>,
-    service: String,
-    method: String,
+    path: Option<http::uri::PathAndQuery>,
     start: Instant,
     code: Option<Code>,
 }
 
 impl Recorder {
-    fn start(metrics: Arc<RpcMetrics>, path: &str) -> Self {
-        let (service, method) = path
-            .strip_prefix('/')
-            .and_then(|path| path.split_once('/'))
-            .unwrap_or(("unknown", "unknown"));
+    fn start(metrics: Arc<RpcMetrics>, uri: &http::Uri) -> Self {
         metrics.in_flight.inc();
         Self {
             metrics,
-            service: service.to_owned(),
-            method: method.to_owned(),
+            // A cheap clone of the request's bytes; the method's name is only looked at when the call ends.
+            path: uri.path_and_query().cloned(),
             start: Instant::now(),
             code: None,
         }
     }
 
     fn finish(self, code: Code) {
-        let Self {
-            metrics,
-            service,
-            method,
-            start,
-            ..
-        } = self;
-        metrics.in_flight.dec();
-        // Unknown methods get one label value, so random paths cannot blow up the series count.
-        let (service, method) = if code == Code::Unimplemented {
-            ("unknown".to_owned(), "unknown".to_owned())
-        } else {
-            (service, method)
-        };
-        metrics
-            .latency
-            .get_or_create(&MethodLabels {
-                grpc_service: service.clone(),
-                grpc_method: method.clone(),
-            })
-            .observe(start.elapsed().as_secs_f64());
-        metrics
-            .handled
-            .get_or_create(&HandledLabels {
-                grpc_service: service,
-                grpc_method: method,
-                grpc_code: code_name(code).to_owned(),
-            })
-            .inc();
+        self.metrics.in_flight.dec();
+        let path = self.path.as_ref().map_or("/unknown/unknown", |p| p.path());
+        self.metrics.record(path, code, self.start.elapsed());
     }
 }
 

@@ -9,7 +9,6 @@ use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
-use tower_http::trace::TraceLayer;
 
 use crate::config::ServerArgs;
 use crate::health::Health;
@@ -132,11 +131,11 @@ impl Server {
     }
 }
 
-/// Serves `routes` (HTTP/2 only) with the kit's layers; the shared half of [`Server::serve`] and the gateway.
+/// Serves `routes` (HTTP/2 only) with the kit's layers.
 ///
 /// # Errors
 /// Returns an error when the transport fails.
-pub async fn serve_routes(
+async fn serve_routes(
     name: &'static str,
     routes: Routes,
     health: Health,
@@ -149,7 +148,6 @@ pub async fn serve_routes(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .timeout(args.request_timeout)
-        .layer(trace_layer())
         .layer(metrics.layer())
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, closing(health.clone(), shutdown));
@@ -189,22 +187,4 @@ where
     }
     tracing::info!(server = name, "stopped");
     Ok(())
-}
-
-/// The trace layer every server uses.
-pub type RpcTraceLayer = TraceLayer<
-    tower_http::classify::SharedClassifier<tower_http::classify::GrpcErrorsAsFailures>,
-    fn(&Request<tonic::body::Body>) -> tracing::Span,
->;
-
-/// Returns the trace layer every server uses: a span per call named by its method, continuing the caller's
-/// W3C trace context.
-pub fn trace_layer() -> RpcTraceLayer {
-    TraceLayer::new_for_grpc().make_span_with(rpc_span as fn(&Request<tonic::body::Body>) -> tracing::Span)
-}
-
-fn rpc_span(request: &Request<tonic::body::Body>) -> tracing::Span {
-    let span = tracing::info_span!("rpc", rpc.method = %request.uri().path(), otel.kind = "server");
-    crate::telemetry::continue_trace(&span, request.headers());
-    span
 }

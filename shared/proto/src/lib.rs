@@ -18,16 +18,3 @@ pub mod cube {
 
 /// The encoded `FileDescriptorSet` of every Cube proto, for gRPC reflection and grpc-web clients.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cube_descriptor.bin"));
-
-/// The proto packages of Cube's services, with the service each belongs to.
-///
-/// The gateway routes a call by the package of its method; `cube up` wires each package to its in-process server.
-pub const SERVICE_PACKAGES: &[(&str, &str)] = &[
-    ("auth", "cube.auth.v1"),
-    ("projects", "cube.projects.v1"),
-    ("scheduler", "cube.scheduler.v1"),
-    ("workflow", "cube.workflow.v1"),
-    ("notebook", "cube.notebook.v1"),
-    ("serving", "cube.serving.v1"),
-    ("watcher", "cube.watcher.v1"),
-];
