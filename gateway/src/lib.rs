@@ -5,6 +5,7 @@
 //! that service) and a reflection service describing every Cube API. It checks what it forwards: framing, message
 //! size and `grpc-timeout`, answering problems with gRPC errors carrying `google.rpc` details.
 
+mod edge;
 mod frames;
 mod proxy;
 
@@ -221,16 +222,18 @@ impl Gateway {
         let cors = cors_layer(self.cors_origins.clone());
         let routes = self.routes(args.request_timeout)?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let routes = routes.prepare();
+        let edge = edge::Edge {
+            browser: tower::ServiceBuilder::new()
+                .layer(cors)
+                .layer(tonic_web::GrpcWebLayer::new())
+                .service(routes.clone()),
+            grpc: routes,
+        };
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .layer(metrics.layer())
-            .layer(cors)
-            .layer(tonic_web::GrpcWebLayer::new())
-            .serve_with_incoming_shutdown(
-                routes.prepare(),
-                incoming,
-                cube_kit::server::closing(health.clone(), shutdown),
-            );
+            .serve_with_incoming_shutdown(edge, incoming, cube_kit::server::closing(health.clone(), shutdown));
         tracing::info!(%address, "gateway serving grpc and grpc-web");
         cube_kit::server::drain("gateway", &health, server, args.shutdown_grace).await?;
         Ok(())

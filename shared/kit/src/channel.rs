@@ -52,7 +52,8 @@ impl Channel {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
-            .http2_adaptive_window(true)
+            .http2_initial_stream_window_size(1 << 20)
+            .http2_initial_connection_window_size(2 << 20)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_while_idle(true)
             .build(connector);
