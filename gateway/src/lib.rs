@@ -21,7 +21,6 @@ use cube_kit::{Channel, Health};
 use http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 /// One routing rule: calls to methods in `package` go to the service at `url`.
@@ -221,7 +220,7 @@ impl Gateway {
         let health = self.health.clone();
         let cors = cors_layer(self.cors_origins.clone());
         let routes = self.routes(args.request_timeout)?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (incoming, cut) = cube_kit::server::incoming(listener);
         let routes = routes.prepare();
         let edge = edge::Edge {
             browser: tower::ServiceBuilder::new()
@@ -235,7 +234,7 @@ impl Gateway {
             .layer(metrics.layer())
             .serve_with_incoming_shutdown(edge, incoming, cube_kit::server::closing(health.clone(), shutdown));
         tracing::info!(%address, "gateway serving grpc and grpc-web");
-        cube_kit::server::drain("gateway", &health, server, args.shutdown_grace).await?;
+        cube_kit::server::drain("gateway", &health, server, args.shutdown_grace, cut).await?;
         Ok(())
     }
 }

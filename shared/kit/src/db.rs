@@ -20,10 +20,12 @@ pub enum DbError {
         source: std::io::Error,
     },
     /// Connecting failed.
-    #[error("connecting to the {backend} database: {source}")]
+    #[error("connecting to the {backend} database at {target}: {source}")]
     Connect {
         /// Which kind of database.
         backend: &'static str,
+        /// The URL, with any password replaced by `***`.
+        target: String,
         /// What the driver said.
         source: DbErr,
     },
@@ -42,9 +44,14 @@ pub enum DbError {
 /// fails.
 pub async fn connect<M: MigratorTrait>(url: &str, migrate: bool) -> Result<DatabaseConnection, DbError> {
     let (backend, url) = normalize(url)?;
+    let target = redact(&url);
     let db = Database::connect(options(backend, url))
         .await
-        .map_err(|source| DbError::Connect { backend, source })?;
+        .map_err(|source| DbError::Connect {
+            backend,
+            target,
+            source,
+        })?;
     if migrate {
         M::up(&db, None).await.map_err(DbError::Migrate)?;
     }

@@ -5,10 +5,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use http::Request;
-use tokio::net::TcpListener;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::ServerArgs;
 use crate::health::Health;
@@ -145,14 +151,14 @@ async fn serve_routes(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (incoming, cut) = incoming(listener);
     let server = tonic::transport::Server::builder()
         .timeout(args.request_timeout)
         .layer(metrics.layer())
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, closing(health.clone(), shutdown));
     tracing::info!(server = name, %address, "serving grpc");
-    drain(name, &health, server, args.shutdown_grace).await
+    drain(name, &health, server, args.shutdown_grace, cut).await
 }
 
 /// Waits for `shutdown`, then closes `health`; the signal handed to `serve_with_incoming_shutdown`.
@@ -162,10 +168,8 @@ pub async fn closing(health: Health, shutdown: impl Future<Output = ()> + Send) 
     health.close();
 }
 
-/// Runs `server` to completion, but stops waiting for calls in flight `grace` after `health` closed.
-///
-/// Connections still open then are not closed here: tonic serves each in a task of its own, and they end when the
-/// process exits, which is what every binary does once this returns.
+/// Runs `server` to completion; once `health` has been closed for `grace`, cuts the connections still open
+/// (calls in flight on them fail) and lets the server finish.
 ///
 /// # Errors
 /// Returns the server's own error.
@@ -174,17 +178,119 @@ pub async fn drain<E>(
     health: &Health,
     server: impl Future<Output = Result<(), E>>,
     grace: Duration,
+    cut: CancellationToken,
 ) -> Result<(), ServeError>
 where
     ServeError: From<E>,
 {
     let deadline = health.closed();
+    tokio::pin!(server);
     tokio::select! {
-        result = server => result?,
+        result = &mut server => result?,
         () = async { deadline.await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(server = name, ?grace, "calls still in flight after the shutdown grace, closing them");
+            tracing::warn!(server = name, ?grace, "calls still in flight after the shutdown grace, cutting their connections");
+            cut.cancel();
+            server.await?;
         }
     }
     tracing::info!(server = name, "stopped");
     Ok(())
+}
+
+/// Accepts connections from `listener` (with `TCP_NODELAY`) that all fail at once when the returned token is
+/// cancelled, so that a shutdown can end calls that outlive their grace.
+pub fn incoming(
+    listener: TcpListener,
+) -> (
+    impl futures::Stream<Item = std::io::Result<CuttableStream>> + Send,
+    CancellationToken,
+) {
+    use futures::StreamExt;
+    let cut = CancellationToken::new();
+    let token = cut.clone();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| {
+            accepted.map(|stream| CuttableStream {
+                stream,
+                cut: Box::pin(token.clone().cancelled_owned()),
+            })
+        });
+    (incoming, cut)
+}
+
+pin_project_lite::pin_project! {
+    /// An accepted TCP connection whose reads and writes fail once its server cuts connections.
+    pub struct CuttableStream {
+        #[pin]
+        stream: TcpStream,
+        cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    }
+}
+
+impl std::fmt::Debug for CuttableStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CuttableStream")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+fn aborted() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "connection cut at the end of the shutdown grace",
+    )
+}
+
+impl AsyncRead for CuttableStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        if this.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(aborted()));
+        }
+        this.stream.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CuttableStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        if this.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(aborted()));
+        }
+        this.stream.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        if this.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(aborted()));
+        }
+        this.stream.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
+}
+
+impl Connected for CuttableStream {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
 }

@@ -474,3 +474,28 @@ async fn serve_returns_after_the_grace_when_a_call_never_finishes() {
         "serve returned after {took:?}, before the {grace:?} grace was up"
     );
 }
+
+#[tokio::test]
+async fn calls_still_running_after_the_grace_are_cut_off() {
+    let grace = Duration::from_millis(500);
+    let (gate, mut control) = gate();
+    let server = cube_kit::Server::new("probe", PACKAGE).add_service(gate);
+    let running = start(server, grace, unregistered_metrics()).await;
+
+    let call = tokio::spawn(pass_gate(running.channel().await));
+    tokio::time::timeout(Duration::from_secs(5), control.entered.recv())
+        .await
+        .expect("the call reached the handler")
+        .expect("the gate is alive");
+    running.stop_within(grace + Duration::from_secs(5)).await;
+
+    let ended = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call was cut off when serve gave up on it")
+        .expect("the call task");
+    let err = ended.expect_err("a call cut off by shutdown cannot succeed");
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Cancelled | Code::Unknown),
+        "{err:?}"
+    );
+}
