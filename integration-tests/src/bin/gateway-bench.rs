@@ -31,6 +31,9 @@ struct Args {
     /// Seconds each measurement runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// How many times each row is measured, rows taking turns; the median of each figure is printed.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Seconds of warm-up before each measurement.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
@@ -233,6 +236,25 @@ impl Measurement {
     fn cpu_per_1000(&self) -> f64 {
         self.cpu_seconds / (self.requests.max(1) as f64) * 1000.0
     }
+
+    /// Returns the median of each figure over `runs` (errors are summed).
+    fn median(runs: &[Measurement]) -> Measurement {
+        fn middle(mut values: Vec<f64>) -> f64 {
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+        }
+        let seconds = runs.first().map_or(1.0, |m| m.seconds);
+        let requests = middle(runs.iter().map(|m| m.requests as f64).collect()) as u64;
+        let cpu_per_request = middle(runs.iter().map(|m| m.cpu_seconds / m.requests.max(1) as f64).collect());
+        Measurement {
+            requests,
+            errors: runs.iter().map(|m| m.errors).sum(),
+            seconds,
+            p50_us: middle(runs.iter().map(|m| m.p50_us).collect()),
+            p99_us: middle(runs.iter().map(|m| m.p99_us).collect()),
+            cpu_seconds: cpu_per_request * requests as f64,
+        }
+    }
 }
 
 async fn measure(
@@ -329,9 +351,11 @@ async fn benchmark(args: &Args) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     let warmup = Duration::from_secs(args.warmup);
     println!(
-        "gateway benchmark: unary Echo(\"hello\"), {}s per row after {}s warm-up, {} cores, {} thread(s) per proxy",
+        "gateway benchmark: unary Echo(\"hello\"), {}s per row after {}s warm-up, median of {} rounds, {} cores, \
+         {} thread(s) per proxy",
         args.seconds,
         args.warmup,
+        args.rounds,
         std::thread::available_parallelism().map_or(0, usize::from),
         args.proxy_threads
     );
@@ -378,30 +402,26 @@ async fn benchmark(args: &Args) -> anyhow::Result<()> {
             "{:<40} {:>10} {:>9} {:>9} {:>14} {:>9} {:>12} {:>7}",
             "path", "req/s", "p50 µs", "p99 µs", "CPU s/1k req", "× direct", "+p50 µs", "errors"
         );
-        let mut direct: Option<Measurement> = None;
-        for (name, address, client, pid) in &rows {
-            let m = measure(*address, *client, concurrency, warmup, duration, *pid).await?;
-            let (ratio, added) = match &direct {
-                Some(d) => (
-                    format!("{:.2}", m.rps() / d.rps()),
-                    format!("{:.0}", m.p50_us - d.p50_us),
-                ),
-                None => ("1.00".to_owned(), "0".to_owned()),
-            };
+        let mut runs: Vec<Vec<Measurement>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..args.rounds {
+            for ((_, address, client, pid), runs) in rows.iter().zip(&mut runs) {
+                runs.push(measure(*address, *client, concurrency, warmup, duration, *pid).await?);
+            }
+        }
+        let medians: Vec<Measurement> = runs.iter().map(|runs| Measurement::median(runs)).collect();
+        let direct = &medians[0];
+        for ((name, ..), m) in rows.iter().zip(&medians) {
             println!(
-                "{:<40} {:>10.0} {:>9.0} {:>9.0} {:>14.4} {:>9} {:>12} {:>7}",
+                "{:<40} {:>10.0} {:>9.0} {:>9.0} {:>14.4} {:>9.2} {:>12.0} {:>7}",
                 name,
                 m.rps(),
                 m.p50_us,
                 m.p99_us,
                 m.cpu_per_1000(),
-                ratio,
-                added,
+                m.rps() / direct.rps(),
+                m.p50_us - direct.p50_us,
                 m.errors
             );
-            if direct.is_none() {
-                direct = Some(m);
-            }
         }
     }
     println!();
