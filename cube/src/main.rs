@@ -71,7 +71,7 @@ enum ServeCommand {
 
 fn main() -> ExitCode {
     match Command::parse() {
-        Command::Up(args) => cube_kit::cli::block_on(up(args)),
+        Command::Up(args) => cube_kit::cli::block_on(args.serve.server.worker_threads, up(args)),
         Command::Serve(ServeCommand::Gateway(command)) => cube_gateway::cli::main(command),
         Command::Serve(ServeCommand::Auth(args)) => serve(cube_auth::server, args),
         Command::Serve(ServeCommand::Projects(args)) => serve(cube_projects::server, args),
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(build: fn() -> Server, args: ServeArgs) -> ExitCode {
-    cube_kit::cli::block_on(cube_kit::cli::serve(build(), args))
+    cube_kit::cli::block_on(args.server.worker_threads, cube_kit::cli::serve(build(), args))
 }
 
 /// Why `cube up` failed.

@@ -183,10 +183,11 @@ async fn terminate(mut child: tokio::process::Child) {
 
 #[tokio::test]
 async fn cube_serve_runs_services_apart_behind_a_gateway_over_the_network() {
+    // The gateway runs single-threaded here, as it would in a one-CPU pod.
     let (auth, auth_address) = spawn_logged(&["serve", "auth"], "serving grpc").await;
     let route = format!("cube.auth.v1=http://{auth_address}");
     let (gateway, gateway_address) = spawn_logged(
-        &["serve", "gateway", "--route", &route],
+        &["serve", "gateway", "--worker-threads", "1", "--route", &route],
         "gateway serving grpc and grpc-web",
     )
     .await;

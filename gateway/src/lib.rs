@@ -308,7 +308,8 @@ pub mod cli {
 
     /// Runs the gateway binary and returns its exit code.
     pub fn main(command: GatewayCommand) -> std::process::ExitCode {
-        cube_kit::cli::block_on(run(command))
+        let threads = command.serve.server.worker_threads;
+        cube_kit::cli::block_on(threads, run(command))
     }
 
     impl From<GatewayError> for cube_kit::cli::RunError {

@@ -179,6 +179,7 @@ impl Drop for Running {
 /// Returns server flags for tests: loopback, port 0, a 30 s call timeout and a 2 s drain.
 pub fn test_server_args() -> ServerArgs {
     ServerArgs {
+        worker_threads: None,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         request_timeout: Duration::from_secs(30),

@@ -37,8 +37,8 @@ struct Args {
     /// Seconds of warm-up before each measurement.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Threads each separate proxy may use: tokio worker threads for the gateway, worker processes for nginx
-    /// (like a proxy pod with this many CPUs).
+    /// Threads each separate proxy may use: the gateway's --worker-threads, nginx's worker_processes (like a
+    /// proxy pod with this many CPUs).
     #[arg(long, default_value_t = 1)]
     proxy_threads: usize,
     /// The nginx binary; the nginx rows are skipped when it is missing.
@@ -50,15 +50,23 @@ struct Args {
 enum Role {
     /// Serves the echo service.
     Echo,
-    /// Serves the gateway in front of the echo service at URL.
-    Gateway { upstream: String },
+    /// Serves the gateway in front of the echo service at URL, on THREADS worker threads.
+    Gateway {
+        upstream: String,
+        threads: std::num::NonZeroUsize,
+    },
     /// Serves the gateway with the echo service in the same process, as `cube up` wires services.
     InProcess,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // A gateway role runs on the runtime its `--worker-threads` would give it; everything else on all CPUs.
+    let threads = match &args.role {
+        Some(Role::Gateway { threads, .. }) => Some(*threads),
+        _ => None,
+    };
+    let runtime = cube_kit::cli::runtime(threads)?;
     match args.role {
         Some(role) => runtime.block_on(serve_role(role)),
         None => runtime.block_on(benchmark(&args)),
@@ -68,7 +76,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve_role(role: Role) -> anyhow::Result<()> {
     let running = match role {
         Role::Echo => start_echo().await,
-        Role::Gateway { upstream } => start_gateway(echo_gateway(Channel::remote(&upstream)?, 4 << 20)).await,
+        Role::Gateway { upstream, .. } => start_gateway(echo_gateway(Channel::remote(&upstream)?, 4 << 20)).await,
         Role::InProcess => {
             let mut args = test_server_args();
             args.request_timeout = Duration::from_secs(30);
@@ -88,19 +96,27 @@ struct Server {
     child: Child,
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM, not the SIGKILL of kill_on_drop: nginx's master must live to stop its workers, which would
+        // otherwise outlive the benchmark holding its stdout open.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 impl Server {
     fn pid(&self) -> anyhow::Result<u32> {
         self.child.id().context("the server has exited")
     }
 }
 
-async fn spawn_role(role: &[&str], threads: Option<usize>) -> anyhow::Result<Server> {
+async fn spawn_role(role: &[&str]) -> anyhow::Result<Server> {
     let exe = std::env::current_exe()?;
-    let mut command = Command::new(exe);
-    if let Some(threads) = threads {
-        command.env("TOKIO_WORKER_THREADS", threads.to_string());
-    }
-    let mut child = command
+    let mut child = Command::new(exe)
         .args(role)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -360,10 +376,10 @@ async fn benchmark(args: &Args) -> anyhow::Result<()> {
         args.proxy_threads
     );
 
-    let echo = spawn_role(&["echo"], None).await?;
+    let echo = spawn_role(&["echo"]).await?;
     let upstream = format!("http://{}", echo.address);
-    let gateway = spawn_role(&["gateway", &upstream], Some(args.proxy_threads)).await?;
-    let in_process = spawn_role(&["in-process"], None).await?;
+    let gateway = spawn_role(&["gateway", &upstream, &args.proxy_threads.to_string()]).await?;
+    let in_process = spawn_role(&["in-process"]).await?;
     let nginx = if args.nginx.exists() {
         Some(spawn_nginx(&args.nginx, echo.address, args.proxy_threads).await?)
     } else {

@@ -1,6 +1,7 @@
 //! What a service binary's `main` does: parse flags and env, start telemetry, serve until a signal.
 
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -72,13 +73,36 @@ pub async fn bind(address: std::net::SocketAddr) -> Result<TcpListener, RunError
 /// with the reason on failure.
 pub fn main(build: fn() -> Server) -> ExitCode {
     let command = ServiceCommand::parse();
-    block_on(serve(build(), command.args))
+    let threads = command.args.server.worker_threads;
+    block_on(threads, serve(build(), command.args))
 }
 
-/// Runs `future` on a multi-threaded tokio runtime and turns its result into the process's exit code, printing
-/// the error on failure.
-pub fn block_on<E: std::fmt::Display>(future: impl Future<Output = Result<(), E>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// Builds the tokio runtime for `worker_threads` threads (default: the CPUs this process may use, which on
+/// Linux follows the cgroup's CPU quota): single-threaded for one, multi-threaded otherwise.
+///
+/// # Errors
+/// Returns an error when the runtime cannot be built.
+pub fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = worker_threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// Runs `future` on the [`runtime`] for `worker_threads` and turns its result into the process's exit code,
+/// printing the error on failure.
+pub fn block_on<E: std::fmt::Display>(
+    worker_threads: Option<NonZeroUsize>,
+    future: impl Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match runtime(worker_threads) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: starting the tokio runtime: {error}");
@@ -134,7 +158,7 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
 {
-    let _telemetry = crate::telemetry::init(name, &args.telemetry)?;
+    let telemetry = crate::telemetry::init(name, &args.telemetry)?;
     let shutdown = crate::shutdown::on_signal().map_err(RunError::Signals)?;
     let mut registry = Registry::with_prefix("cube");
     let metrics = RpcMetrics::register(&mut registry);
@@ -154,6 +178,9 @@ where
         shutdown: shutdown.cancelled_owned(),
     });
     let (grpc, admin) = tokio::join!(grpc, admin);
+    // Flushed here, awaited, rather than on drop: on a single-threaded runtime a blocking flush would starve the
+    // exporter it waits for.
+    telemetry.shutdown().await;
     grpc.map_err(|error| RunError::Serve(error.into()))?;
     admin.map_err(RunError::Admin)
 }

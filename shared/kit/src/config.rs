@@ -21,6 +21,11 @@ pub struct ServerArgs {
     #[arg(long = "request-timeout", env = "CUBE_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Threads that serve calls (default: the CPUs this process may use). With 1, the server runs on a
+    /// single-threaded runtime, the cheapest per call: no cross-thread wake-ups, as in one nginx worker.
+    #[arg(long = "worker-threads", env = "CUBE_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
     /// How long shutdown waits for calls in flight to finish before it closes their connections.
     #[arg(long = "shutdown-grace", env = "CUBE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

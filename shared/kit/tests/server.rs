@@ -140,6 +140,7 @@ impl Running {
 
 fn args(shutdown_grace: Duration) -> ServerArgs {
     ServerArgs {
+        worker_threads: None,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         request_timeout: Duration::from_secs(30),

@@ -122,6 +122,7 @@ impl Running {
         let signal = shutdown.clone().cancelled_owned();
         let server = cube_kit::Server::new("probe", "cube.probe.v1");
         let args = ServerArgs {
+            worker_threads: None,
             listen: address,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             request_timeout: Duration::from_secs(30),
