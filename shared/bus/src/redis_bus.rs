@@ -238,7 +238,7 @@ impl Reader {
             None => self.open().await?,
         };
         if let Some(after) = self.history_after.clone() {
-            let entries = self.read_history(&mut conn, &after).await?;
+            let entries = self.read(&mut conn, &after, None).await?;
             let last = entries.last().map(|entry| entry.id.clone());
             self.push_redelivered(&mut conn, entries).await?;
             self.history_after = last;
@@ -252,7 +252,7 @@ impl Reader {
                 .min(self.options.block)
                 .max(Duration::from_millis(1));
             self.blocked_client = client_id;
-            let entries = self.read_new(&mut conn, block).await;
+            let entries = self.read(&mut conn, ">", Some(block)).await;
             self.blocked_client = None;
             for entry in entries? {
                 self.push(&mut conn, entry, 1).await?;
@@ -275,33 +275,30 @@ impl Reader {
         Ok((conn, client_id))
     }
 
-    async fn read_history(&self, conn: &mut MultiplexedConnection, after: &str) -> Result<Vec<Entry>, BusError> {
-        let reply: Value = redis::cmd("XREADGROUP")
+    /// Reads this consumer's entries after `after`: its own pending history for an id, new entries for `>`
+    /// (then waiting up to `block` for some to arrive).
+    async fn read(
+        &self,
+        conn: &mut MultiplexedConnection,
+        after: &str,
+        block: Option<Duration>,
+    ) -> Result<Vec<Entry>, BusError> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
             .arg("GROUP")
             .arg(&self.handle.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(self.options.batch_size())
+            .arg(self.options.batch_size());
+        if let Some(block) = block {
+            command
+                .arg("BLOCK")
+                .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
+        }
+        let reply: Value = command
             .arg("STREAMS")
             .arg(&self.handle.key)
             .arg(after)
-            .query_async(conn)
-            .await?;
-        parse_read_reply(reply)
-    }
-
-    async fn read_new(&self, conn: &mut MultiplexedConnection, block: Duration) -> Result<Vec<Entry>, BusError> {
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.handle.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(self.options.batch_size())
-            .arg("BLOCK")
-            .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
-            .arg("STREAMS")
-            .arg(&self.handle.key)
-            .arg(">")
             .query_async(conn)
             .await?;
         parse_read_reply(reply)
