@@ -14,7 +14,8 @@
 # state under .cube-test/. See ARCHITECTURE.md §8.
 #
 # Settings written (KEY=value lines, read by cube-testkit): CUBE_TEST_POSTGRES_URL, CUBE_TEST_MYSQL_URL,
-# CUBE_TEST_REDIS_URL, CUBE_TEST_LDAP_URL, CUBE_TEST_LDAP_BASE_DN, CUBE_TEST_LDAP_ADMIN_DN,
+# CUBE_TEST_REDIS_URL, CUBE_TEST_LDAP_URL (plain, and StartTLS), CUBE_TEST_LDAPS_URL, CUBE_TEST_LDAP_CA_FILE (the PEM
+# CA that signed slapd's certificate, for 127.0.0.1 and localhost), CUBE_TEST_LDAP_BASE_DN, CUBE_TEST_LDAP_ADMIN_DN,
 # CUBE_TEST_LDAP_ADMIN_PASSWORD, CUBE_TEST_LDAP_<UID>_PASSWORD for each user of scripts/test-env/seed.ldif, and
 # CUBE_TEST_KUBECONFIG (a kubeconfig for a system:masters token). Logs are in .cube-test/logs/.
 #
@@ -291,9 +292,12 @@ up_redis() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# OpenLDAP: our own slapd with its own cn=config and database, seeded from scripts/test-env/seed.ldif
+# OpenLDAP: our own slapd with its own cn=config and database, seeded from scripts/test-env/seed.ldif, serving plain
+# LDAP and StartTLS on one port and LDAPS on another, with a certificate from a CA made for the state dir
 
 LDAP_DIR=$STATE/ldap
+# Outside LDAP_DIR, which every start rebuilds: the CA stays the same for the life of the state dir.
+LDAP_TLS_DIR=$STATE/ldap-tls
 
 # seed_passwords: CUBE_TEST_LDAP_<UID>_PASSWORD=<userPassword> for every user of the seed that has a password.
 seed_passwords() {
@@ -311,6 +315,46 @@ ldap_ok() {
 	ldapwhoami -x -H "ldap://127.0.0.1:$port/" -D "$LDAP_ADMIN_DN" -w "$LDAP_ADMIN_PASSWORD" >/dev/null 2>&1
 }
 
+# ldap_tls_ok: whether slapd answers over LDAPS and over StartTLS with a certificate that our CA verifies.
+ldap_tls_ok() {
+	local port tlsport
+	port=$(cat "$PORTS/ldap" 2>/dev/null) || return 1
+	tlsport=$(cat "$PORTS/ldaps" 2>/dev/null) || return 1
+	LDAPTLS_CACERT=$LDAP_TLS_DIR/ca.pem LDAPTLS_REQCERT=demand ldapwhoami -x -H "ldaps://127.0.0.1:$tlsport/" \
+		-D "$LDAP_ADMIN_DN" -w "$LDAP_ADMIN_PASSWORD" >/dev/null 2>&1 &&
+		LDAPTLS_CACERT=$LDAP_TLS_DIR/ca.pem LDAPTLS_REQCERT=demand ldapwhoami -x -ZZ -H "ldap://127.0.0.1:$port/" \
+			-D "$LDAP_ADMIN_DN" -w "$LDAP_ADMIN_PASSWORD" >/dev/null 2>&1
+}
+
+ldap_ready() { ldap_ok && ldap_tls_ok; }
+
+# ldap_tls_files: makes, once per state dir, a self-signed CA and a server certificate it signs for 127.0.0.1 and
+# localhost (v3 extensions as rustls/webpki demand them: a CA:TRUE root, a serverAuth leaf with subjectAltNames).
+ldap_tls_files() {
+	local dir=$LDAP_TLS_DIR
+	[[ -s $dir/ca.pem && -s $dir/server.pem && -s $dir/server.key ]] && return 0
+	command -v openssl >/dev/null || apt_install ldap openssl
+	log "ldap: generating a test CA and a server certificate in $dir"
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	local tlslog=$LOGS/ldap-tls.log
+	: >"$tlslog"
+	(
+		umask 077
+		openssl req -x509 -new -nodes -newkey rsa:2048 -sha256 -days 3650 -subj "/CN=Cube test CA" \
+			-addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+			-keyout "$dir/ca.key" -out "$dir/ca.pem" &&
+			openssl req -new -nodes -newkey rsa:2048 -sha256 -subj "/CN=localhost" \
+				-keyout "$dir/server.key" -out "$dir/server.csr" &&
+			printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+				"extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$dir/server.ext" &&
+			openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+				-set_serial "0x$(openssl rand -hex 16)" -sha256 -days 3650 -extfile "$dir/server.ext" -out "$dir/server.pem"
+	) >>"$tlslog" 2>&1 || die ldap "openssl could not make the test certificates" "$tlslog"
+	chmod 644 "$dir/ca.pem" "$dir/server.pem"
+	rm -f "$dir/server.csr" "$dir/server.ext"
+}
+
 up_ldap() {
 	if ! have_pkg slapd; then
 		# Debian's slapd must not make a directory of its own: we never use the system instance.
@@ -320,13 +364,16 @@ up_ldap() {
 	[[ -s $SEED_LDIF ]] || die ldap "missing seed $SEED_LDIF"
 	local seed_sum
 	seed_sum=$(sha256sum <"$SEED_LDIF")
-	if alive ldap && ldap_ok && [[ $(cat "$LDAP_DIR/seed.sha256" 2>/dev/null) == "$seed_sum" ]]; then
-		log "ldap: already running on 127.0.0.1:$(cat "$PORTS/ldap")"
+	ldap_tls_files
+	if alive ldap && ldap_ready && [[ $(cat "$LDAP_DIR/seed.sha256" 2>/dev/null) == "$seed_sum" ]]; then
+		log "ldap: already running on 127.0.0.1:$(cat "$PORTS/ldap") (ldaps on $(cat "$PORTS/ldaps"))"
 	else
 		stop ldap
 		repick_port ldap
-		local port
+		repick_port ldaps
+		local port tlsport
 		port=$(port ldap)
+		tlsport=$(port ldaps)
 		# The database is rebuilt from the seed on every start, so a restarted slapd holds exactly the seed.
 		rm -rf "$LDAP_DIR"
 		mkdir -p "$LDAP_DIR/slapd.d" "$LDAP_DIR/data"
@@ -338,6 +385,9 @@ up_ldap() {
 			cn: config
 			olcPidFile: $LDAP_DIR/slapd.pid
 			olcArgsFile: $LDAP_DIR/slapd.args
+			olcTLSCACertificateFile: $LDAP_TLS_DIR/ca.pem
+			olcTLSCertificateFile: $LDAP_TLS_DIR/server.pem
+			olcTLSCertificateKeyFile: $LDAP_TLS_DIR/server.key
 
 			dn: cn=module{0},cn=config
 			objectClass: olcModuleList
@@ -386,14 +436,16 @@ up_ldap() {
 			die ldap "slapadd of $SEED_LDIF failed" "$LOGS/ldap.log"
 		echo "$seed_sum" >"$LDAP_DIR/seed.sha256"
 		# -d keeps slapd in the foreground (so our pid is its pid); "none" still logs its errors, not every operation.
-		spawn ldap /usr/sbin/slapd -d none -h "ldap://127.0.0.1:$port/" -F "$LDAP_DIR/slapd.d"
-		wait_for ldap 30 ldap_ok
-		log "ldap: running on 127.0.0.1:$port"
+		spawn ldap /usr/sbin/slapd -d none -h "ldap://127.0.0.1:$port/ ldaps://127.0.0.1:$tlsport/" -F "$LDAP_DIR/slapd.d"
+		wait_for ldap 30 ldap_ready
+		log "ldap: running on 127.0.0.1:$port (StartTLS too) and ldaps on 127.0.0.1:$tlsport"
 	fi
 	local passwords
 	mapfile -t passwords < <(seed_passwords)
 	set_env ldap \
 		"CUBE_TEST_LDAP_URL=ldap://127.0.0.1:$(cat "$PORTS/ldap")" \
+		"CUBE_TEST_LDAPS_URL=ldaps://127.0.0.1:$(cat "$PORTS/ldaps")" \
+		"CUBE_TEST_LDAP_CA_FILE=$LDAP_TLS_DIR/ca.pem" \
 		"CUBE_TEST_LDAP_BASE_DN=$LDAP_SUFFIX" \
 		"CUBE_TEST_LDAP_ADMIN_DN=$LDAP_ADMIN_DN" \
 		"CUBE_TEST_LDAP_ADMIN_PASSWORD=$LDAP_ADMIN_PASSWORD" \

@@ -4,15 +4,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::Parser;
+use cube_bus::{BusOptions, EventBus, MemoryBus};
 use cube_gateway::cli::GatewayCommand;
 use cube_gateway::{Gateway, GatewayArgs};
 use cube_kit::cli::{RunError, ServeArgs};
 use cube_kit::{Channel, Server};
 
-/// Every Cube service, as `cube up` wires them behind the gateway.
-const SERVICES: [fn() -> Server; 7] = [
-    cube_auth::server,
+/// Every Cube service but auth (which needs its database), as `cube up` wires them behind the gateway.
+const SERVICES: [fn() -> Server; 6] = [
     cube_projects::server,
     cube_scheduler::server,
     cube_workflow::server,
@@ -47,12 +49,24 @@ struct UpArgs {
     /// Directory for the platform's state (SQLite files, logs of local workloads).
     #[arg(long = "data-dir", env = "CUBE_DATA_DIR", default_value = ".cube")]
     data_dir: PathBuf,
+    /// The password of the `admin` account created on first start; generated and printed once when unset.
+    #[arg(long = "admin-password", env = "CUBE_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+}
+
+/// `cube serve auth`'s flags.
+#[derive(Debug, clap::Args)]
+struct AuthCommand {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    auth: cube_auth::AuthArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum ServeCommand {
     /// Users, password and LDAP login, tokens and RBAC.
-    Auth(ServeArgs),
+    Auth(Box<AuthCommand>),
     /// Project groups, membership roles, settings and quotas.
     Projects(ServeArgs),
     /// Clusters, node inventory, placement and quota admission.
@@ -73,7 +87,10 @@ fn main() -> ExitCode {
     match Command::parse() {
         Command::Up(args) => cube_kit::cli::block_on(args.serve.server.worker_threads, up(args)),
         Command::Serve(ServeCommand::Gateway(command)) => cube_gateway::cli::main(command),
-        Command::Serve(ServeCommand::Auth(args)) => serve(cube_auth::server, args),
+        Command::Serve(ServeCommand::Auth(command)) => {
+            let AuthCommand { serve, auth } = *command;
+            cube_kit::cli::block_on(serve.server.worker_threads, cube_auth::serve(serve, auth))
+        }
         Command::Serve(ServeCommand::Projects(args)) => serve(cube_projects::server, args),
         Command::Serve(ServeCommand::Scheduler(args)) => serve(cube_scheduler::server, args),
         Command::Serve(ServeCommand::Workflow(args)) => serve(cube_workflow::server, args),
@@ -87,6 +104,28 @@ fn serve(build: fn() -> Server, args: ServeArgs) -> ExitCode {
     cube_kit::cli::block_on(args.server.worker_threads, cube_kit::cli::serve(build(), args))
 }
 
+/// Tells people how to log in through the gateway with grpcurl.
+fn print_login_help(address: std::net::SocketAddr, bootstrap: Option<&cube_auth::Bootstrap>) {
+    let password = match bootstrap {
+        Some(cube_auth::Bootstrap {
+            generated_password: Some(password),
+            ..
+        }) => {
+            println!("created the admin account: username admin, password {password} (shown only now)");
+            password.clone()
+        }
+        Some(_) => "<the --admin-password you gave>".to_owned(),
+        None => "<the admin password from the first start>".to_owned(),
+    };
+    println!(
+        "log in: grpcurl -plaintext -d '{{\"username\":\"admin\",\"password\":\"{password}\"}}' {address} \
+         cube.auth.v1.AuthService/Login"
+    );
+    println!(
+        "then:   grpcurl -plaintext -H \"authorization: Bearer <accessToken>\" {address} cube.auth.v1.AuthService/WhoAmI"
+    );
+}
+
 /// Why `cube up` failed.
 #[derive(Debug, thiserror::Error)]
 enum UpError {
@@ -94,6 +133,10 @@ enum UpError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error("auth: {0}")]
+    Auth(#[from] cube_auth::StartError),
+    #[error("reading the AUTH_LDAP_* environment: {0}")]
+    LdapEnvironment(#[from] clap::Error),
 }
 
 async fn up(args: UpArgs) -> Result<(), UpError> {
@@ -102,6 +145,20 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         source,
     })?;
     let mut gateway = Gateway::from_args(&args.gateway).map_err(RunError::from)?;
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+    let database = format!("sqlite://{}", args.data_dir.join("auth.db").display());
+    let auth = cube_auth::Auth::start(
+        &cube_auth::AuthArgs::embedded(database, args.admin_password.clone())?,
+        bus,
+    )
+    .await?;
+    let bootstrap = auth.bootstrap.clone();
+    let _background = auth.background;
+    let auth_routes = auth
+        .server
+        .into_routes()
+        .map_err(|error| RunError::Serve(error.into()))?;
+    gateway = gateway.route("cube.auth.v1", Channel::in_process(auth_routes));
     for build in SERVICES {
         let server = build();
         let package = server.package().to_owned();
@@ -116,12 +173,13 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             .listener
             .local_addr()
             .map_err(|error| RunError::Serve(error.into()))?;
-        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len(), "cube is up");
+        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len() + 1, "cube is up");
         // The one line scripts and people wait for.
         println!(
             "cube is up: gateway listening on http://{address} (metrics on http://{}/metrics)",
             bound.admin_address
         );
+        print_login_help(address, bootstrap.as_ref());
         gateway
             .serve(bound.listener, &server_args, &bound.metrics, bound.shutdown)
             .await

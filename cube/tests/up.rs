@@ -4,6 +4,8 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
+use cube_proto::cube::auth::v1::{LoginRequest, WhoAmIRequest};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tonic_health::pb::HealthCheckRequest;
@@ -96,6 +98,45 @@ async fn cube_up_serves_every_service_and_stops_cleanly_on_sigterm() {
         metrics.contains(r#"cube_grpc_server_handled_total{grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_code="OK"} 8"#),
         "{metrics}"
     );
+    // It printed how to log in; doing so through the gateway works, and WhoAmI names the admin.
+    let mut password = None;
+    for _ in 0..3 {
+        let line = lines.next_line().await.expect("read stdout").expect("a line");
+        if let Some(rest) = line.strip_prefix("created the admin account: username admin, password ") {
+            password = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.starts_with("log in: grpcurl") {
+            assert!(line.contains("cube.auth.v1.AuthService/Login"), "{line}");
+        }
+    }
+    let password = password.expect("the generated admin password is printed on first start");
+    let mut auth = AuthServiceClient::new(connect(&gateway).await);
+    let login = auth
+        .login(LoginRequest {
+            username: "admin".into(),
+            password,
+        })
+        .await
+        .expect("logging in through the gateway")
+        .into_inner();
+    let mut who = tonic::Request::new(WhoAmIRequest {});
+    who.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", login.access_token).parse().expect("metadata"),
+    );
+    let me = auth
+        .who_am_i(who)
+        .await
+        .expect("WhoAmI through the gateway")
+        .into_inner();
+    assert_eq!(me.user.expect("user").name, "users/admin");
+    assert!(me.roles.contains(&"roles/admin".to_owned()), "{:?}", me.roles);
+    let anonymous = auth
+        .who_am_i(WhoAmIRequest {})
+        .await
+        .expect_err("WhoAmI without a token");
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+
     let healthz = http_get(&admin, "/healthz").await;
     assert!(healthz.contains("200 OK") && healthz.contains("serving"), "{healthz}");
 
@@ -184,7 +225,20 @@ async fn terminate(mut child: tokio::process::Child) {
 #[tokio::test]
 async fn cube_serve_runs_services_apart_behind_a_gateway_over_the_network() {
     // The gateway runs single-threaded here, as it would in a one-CPU pod.
-    let (auth, auth_address) = spawn_logged(&["serve", "auth"], "serving grpc").await;
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let database = format!("sqlite://{}", data_dir.path().join("auth.db").display());
+    let (auth, auth_address) = spawn_logged(
+        &[
+            "serve",
+            "auth",
+            "--database-url",
+            &database,
+            "--admin-password",
+            "a long enough password",
+        ],
+        "serving grpc",
+    )
+    .await;
     let route = format!("cube.auth.v1=http://{auth_address}");
     let (gateway, gateway_address) = spawn_logged(
         &["serve", "gateway", "--worker-threads", "1", "--route", &route],

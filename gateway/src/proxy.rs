@@ -66,6 +66,7 @@ impl Proxy {
             parts.headers.remove(name);
         }
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        forwarded_for(&mut parts);
         let violation = Violation::default();
         let body = Body::new(CheckedBody::new(body, self.max_message_bytes, violation.clone()));
         let call = channel.oneshot(Request::from_parts(parts, body));
@@ -109,6 +110,26 @@ impl Service<Request<axum::body::Body>> for Proxy {
                 .await
                 .unwrap_or_else(|error| error.status(DOMAIN).into_http()))
         })
+    }
+}
+
+/// Appends the caller's address to `x-forwarded-for`, so that services behind the gateway (which trust it only
+/// from the gateway) know who is calling, e.g. to throttle failed logins per client.
+fn forwarded_for(parts: &mut http::request::Parts) {
+    let Some(peer) = parts
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+    else {
+        return;
+    };
+    let name = header::HeaderName::from_static("x-forwarded-for");
+    let value = match parts.headers.get(&name).and_then(|value| value.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        parts.headers.insert(name, value);
     }
 }
 

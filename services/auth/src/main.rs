@@ -1,5 +1,23 @@
-//! The `cube-auth` binary: Cube's auth service on its own.
+//! The auth service on its own.
 
-fn main() -> std::process::ExitCode {
-    cube_kit::cli::main(cube_auth::server)
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Cube's auth service: users, password and LDAP login, tokens and RBAC.
+#[derive(Debug, Parser)]
+#[command(name = "cube-auth", version)]
+struct Command {
+    #[command(flatten)]
+    serve: cube_kit::cli::ServeArgs,
+    #[command(flatten)]
+    auth: cube_auth::AuthArgs,
+}
+
+fn main() -> ExitCode {
+    let command = Command::parse();
+    cube_kit::cli::block_on(
+        command.serve.server.worker_threads,
+        cube_auth::serve(command.serve, command.auth),
+    )
 }

@@ -81,6 +81,14 @@ pub enum ApiError {
         /// How much was asked for and how much is left.
         description: String,
     },
+    /// Too many failed attempts; the caller may retry after `retry_after`.
+    #[error("too many failed attempts for {subject}, retry in {} s", .retry_after.as_secs().max(1))]
+    TooManyAttempts {
+        /// What is limited, e.g. `user alice` or `client 10.0.0.7`.
+        subject: String,
+        /// How long until the limit lifts.
+        retry_after: std::time::Duration,
+    },
     /// A message is larger than the receiver accepts.
     #[error("message of {size} bytes is larger than the {limit}-byte limit")]
     MessageTooLarge {
@@ -135,7 +143,9 @@ impl ApiError {
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::Unauthenticated { .. } => Code::Unauthenticated,
             Self::PermissionDenied { .. } => Code::PermissionDenied,
-            Self::QuotaExceeded { .. } | Self::MessageTooLarge { .. } => Code::ResourceExhausted,
+            Self::QuotaExceeded { .. } | Self::MessageTooLarge { .. } | Self::TooManyAttempts { .. } => {
+                Code::ResourceExhausted
+            }
             Self::UnknownService { .. } => Code::Unimplemented,
             Self::Unavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -154,6 +164,7 @@ impl ApiError {
             Self::PermissionDenied { .. } => ErrorReason::PermissionDenied,
             Self::QuotaExceeded { .. } => ErrorReason::QuotaExceeded,
             Self::MessageTooLarge { .. } => ErrorReason::MessageTooLarge,
+            Self::TooManyAttempts { .. } => ErrorReason::TooManyAttempts,
             Self::MalformedRequest(_) => ErrorReason::MalformedRequest,
             Self::UnknownService { .. } => ErrorReason::UnknownService,
             Self::Unavailable { .. } => ErrorReason::UpstreamUnavailable,
@@ -182,6 +193,9 @@ impl ApiError {
             }
             Self::QuotaExceeded { subject, description } => {
                 details.add_quota_failure_violation(subject, description);
+            }
+            Self::TooManyAttempts { retry_after, .. } => {
+                details.set_retry_info(Some(*retry_after));
             }
             Self::MessageTooLarge { limit, size } => {
                 metadata.insert("limit".to_owned(), limit.to_string());

@@ -18,6 +18,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::ServerArgs;
 use crate::health::Health;
+use crate::identity::Gate;
 use crate::metrics::RpcMetrics;
 
 /// Why a server stopped with an error.
@@ -32,6 +33,20 @@ pub enum ServeError {
     /// A listener failed.
     #[error("listening: {0}")]
     Io(#[from] std::io::Error),
+    /// The server has RPCs but nothing to authenticate their callers.
+    #[error("server {0} serves RPCs but has no authentication: call Server::authenticate")]
+    Unauthenticated(&'static str),
+}
+
+/// How a server authenticates the callers of its RPCs.
+#[derive(Debug)]
+enum Authentication {
+    /// Not decided yet: serving RPCs in this state is refused.
+    Unset,
+    /// Bearer tokens checked by a gate.
+    Gate(Gate),
+    /// Anyone may call (test servers and benchmarks only).
+    Open,
 }
 
 /// A gRPC server under construction: its services, plus health and reflection for them.
@@ -42,6 +57,7 @@ pub struct Server {
     routes: Routes,
     health: Health,
     reflected: Vec<&'static str>,
+    authentication: Authentication,
 }
 
 impl Server {
@@ -57,7 +73,21 @@ impl Server {
             routes: Routes::default(),
             health,
             reflected: Vec::new(),
+            authentication: Authentication::Unset,
         }
+    }
+
+    /// Verifies the bearer token of every call to the server's RPCs with `gate` (health and reflection stay
+    /// open); handlers read the caller with [`crate::Principal::of`].
+    pub fn authenticate(mut self, gate: Gate) -> Self {
+        self.authentication = Authentication::Gate(gate);
+        self
+    }
+
+    /// Lets anyone call the server's RPCs; for test servers and benchmarks, never for a Cube service.
+    pub fn without_authentication(mut self) -> Self {
+        self.authentication = Authentication::Open;
+        self
     }
 
     /// Adds a gRPC service, reports it as serving, and lists it in reflection.
@@ -99,6 +129,12 @@ impl Server {
     /// # Errors
     /// Returns an error when the reflection service cannot be built from the descriptor sets.
     pub fn into_routes(self) -> Result<Routes, ServeError> {
+        let routes = match self.authentication {
+            Authentication::Gate(gate) => gate.guard(self.routes, &format!("{}.cube.dev", self.name)),
+            Authentication::Open => self.routes,
+            Authentication::Unset if self.reflected.is_empty() => self.routes,
+            Authentication::Unset => return Err(ServeError::Unauthenticated(self.name)),
+        };
         let mut v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(cube_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -111,8 +147,7 @@ impl Server {
             v1 = v1.with_service_name(*name);
             v1alpha = v1alpha.with_service_name(*name);
         }
-        Ok(self
-            .routes
+        Ok(routes
             .add_service(self.health.service())
             .add_service(v1.build_v1()?)
             .add_service(v1alpha.build_v1alpha()?))

@@ -246,7 +246,9 @@ async fn check(health: &mut HealthClient<Channel>, service: &str) -> Result<Serv
 #[tokio::test]
 async fn health_serves_the_server_and_its_package_and_not_unknown_names() {
     let (gate, _control) = gate();
-    let server = cube_kit::Server::new("probe", PACKAGE).add_service(gate);
+    let server = cube_kit::Server::new("probe", PACKAGE)
+        .without_authentication()
+        .add_service(gate);
     let running = start(server, Duration::from_secs(5), unregistered_metrics()).await;
     let mut health = running.health().await;
 
@@ -267,7 +269,9 @@ async fn reflection_v1_and_v1alpha_list_health_and_added_services() {
     use tonic_reflection::pb::{v1, v1alpha};
 
     let (gate, _control) = gate();
-    let server = cube_kit::Server::new("probe", PACKAGE).add_service(gate);
+    let server = cube_kit::Server::new("probe", PACKAGE)
+        .without_authentication()
+        .add_service(gate);
     let running = start(server, Duration::from_secs(5), unregistered_metrics()).await;
 
     let request = v1::ServerReflectionRequest {
@@ -417,7 +421,9 @@ async fn shutdown_flips_health_ends_watch_streams_and_returns_before_the_grace()
 #[tokio::test]
 async fn a_call_in_flight_when_shutdown_starts_completes_while_new_connections_are_refused() {
     let (gate, mut control) = gate();
-    let server = cube_kit::Server::new("probe", PACKAGE).add_service(gate);
+    let server = cube_kit::Server::new("probe", PACKAGE)
+        .without_authentication()
+        .add_service(gate);
     let running = start(server, Duration::from_secs(20), unregistered_metrics()).await;
 
     let call = tokio::spawn(pass_gate(running.channel().await));
@@ -460,7 +466,9 @@ async fn a_call_in_flight_when_shutdown_starts_completes_while_new_connections_a
 async fn serve_returns_after_the_grace_when_a_call_never_finishes() {
     let grace = Duration::from_millis(500);
     let (gate, mut control) = gate();
-    let server = cube_kit::Server::new("probe", PACKAGE).add_service(gate);
+    let server = cube_kit::Server::new("probe", PACKAGE)
+        .without_authentication()
+        .add_service(gate);
     let running = start(server, grace, unregistered_metrics()).await;
 
     let _call = tokio::spawn(pass_gate(running.channel().await));
@@ -480,7 +488,9 @@ async fn serve_returns_after_the_grace_when_a_call_never_finishes() {
 async fn calls_still_running_after_the_grace_are_cut_off() {
     let grace = Duration::from_millis(500);
     let (gate, mut control) = gate();
-    let server = cube_kit::Server::new("probe", PACKAGE).add_service(gate);
+    let server = cube_kit::Server::new("probe", PACKAGE)
+        .without_authentication()
+        .add_service(gate);
     let running = start(server, grace, unregistered_metrics()).await;
 
     let call = tokio::spawn(pass_gate(running.channel().await));

@@ -58,3 +58,74 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A database server the suites run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file in a temporary directory.
+    Sqlite,
+    /// The PostgreSQL at `CUBE_TEST_POSTGRES_URL`.
+    Postgres,
+    /// The MariaDB at `CUBE_TEST_MYSQL_URL`.
+    MariaDb,
+}
+
+/// Runs `body` with the URL of an empty database on `backend` (a fresh `cube_test_<uuid>` database on the
+/// servers, a fresh file for SQLite) and drops that database afterwards, also when `body` panics.
+pub async fn on_fresh_database<F, Fut>(backend: Backend, body: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::FutureExt as _;
+    use sea_orm::ConnectionTrait as _;
+
+    let base = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("tempdir: {error}"));
+            let url = format!("sqlite://{}", dir.path().join("test.db").display());
+            body(url).await;
+            return;
+        }
+        Backend::Postgres => require("CUBE_TEST_POSTGRES_URL"),
+        Backend::MariaDb => require("CUBE_TEST_MYSQL_URL"),
+    };
+    let name = format!("cube_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(&base)
+        .await
+        .unwrap_or_else(|error| panic!("connecting to {backend:?} at {base}: {error}"));
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|error| panic!("creating the test database: {error}"));
+    let outcome = std::panic::AssertUnwindSafe(body(with_database(&base, &name)))
+        .catch_unwind()
+        .await;
+    let drop = match backend {
+        Backend::Postgres => format!("DROP DATABASE {name} WITH (FORCE)"),
+        _ => format!("DROP DATABASE {name}"),
+    };
+    let dropped = admin.execute_unprepared(&drop).await;
+    let _ = admin.close().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    dropped.unwrap_or_else(|error| panic!("dropping the test database: {error}"));
+}
+
+/// Returns `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(base, query)| (base, Some(query)));
+    let authority_start = base.find("://").map_or(0, |at| at + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |slash| authority_start + slash);
+    let mut url = format!("{}/{name}", &base[..path_start]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}
