@@ -71,18 +71,30 @@ impl Proxy {
         let body = Body::new(CheckedBody::new(body, self.max_message_bytes, violation.clone()));
         let call = channel.oneshot(Request::from_parts(parts, body));
         let started = tokio::time::Instant::now();
-        let result = tokio::time::timeout(timeout, call).await;
+        // tonic's own timer for the same `grpc-timeout` started when the request arrived, a moment before this
+        // one, and would answer CANCELLED ("Timeout expired"); ending a hair earlier answers DEADLINE_EXCEEDED.
+        let result = tokio::time::timeout(timeout.saturating_sub(DEADLINE_MARGIN), call).await;
         if let Some(error) = violation.take() {
             return Err(error);
         }
         match result {
             // The network channel enforces `grpc-timeout` too, and its expiry is an error like any other.
             Err(_) => Err(ApiError::DeadlineExceeded(timeout)),
-            Ok(Err(_)) if started.elapsed() >= timeout => Err(ApiError::DeadlineExceeded(timeout)),
+            Ok(Err(_)) if started.elapsed() >= timeout.saturating_sub(DEADLINE_MARGIN) => {
+                Err(ApiError::DeadlineExceeded(timeout))
+            }
             Ok(Err(source)) => Err(ApiError::Unavailable {
                 service: package,
                 source,
             }),
+            // A service's own deadline can fire a moment before ours; tonic reports that as CANCELLED
+            // ("Timeout expired"), but for the caller it is the deadline they set.
+            Ok(Ok(response))
+                if started.elapsed() >= timeout.saturating_sub(DEADLINE_MARGIN)
+                    && grpc_status(&response) == Some("1") =>
+            {
+                Err(ApiError::DeadlineExceeded(timeout))
+            }
             Ok(Ok(mut response)) => {
                 for name in &HOP_BY_HOP[..4] {
                     response.headers_mut().remove(name);
@@ -111,6 +123,17 @@ impl Service<Request<axum::body::Body>> for Proxy {
                 .unwrap_or_else(|error| error.status(DOMAIN).into_http()))
         })
     }
+}
+
+/// How much before the caller's deadline the gateway gives up on a call.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// Returns the `grpc-status` of a trailers-only response.
+fn grpc_status<B>(response: &Response<B>) -> Option<&str> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
 }
 
 /// Appends the caller's address to `x-forwarded-for`, so that services behind the gateway (which trust it only

@@ -1,6 +1,7 @@
 //! Fixtures for Cube's cross-service tests and benchmarks: the echo service that stands where a Cube service
 //! would, and helpers that run servers in this process on loopback ports.
 
+pub mod bench;
 pub mod grpc_web;
 
 use std::collections::HashMap;
@@ -193,21 +194,39 @@ async fn loopback_listener() -> TcpListener {
         .unwrap_or_else(|error| panic!("binding a loopback port: {error}"))
 }
 
-/// Starts the echo service behind the kit's server skeleton.
+/// Starts the echo service behind the kit's server skeleton, open to anyone.
 pub async fn start_echo() -> Running {
+    start_server(
+        cube_kit::Server::new("echo", ECHO_PACKAGE)
+            .without_authentication()
+            .add_service(EchoServiceServer::new(Echo)),
+    )
+    .await
+}
+
+/// Starts the echo service behind `gate`, like any Cube service: only callers with a valid token get through.
+pub async fn start_echo_behind(gate: cube_kit::identity::Gate) -> Running {
+    start_server(
+        cube_kit::Server::new("echo", ECHO_PACKAGE)
+            .authenticate(gate)
+            .add_service(EchoServiceServer::new(Echo)),
+    )
+    .await
+}
+
+/// Serves `server` on a loopback port with [`test_server_args`].
+pub async fn start_server(server: cube_kit::Server) -> Running {
     let listener = loopback_listener().await;
     let address = listener
         .local_addr()
         .unwrap_or_else(|error| panic!("local address: {error}"));
     let shutdown = CancellationToken::new();
-    let server = cube_kit::Server::new("echo", ECHO_PACKAGE)
-        .without_authentication()
-        .add_service(EchoServiceServer::new(Echo));
     let metrics = RpcMetrics::register(&mut prometheus_client::registry::Registry::default());
     let signal = shutdown.clone().cancelled_owned();
+    let name = server.name();
     let task = tokio::spawn(async move {
         if let Err(error) = server.serve(listener, &test_server_args(), &metrics, signal).await {
-            panic!("echo server failed: {error}");
+            panic!("{name} server failed: {error}");
         }
     });
     Running {

@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use cube_integration_tests::bench::{Caller, Measurement, Server, measure, spawn_role};
 use cube_integration_tests::echo::EchoRequest;
 use cube_integration_tests::echo::echo_service_client::EchoServiceClient;
 use cube_integration_tests::grpc_web::{GrpcWebClient, Http, Mode, frame};
 use cube_integration_tests::{echo_gateway, echo_routes, start_echo, start_gateway, test_server_args};
 use cube_kit::Channel;
+use futures::future::BoxFuture;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks Cube's gateway against direct calls and nginx")]
@@ -90,50 +92,6 @@ async fn serve_role(role: Role) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server the benchmark started, and the processes whose CPU time counts as its own.
-struct Server {
-    address: SocketAddr,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM, not the SIGKILL of kill_on_drop: nginx's master must live to stop its workers, which would
-        // otherwise outlive the benchmark holding its stdout open.
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-impl Server {
-    fn pid(&self) -> anyhow::Result<u32> {
-        self.child.id().context("the server has exited")
-    }
-}
-
-async fn spawn_role(role: &[&str]) -> anyhow::Result<Server> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(role)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let line = tokio::time::timeout(Duration::from_secs(10), BufReader::new(stdout).lines().next_line())
-        .await
-        .context("waiting for the server to listen")??
-        .context("the server exited before listening")?;
-    let address = line
-        .strip_prefix("listening ")
-        .context("unexpected first line")?
-        .parse()?;
-    Ok(Server { address, child })
-}
-
 async fn spawn_nginx(
     nginx: &Path,
     upstream: SocketAddr,
@@ -194,173 +152,65 @@ mod tempfile_dir {
     }
 }
 
-/// CPU seconds (user + system) used so far by `pid` and its child processes.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let ticks = 100.0; // USER_HZ, 100 on Linux for every architecture Debian ships.
-    let mut total = process_ticks(pid)?;
-    for entry in std::fs::read_dir("/proc")? {
-        let name = entry?.file_name();
-        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if parent_of(child) == Some(pid) {
-            total += process_ticks(child).unwrap_or(0.0);
-        }
-    }
-    Ok(total / ticks)
-}
-
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces; the fields after it are plain.
-    let after = stat.rsplit_once(')')?.1;
-    Some(after.split_whitespace().map(str::to_owned).collect())
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    stat_fields(pid)?.get(1)?.parse().ok()
-}
-
-fn process_ticks(pid: u32) -> anyhow::Result<f64> {
-    let fields = stat_fields(pid).context("reading /proc stat")?;
-    // After the name: state(0) ppid(1) … utime(11) stime(12).
-    let utime: f64 = fields.get(11).context("utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Client {
     Grpc,
     GrpcWeb,
 }
 
-struct Measurement {
-    requests: u64,
-    errors: u64,
-    seconds: f64,
-    p50_us: f64,
-    p99_us: f64,
-    cpu_seconds: f64,
-}
+/// Calls Echo over gRPC.
+struct GrpcEcho(EchoServiceClient<tonic::transport::Channel>);
 
-impl Measurement {
-    fn rps(&self) -> f64 {
-        self.requests as f64 / self.seconds
-    }
-
-    fn cpu_per_1000(&self) -> f64 {
-        self.cpu_seconds / (self.requests.max(1) as f64) * 1000.0
-    }
-
-    /// Returns the median of each figure over `runs` (errors are summed).
-    fn median(runs: &[Measurement]) -> Measurement {
-        fn middle(mut values: Vec<f64>) -> f64 {
-            values.sort_by(f64::total_cmp);
-            values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-        }
-        let seconds = runs.first().map_or(1.0, |m| m.seconds);
-        let requests = middle(runs.iter().map(|m| m.requests as f64).collect()) as u64;
-        let cpu_per_request = middle(runs.iter().map(|m| m.cpu_seconds / m.requests.max(1) as f64).collect());
-        Measurement {
-            requests,
-            errors: runs.iter().map(|m| m.errors).sum(),
-            seconds,
-            p50_us: middle(runs.iter().map(|m| m.p50_us).collect()),
-            p99_us: middle(runs.iter().map(|m| m.p99_us).collect()),
-            cpu_seconds: cpu_per_request * requests as f64,
-        }
-    }
-}
-
-async fn measure(
-    address: SocketAddr,
-    client: Client,
-    concurrency: usize,
-    warmup: Duration,
-    duration: Duration,
-    cpu_pid: u32,
-) -> anyhow::Result<Measurement> {
-    let url = format!("http://{address}");
-    let channel = tonic::transport::Endpoint::from_shared(url)?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let start_at = Instant::now() + warmup;
-    let stop_at = start_at + duration;
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let channel = channel.clone();
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
+impl Caller for GrpcEcho {
+    fn call(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
             let request = EchoRequest {
                 message: "hello".into(),
                 ..EchoRequest::default()
             };
-            match client {
-                Client::Grpc => {
-                    let mut client = EchoServiceClient::new(channel);
-                    loop {
-                        let sent = Instant::now();
-                        if sent >= stop_at {
-                            break;
-                        }
-                        let ok = client.echo(request.clone()).await.is_ok();
-                        if sent >= start_at {
-                            latencies.push(sent.elapsed().as_micros() as u32);
-                            errors += u64::from(!ok);
-                        }
-                    }
-                }
-                Client::GrpcWeb => {
-                    let mut client = GrpcWebClient::connect(address, Http::One)
-                        .await
-                        .map_err(|error| anyhow::anyhow!("{error}"))?;
-                    let body = frame(&request);
-                    loop {
-                        let sent = Instant::now();
-                        if sent >= stop_at {
-                            break;
-                        }
-                        let reply = client
-                            .call("/cube.testing.v1.EchoService/Echo", Mode::Binary, body.clone(), &[])
-                            .await;
-                        let ok = reply.is_ok_and(|reply| reply.status().code() == tonic::Code::Ok);
-                        if sent >= start_at {
-                            latencies.push(sent.elapsed().as_micros() as u32);
-                            errors += u64::from(!ok);
-                        }
-                    }
-                }
+            self.0.echo(request).await.is_ok()
+        })
+    }
+}
+
+/// Calls Echo over grpc-web on HTTP/1.1.
+struct GrpcWebEcho(GrpcWebClient, bytes::Bytes);
+
+impl Caller for GrpcWebEcho {
+    fn call(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let reply = self
+                .0
+                .call("/cube.testing.v1.EchoService/Echo", Mode::Binary, self.1.clone(), &[])
+                .await;
+            reply.is_ok_and(|reply| reply.status().code() == tonic::Code::Ok)
+        })
+    }
+}
+
+/// Returns `concurrency` callers of Echo at `address` over `client`'s protocol (gRPC ones share a connection).
+async fn callers(address: SocketAddr, client: Client, concurrency: usize) -> anyhow::Result<Vec<Box<dyn Caller>>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut callers: Vec<Box<dyn Caller>> = Vec::new();
+    for _ in 0..concurrency {
+        callers.push(match client {
+            Client::Grpc => Box::new(GrpcEcho(EchoServiceClient::new(channel.clone()))),
+            Client::GrpcWeb => {
+                let web = GrpcWebClient::connect(address, Http::One)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+                let body = frame(&EchoRequest {
+                    message: "hello".into(),
+                    ..EchoRequest::default()
+                });
+                Box::new(GrpcWebEcho(web, body))
             }
-            anyhow::Ok((latencies, errors))
-        }));
+        });
     }
-    tokio::time::sleep_until(start_at.into()).await;
-    let cpu_before = cpu_seconds(cpu_pid)?;
-    tokio::time::sleep_until(stop_at.into()).await;
-    let cpu_after = cpu_seconds(cpu_pid)?;
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for worker in workers {
-        let (mut worker_latencies, worker_errors) = worker.await??;
-        latencies.append(&mut worker_latencies);
-        errors += worker_errors;
-    }
-    latencies.sort_unstable();
-    let percentile = |p: f64| {
-        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies.get(index).copied().map_or(f64::NAN, f64::from)
-    };
-    Ok(Measurement {
-        requests: latencies.len() as u64,
-        errors,
-        seconds: duration.as_secs_f64(),
-        p50_us: percentile(0.50),
-        p99_us: percentile(0.99),
-        cpu_seconds: cpu_after - cpu_before,
-    })
+    Ok(callers)
 }
 
 async fn benchmark(args: &Args) -> anyhow::Result<()> {
@@ -421,7 +271,8 @@ async fn benchmark(args: &Args) -> anyhow::Result<()> {
         let mut runs: Vec<Vec<Measurement>> = rows.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
             for ((_, address, client, pid), runs) in rows.iter().zip(&mut runs) {
-                runs.push(measure(*address, *client, concurrency, warmup, duration, *pid).await?);
+                let callers = callers(*address, *client, concurrency).await?;
+                runs.push(measure(callers, warmup, duration, *pid).await?);
             }
         }
         let medians: Vec<Measurement> = runs.iter().map(|runs| Measurement::median(runs)).collect();

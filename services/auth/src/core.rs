@@ -53,6 +53,45 @@ pub(crate) struct Core {
     pub(crate) verifier: Verifier,
     pub(crate) outbox: Arc<Notify>,
     pub(crate) options: Options,
+    pub(crate) profiles: Profiles,
+}
+
+/// User rows read recently, so that `WhoAmI` (which every UI page load calls) does not read the database each
+/// time. Entries live one second, and this replica forgets a user as soon as it changes them; deactivation
+/// needs neither, since the verifier refuses a deactivated user's tokens before any handler runs.
+#[derive(Default)]
+pub(crate) struct Profiles {
+    rows: std::sync::RwLock<std::collections::HashMap<String, (std::time::Instant, user::Model)>>,
+}
+
+impl Profiles {
+    const TTL: Duration = Duration::from_secs(1);
+    const CAPACITY: usize = 10_000;
+
+    fn get(&self, username: &str) -> Option<user::Model> {
+        let rows = self.rows.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        rows.get(username)
+            .filter(|(read, _)| read.elapsed() < Self::TTL)
+            .map(|(_, row)| row.clone())
+    }
+
+    fn put(&self, row: user::Model) {
+        let mut rows = self.rows.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if rows.len() >= Self::CAPACITY {
+            rows.retain(|_, (read, _)| read.elapsed() < Self::TTL);
+        }
+        if rows.len() < Self::CAPACITY {
+            rows.insert(row.username.clone(), (std::time::Instant::now(), row));
+        }
+    }
+
+    /// Forgets a user this replica just changed.
+    pub(crate) fn forget(&self, username: &str) {
+        self.rows
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(username);
+    }
 }
 
 /// Maps an [`ApiError`] to the status a client receives.
@@ -324,6 +363,18 @@ impl Core {
             }
         }
         peer
+    }
+
+    /// Loads a user, from the last second's reads when it can.
+    pub(crate) async fn profile(&self, username: &str) -> Result<Option<user::Model>, ApiError> {
+        if let Some(row) = self.profiles.get(username) {
+            return Ok(Some(row));
+        }
+        let row = self.user(username).await?;
+        if let Some(row) = &row {
+            self.profiles.put(row.clone());
+        }
+        Ok(row)
     }
 
     /// Loads a user.

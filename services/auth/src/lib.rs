@@ -228,6 +228,7 @@ impl Auth {
                 session_ttl: args.session_ttl,
                 trusted_proxies: args.trusted_proxies.clone(),
             },
+            profiles: core::Profiles::default(),
         });
         let _ = authority.core.set(Arc::downgrade(&core));
         roles::ensure_builtin_roles(&db).await?;

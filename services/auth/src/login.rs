@@ -188,6 +188,7 @@ impl Login {
         )
         .await?;
         txn.commit().await.map_err(db_error)?;
+        core.profiles.forget(&username);
         core.committed(Vec::new());
         if let Err(error) = core.throttle.record_success(&username).await {
             tracing::warn!(%error, "clearing failed logins");
@@ -299,7 +300,7 @@ impl Login {
         let caller = Principal::of(&request)?;
         let row = self
             .0
-            .user(&caller.username)
+            .profile(&caller.username)
             .await?
             .filter(|row| row.active)
             .ok_or_else(|| ApiError::Unauthenticated {

@@ -21,8 +21,8 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Audit, Core, USER_ROLE, audit, db_error, invalid_id, parse_permissions, permissions_of, require_admin, status,
-    store_permissions, timestamp, username_in, valid_id,
+    Audit, Core, USER_ROLE, audit, db_error, invalid_id, may_access, parse_permissions, permissions_of, require_admin,
+    status, store_permissions, timestamp, username_in, valid_id,
 };
 use crate::credentials;
 use crate::model::{role, role_binding, user};
@@ -467,9 +467,11 @@ impl Roles {
         let user = if request.user.is_empty() {
             None
         } else {
-            Some(username_in("user", &request.user, &caller)?)
+            let username = username_in("user", &request.user, &caller)?;
+            may_access(&caller, &username)?;
+            Some(username)
         };
-        if !caller.is_admin() && user.as_deref() != Some(caller.username.as_str()) {
+        if !caller.is_admin() && user.is_none() {
             return Err(ApiError::PermissionDenied {
                 permission: "roleBindings.list (non-admins list their own: set user to users/me)".into(),
             });

@@ -174,7 +174,17 @@ impl Users {
                     _ => return Err(bad("local or ldap")),
                 },
                 "email" => query.filter(user::Column::Email.eq(condition.value.clone())),
-                _ => query.filter(user::Column::Username.starts_with(condition.value.clone())),
+                _ => {
+                    // Usernames hold only these characters, and none of them is a LIKE wildcard.
+                    let prefix_ok = condition
+                        .value
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                    if !prefix_ok {
+                        return Err(bad("lowercase letters, digits and dashes"));
+                    }
+                    query.filter(user::Column::Username.starts_with(condition.value.clone()))
+                }
             };
         }
         if let Some(after) = after {
@@ -284,6 +294,7 @@ impl Users {
         )
         .await?;
         txn.commit().await.map_err(db_error)?;
+        core.profiles.forget(&username);
         core.committed(revocations);
         Ok(user_message(&updated))
     }
@@ -353,6 +364,7 @@ impl Users {
         )
         .await?;
         txn.commit().await.map_err(db_error)?;
+        core.profiles.forget(&username);
         core.committed(vec![revocation]);
         Ok(())
     }

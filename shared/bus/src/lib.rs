@@ -46,6 +46,16 @@ pub trait EventBus: Send + Sync + 'static {
         group: &'a str,
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>>;
+
+    /// Subscribes like [`EventBus::subscribe`], but a group this call creates starts at the oldest event the
+    /// topic still holds (events not yet trimmed), so a process that joins late first catches up on them, e.g.
+    /// revocations announced before it started.
+    fn subscribe_retained<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>>;
 }
 
 /// Identifies an event within its topic; opaque, in the `<milliseconds>-<sequence>` form of Redis stream ids.

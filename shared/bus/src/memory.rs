@@ -72,15 +72,40 @@ impl EventBus for MemoryBus {
         group: &'a str,
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        self.join(topic, group, consumer, false)
+    }
+
+    fn subscribe_retained<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        self.join(topic, group, consumer, true)
+    }
+}
+
+impl MemoryBus {
+    /// Subscribes, creating the group at the end of the topic or, with `retained`, at its oldest event.
+    fn join<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        retained: bool,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         Box::pin(async move {
             validate_names(topic, group, consumer)?;
             let notify = {
                 let mut topics = self.shared.lock();
                 let state = topics.entry(topic.to_owned()).or_default();
-                let next_seq = state.next_seq;
+                let start = match state.events.front() {
+                    Some(oldest) if retained => oldest.seq,
+                    _ => state.next_seq,
+                };
                 state.groups.entry(group.to_owned()).or_insert_with(|| {
                     tracing::debug!(topic, group, "created consumer group");
-                    Group::starting_at(next_seq)
+                    Group::starting_at(start)
                 });
                 Arc::clone(&state.notify)
             };

@@ -84,6 +84,28 @@ impl EventBus for RedisBus {
         group: &'a str,
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        self.join(topic, group, consumer, "$")
+    }
+
+    fn subscribe_retained<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        self.join(topic, group, consumer, "0")
+    }
+}
+
+impl RedisBus {
+    /// Subscribes, creating the group at stream id `start` (`$`: the end, `0`: the oldest entry) when it is new.
+    fn join<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        start: &'static str,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         Box::pin(async move {
             validate_names(topic, group, consumer)?;
             let handle = Arc::new(GroupHandle {
@@ -95,7 +117,7 @@ impl EventBus for RedisBus {
             {
                 let mut conn = self.pool.get().await?;
                 unblock_abandoned(&self.abandoned, &mut conn).await;
-                handle.create_group(&mut conn).await?;
+                handle.create_group(&mut conn, start).await?;
             }
             let reader = Reader {
                 handle,
@@ -143,13 +165,13 @@ impl GroupHandle {
         Ok(())
     }
 
-    /// Creates the group at the end of the stream (creating the stream too), unless it exists.
-    async fn create_group(&self, conn: &mut impl ConnectionLike) -> Result<(), BusError> {
+    /// Creates the group at stream id `start` (creating the stream too), unless it exists.
+    async fn create_group(&self, conn: &mut impl ConnectionLike, start: &str) -> Result<(), BusError> {
         let created = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.key)
             .arg(&self.group)
-            .arg("$")
+            .arg(start)
             .arg("MKSTREAM")
             .query_async::<()>(conn)
             .await;
@@ -216,7 +238,7 @@ impl Reader {
 
     async fn recreate_group(&mut self) {
         let created = match self.handle.pool.get().await {
-            Ok(mut conn) => self.handle.create_group(&mut conn).await,
+            Ok(mut conn) => self.handle.create_group(&mut conn, "$").await,
             Err(error) => Err(error.into()),
         };
         if let Err(error) = created {

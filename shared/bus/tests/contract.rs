@@ -149,6 +149,7 @@ contract_tests!(
     unacked_event_of_a_gone_consumer_goes_to_another,
     resubscribed_consumer_first_gets_its_pending_events,
     group_does_not_see_events_published_before_it_existed,
+    a_retained_group_catches_up_on_the_events_still_held,
     order_is_preserved,
     dropped_subscription_takes_no_more_events,
     invalid_names_are_rejected,
@@ -354,6 +355,41 @@ async fn group_does_not_see_events_published_before_it_existed(ctx: Arc<Ctx>) {
     assert_eq!(delivery.payload, payload("after"));
     ack(&delivery).await;
     tokio::join!(assert_quiet(&mut early, QUIET), assert_quiet(&mut late, QUIET));
+}
+
+async fn a_retained_group_catches_up_on_the_events_still_held(ctx: Arc<Ctx>) {
+    let bus = ctx.bus();
+    let topic = ctx.topic("catch-up");
+    // A group that has not acknowledged anything keeps the events held (the in-process bus drops what every
+    // group has acknowledged).
+    let _early = subscribe(&bus, &topic, "early", "c").await;
+    publish(&bus, &topic, "first").await;
+    publish(&bus, &topic, "second").await;
+    let mut late = bus
+        .subscribe_retained(&topic, "late", "c")
+        .await
+        .expect("subscribing from the oldest event");
+    let mut new = subscribe(&bus, &topic, "new", "c").await;
+    publish(&bus, &topic, "third").await;
+    for expected in ["first", "second", "third"] {
+        let delivery = next(&mut late).await;
+        assert_eq!(delivery.payload, payload(expected));
+        ack(&delivery).await;
+    }
+    let delivery = next(&mut new).await;
+    assert_eq!(
+        delivery.payload,
+        payload("third"),
+        "a plain subscription starts at the end"
+    );
+    ack(&delivery).await;
+    // Subscribing again to an existing group keeps its position.
+    drop(late);
+    let mut again = bus
+        .subscribe_retained(&topic, "late", "c")
+        .await
+        .expect("resubscribing");
+    assert_quiet(&mut again, QUIET).await;
 }
 
 async fn order_is_preserved(ctx: Arc<Ctx>) {

@@ -342,7 +342,8 @@ impl Verifier {
     pub async fn follow(&self, bus: &Arc<dyn EventBus>, group: &str) -> Result<RevocationFeed, BusError> {
         let mut tasks = Vec::new();
         for topic in [TOKEN_REVOKED, USER_DEACTIVATED] {
-            let mut subscription = bus.subscribe(topic, group, "verifier").await?;
+            // From the oldest event still held: revocations announced before this process started apply too.
+            let mut subscription = bus.subscribe_retained(topic, group, "verifier").await?;
             let verifier = self.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(delivery) = subscription.next().await {

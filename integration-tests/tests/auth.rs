@@ -1,0 +1,265 @@
+//! Auth as other services see it, through the gateway: every service verifies tokens itself with the shared
+//! gate (keys fetched from auth, API tokens checked with auth), and a revoked API token stops working on a
+//! service other than auth within 5 seconds, whether the revocation arrives as a Redis Streams event or the
+//! short API-token cache runs out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cube_auth::{Auth, AuthArgs};
+use cube_bus::{BusOptions, EventBus, RedisBus};
+use cube_integration_tests::echo::EchoRequest;
+use cube_integration_tests::echo::echo_service_client::EchoServiceClient;
+use cube_integration_tests::{ECHO_PACKAGE, Running, connect, start_echo_behind, start_gateway, start_server};
+use cube_kit::Channel;
+use cube_kit::identity::{Gate, RemoteAuthority, Verifier, VerifierOptions};
+use cube_proto::cube::auth::v1::api_token_service_client::ApiTokenServiceClient;
+use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
+use cube_proto::cube::auth::v1::{ApiToken, CreateApiTokenRequest, DeleteApiTokenRequest, LoginRequest, LogoutRequest};
+use tonic::Code;
+
+const ADMIN_PASSWORD: &str = "integration admin password";
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("metadata"));
+    request
+}
+
+/// Auth, the echo service as "another service", and the gateway in front of both, all over TCP.
+struct Platform {
+    gateway: Running,
+    _auth: Running,
+    _echo: Running,
+    _background: cube_auth::Background,
+    _feed: Option<cube_kit::identity::RevocationFeed>,
+    _data: tempfile::TempDir,
+}
+
+/// Starts the platform; the echo service trusts a checked API token for `api_token_ttl`, and follows
+/// revocations on `bus` when given one.
+async fn platform(bus: Arc<dyn EventBus>, follow: bool, api_token_ttl: Duration) -> Platform {
+    let data = tempfile::tempdir().expect("tempdir");
+    let database = format!("sqlite://{}", data.path().join("auth.db").display());
+    let args = AuthArgs::embedded(database, Some(ADMIN_PASSWORD.into())).expect("auth flags");
+    let auth = Auth::start(&args, bus.clone()).await.expect("starting auth");
+    let background = auth.background;
+    let auth = start_server(auth.server).await;
+
+    let authority = RemoteAuthority::new(Channel::remote(&auth.url()).expect("auth url"));
+    let verifier = Verifier::new(
+        Arc::new(authority),
+        VerifierOptions {
+            api_token_ttl,
+            ..VerifierOptions::default()
+        },
+    );
+    let feed = if follow {
+        let group = format!("echo-revocations-{}", uuid::Uuid::new_v4().simple());
+        Some(verifier.follow(&bus, &group).await.expect("following revocations"))
+    } else {
+        None
+    };
+    let echo = start_echo_behind(Gate::new(verifier, &[])).await;
+    let gateway = cube_gateway::Gateway::new(4 << 20)
+        .route("cube.auth.v1", Channel::remote(&auth.url()).expect("auth url"))
+        .route(ECHO_PACKAGE, Channel::remote(&echo.url()).expect("echo url"));
+    let gateway = start_gateway(gateway).await;
+    Platform {
+        gateway,
+        _auth: auth,
+        _echo: echo,
+        _background: background,
+        _feed: feed,
+        _data: data,
+    }
+}
+
+fn redis_bus() -> Arc<dyn EventBus> {
+    let url = cube_testkit::require("CUBE_TEST_REDIS_URL");
+    let pool = cube_kit::redis::pool(&url).expect("redis pool");
+    Arc::new(RedisBus::new(pool, BusOptions::default()))
+}
+
+async fn echo(channel: &tonic::transport::Channel, token: &str) -> Result<(), tonic::Status> {
+    EchoServiceClient::new(channel.clone())
+        .echo(authed(
+            EchoRequest {
+                message: "hello".into(),
+                ..EchoRequest::default()
+            },
+            token,
+        ))
+        .await
+        .map(|_| ())
+}
+
+/// Logs in through the gateway, makes an API token, checks it works on echo, revokes it, and returns how long
+/// echo kept accepting it.
+async fn revocation_delay(platform: &Platform) -> Duration {
+    let channel = connect(&platform.gateway).await;
+    let login = AuthServiceClient::new(channel.clone())
+        .login(LoginRequest {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("logging in through the gateway")
+        .into_inner();
+    echo(&channel, &login.access_token)
+        .await
+        .expect("an access token works on echo");
+    let anonymous = EchoServiceClient::new(channel.clone())
+        .echo(EchoRequest::default())
+        .await
+        .expect_err("echo without a token");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+
+    let mut tokens = ApiTokenServiceClient::new(channel.clone());
+    let created = tokens
+        .create_api_token(authed(
+            CreateApiTokenRequest {
+                parent: "users/me".into(),
+                api_token: Some(ApiToken {
+                    display_name: "ci".into(),
+                    ..ApiToken::default()
+                }),
+            },
+            &login.access_token,
+        ))
+        .await
+        .expect("creating an API token")
+        .into_inner();
+    echo(&channel, &created.secret)
+        .await
+        .expect("the API token works on echo");
+    let name = created.api_token.expect("token").name;
+    tokens
+        .delete_api_token(authed(DeleteApiTokenRequest { name }, &login.access_token))
+        .await
+        .expect("revoking");
+    let revoked = Instant::now();
+    loop {
+        match echo(&channel, &created.secret).await {
+            Ok(()) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                return revoked.elapsed();
+            }
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(10),
+            "echo still accepts a revoked API token after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_api_token_is_refused_by_another_service_through_the_gateway_via_redis_events() {
+    // A minute-long cache: only the event can cut it short.
+    let platform = platform(redis_bus(), true, Duration::from_secs(60)).await;
+    let delay = revocation_delay(&platform).await;
+    eprintln!("refused {delay:?} after revocation (Redis Streams event)");
+    assert!(delay < Duration::from_secs(5), "took {delay:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_api_token_is_refused_within_5_seconds_without_events() {
+    // No bus subscription at all: the default 2-second API-token cache bounds the delay.
+    let platform = platform(redis_bus(), false, VerifierOptions::default().api_token_ttl).await;
+    let delay = revocation_delay(&platform).await;
+    eprintln!("refused {delay:?} after revocation (cache expiry)");
+    assert!(delay < Duration::from_secs(5), "took {delay:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_ends_access_tokens_on_another_service() {
+    let platform = platform(redis_bus(), true, Duration::from_secs(60)).await;
+    let channel = connect(&platform.gateway).await;
+    let login = AuthServiceClient::new(channel.clone())
+        .login(LoginRequest {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("login")
+        .into_inner();
+    echo(&channel, &login.access_token).await.expect("works before logout");
+    AuthServiceClient::new(channel.clone())
+        .logout(authed(LogoutRequest {}, &login.access_token))
+        .await
+        .expect("logout");
+    let started = Instant::now();
+    loop {
+        if let Err(status) = echo(&channel, &login.access_token).await {
+            assert_eq!(status.code(), Code::Unauthenticated);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "echo accepts a logged-out token after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_started_after_a_logout_still_refuses_the_session() {
+    let bus = redis_bus();
+    let platform = platform(bus.clone(), true, Duration::from_secs(60)).await;
+    let channel = connect(&platform.gateway).await;
+    let login = AuthServiceClient::new(channel.clone())
+        .login(LoginRequest {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("login")
+        .into_inner();
+    AuthServiceClient::new(channel.clone())
+        .logout(authed(LogoutRequest {}, &login.access_token))
+        .await
+        .expect("logout");
+    // Give the outbox time to publish, then start a second echo service that knows nothing yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let auth_url = format!("http://{}", platform._auth.address);
+    let verifier = Verifier::new(
+        Arc::new(RemoteAuthority::new(Channel::remote(&auth_url).expect("auth url"))),
+        VerifierOptions::default(),
+    );
+    let group = format!("late-echo-{}", uuid::Uuid::new_v4().simple());
+    let _feed = verifier.follow(&bus, &group).await.expect("following");
+    let late = start_echo_behind(Gate::new(verifier, &[])).await;
+    let late_channel = tonic::transport::Endpoint::from_shared(late.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connecting");
+    let started = Instant::now();
+    loop {
+        if let Err(status) = echo(&late_channel, &login.access_token).await {
+            assert_eq!(status.code(), Code::Unauthenticated);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a service started after the logout accepts the ended session's token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another session's token is accepted by the late service: the refusal above was the revocation.
+    let other = AuthServiceClient::new(channel.clone())
+        .login(LoginRequest {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("login")
+        .into_inner();
+    echo(&late_channel, &other.access_token)
+        .await
+        .expect("a live session works on the late service");
+}
