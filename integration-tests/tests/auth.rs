@@ -263,3 +263,77 @@ async fn a_service_started_after_a_logout_still_refuses_the_session() {
         .await
         .expect("a live session works on the late service");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivated_user_is_refused_by_another_service_within_5_seconds() {
+    use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
+    use cube_proto::cube::auth::v1::{CreateUserRequest, UpdateUserRequest, User};
+
+    let platform = platform(redis_bus(), true, Duration::from_secs(60)).await;
+    let channel = connect(&platform.gateway).await;
+    let mut auth = AuthServiceClient::new(channel.clone());
+    let admin = auth
+        .login(LoginRequest {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("admin login")
+        .into_inner()
+        .access_token;
+    let mut users = UserServiceClient::new(channel.clone());
+    users
+        .create_user(authed(
+            CreateUserRequest {
+                user: Some(User {
+                    email: "dana@example.com".into(),
+                    ..User::default()
+                }),
+                user_id: "dana".into(),
+                password: "dana's long password".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("creating dana");
+    let dana = auth
+        .login(LoginRequest {
+            username: "dana".into(),
+            password: "dana's long password".into(),
+        })
+        .await
+        .expect("dana logs in")
+        .into_inner()
+        .access_token;
+    echo(&channel, &dana).await.expect("dana's token works on echo");
+    users
+        .update_user(authed(
+            UpdateUserRequest {
+                user: Some(User {
+                    name: "users/dana".into(),
+                    active: false,
+                    ..User::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["active".into()],
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("deactivating dana");
+    let deactivated = Instant::now();
+    loop {
+        if let Err(status) = echo(&channel, &dana).await {
+            assert_eq!(status.code(), Code::Unauthenticated);
+            break;
+        }
+        assert!(
+            deactivated.elapsed() < Duration::from_secs(5),
+            "echo accepts a deactivated user's access token after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("refused {:?} after deactivation", deactivated.elapsed());
+    echo(&channel, &admin).await.expect("other users are unaffected");
+}
