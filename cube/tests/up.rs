@@ -136,6 +136,7 @@ async fn cube_up_serves_every_service_and_stops_cleanly_on_sigterm() {
         .await
         .expect_err("WhoAmI without a token");
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    describes_auth_by_reflection(&gateway).await;
 
     let healthz = http_get(&admin, "/healthz").await;
     assert!(healthz.contains("200 OK") && healthz.contains("serving"), "{healthz}");
@@ -194,6 +195,65 @@ async fn spawn_logged(args: &[&str], message: &str) -> (tokio::process::Child, S
     // Keep draining stderr so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, address)
+}
+
+/// What grpcurl does before it calls anything: asks the gateway's reflection for the auth API, without a token.
+async fn describes_auth_by_reflection(gateway: &str) {
+    use futures::StreamExt as _;
+    use prost::Message as _;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut client = ServerReflectionClient::new(connect(gateway).await);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("cube.auth.v1.AuthService".into()),
+    ]
+    .map(|message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    });
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .expect("reflection through the gateway")
+        .into_inner();
+    let listed = responses.next().await.expect("a response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("unexpected reflection response {listed:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    for service in [
+        "AuthService",
+        "UserService",
+        "ApiTokenService",
+        "RoleService",
+        "AuditService",
+    ] {
+        let name = format!("cube.auth.v1.{service}");
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    let file = responses.next().await.expect("a response").expect("ok");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = file.message_response else {
+        panic!("unexpected reflection response {file:?}");
+    };
+    let methods: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).expect("a file descriptor"))
+        .flat_map(|file| file.service)
+        .filter(|service| service.name() == "AuthService")
+        .flat_map(|service| service.method)
+        .map(|method| method.name().to_owned())
+        .collect();
+    for method in ["Login", "WhoAmI", "RefreshToken", "Logout", "GetJwks"] {
+        assert!(
+            methods.iter().any(|name| name == method),
+            "{method} missing from {methods:?}"
+        );
+    }
 }
 
 async fn connect(url: &str) -> tonic::transport::Channel {
