@@ -13,10 +13,9 @@ use cube_gateway::{Gateway, GatewayArgs};
 use cube_kit::cli::{RunError, ServeArgs};
 use cube_kit::{Channel, Server};
 
-/// Every Cube service but auth (which needs its database), as `cube up` wires them behind the gateway.
-const SERVICES: [fn() -> Server; 6] = [
-    cube_projects::server,
-    cube_scheduler::server,
+/// The services that serve health only so far, as `cube up` wires them behind the gateway (auth, projects and
+/// the scheduler are started with their state and peers).
+const SERVICES: [fn() -> Server; 4] = [
     cube_workflow::server,
     cube_notebook::server,
     cube_serving::server,
@@ -54,6 +53,24 @@ struct UpArgs {
     admin_password: Option<String>,
 }
 
+/// `cube serve projects`' flags.
+#[derive(Debug, clap::Args)]
+struct ProjectsCommand {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    projects: cube_projects::ProjectsArgs,
+}
+
+/// `cube serve scheduler`'s flags.
+#[derive(Debug, clap::Args)]
+struct SchedulerCommand {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    scheduler: cube_scheduler::SchedulerArgs,
+}
+
 /// `cube serve auth`'s flags.
 #[derive(Debug, clap::Args)]
 struct AuthCommand {
@@ -68,9 +85,9 @@ enum ServeCommand {
     /// Users, password and LDAP login, tokens and RBAC.
     Auth(Box<AuthCommand>),
     /// Project groups, membership roles, settings and quotas.
-    Projects(ServeArgs),
+    Projects(Box<ProjectsCommand>),
     /// Clusters, node inventory, placement and quota admission.
-    Scheduler(ServeArgs),
+    Scheduler(Box<SchedulerCommand>),
     /// Job templates, pipelines, runs and schedules.
     Workflow(ServeArgs),
     /// Notebook lifecycle.
@@ -91,8 +108,14 @@ fn main() -> ExitCode {
             let AuthCommand { serve, auth } = *command;
             cube_kit::cli::block_on(serve.server.worker_threads, cube_auth::serve(serve, auth))
         }
-        Command::Serve(ServeCommand::Projects(args)) => serve(cube_projects::server, args),
-        Command::Serve(ServeCommand::Scheduler(args)) => serve(cube_scheduler::server, args),
+        Command::Serve(ServeCommand::Projects(command)) => {
+            let ProjectsCommand { serve, projects } = *command;
+            cube_kit::cli::block_on(serve.server.worker_threads, cube_projects::serve(serve, projects))
+        }
+        Command::Serve(ServeCommand::Scheduler(command)) => {
+            let SchedulerCommand { serve, scheduler } = *command;
+            cube_kit::cli::block_on(serve.server.worker_threads, cube_scheduler::serve(serve, scheduler))
+        }
         Command::Serve(ServeCommand::Workflow(args)) => serve(cube_workflow::server, args),
         Command::Serve(ServeCommand::Notebook(args)) => serve(cube_notebook::server, args),
         Command::Serve(ServeCommand::Serving(args)) => serve(cube_serving::server, args),
@@ -137,6 +160,10 @@ enum UpError {
     Auth(#[from] cube_auth::StartError),
     #[error("reading the AUTH_LDAP_* environment: {0}")]
     LdapEnvironment(#[from] clap::Error),
+    #[error("projects: {0}")]
+    Projects(#[from] cube_projects::StartError),
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] cube_bus::BusError),
 }
 
 async fn up(args: UpArgs) -> Result<(), UpError> {
@@ -149,7 +176,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     let database = format!("sqlite://{}", args.data_dir.join("auth.db").display());
     let auth = cube_auth::Auth::start(
         &cube_auth::AuthArgs::embedded(database, args.admin_password.clone())?,
-        bus,
+        bus.clone(),
     )
     .await?;
     let bootstrap = auth.bootstrap.clone();
@@ -158,7 +185,43 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         .server
         .into_routes()
         .map_err(|error| RunError::Serve(error.into()))?;
-    gateway = gateway.route("cube.auth.v1", Channel::in_process(auth_routes));
+    let auth_channel = Channel::in_process(auth_routes);
+    gateway = gateway.route("cube.auth.v1", auth_channel.clone());
+    let scheduler =
+        cube_scheduler::Scheduler::start(cube_scheduler::ClusterRegistry::embedded(), auth_channel.clone(), &bus)
+            .await?;
+    let _scheduler_feed = scheduler.feed;
+    let scheduler_channel = Channel::in_process(
+        scheduler
+            .server
+            .into_routes()
+            .map_err(|error| RunError::Serve(error.into()))?,
+    );
+    gateway = gateway.route("cube.scheduler.v1", scheduler_channel.clone());
+    let projects = cube_projects::Projects::start(
+        &cube_kit::config::DatabaseArgs {
+            database_url: format!("sqlite://{}", args.data_dir.join("projects.db").display()),
+            migrate: true,
+        },
+        cube_projects::Peers {
+            auth: auth_channel,
+            scheduler: scheduler_channel,
+            workloads: Vec::new(),
+        },
+        bus,
+        std::time::Duration::from_secs(2),
+    )
+    .await?;
+    let _projects_background = projects.background;
+    gateway = gateway.route(
+        "cube.projects.v1",
+        Channel::in_process(
+            projects
+                .server
+                .into_routes()
+                .map_err(|error| RunError::Serve(error.into()))?,
+        ),
+    );
     for build in SERVICES {
         let server = build();
         let package = server.package().to_owned();
@@ -173,7 +236,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             .listener
             .local_addr()
             .map_err(|error| RunError::Serve(error.into()))?;
-        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len() + 1, "cube is up");
+        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len() + 3, "cube is up");
         // The one line scripts and people wait for.
         println!(
             "cube is up: gateway listening on http://{address} (metrics on http://{}/metrics)",

@@ -296,6 +296,7 @@ async fn token_verification(duration: Duration) -> anyhow::Result<()> {
                 aud: "cube".into(),
                 sub: format!("user-{n}"),
                 roles: vec!["user".into()],
+                groups: Vec::new(),
                 sid: format!("session-{n}"),
                 jti: format!("token-{n}"),
                 iat: now,

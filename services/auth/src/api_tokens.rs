@@ -19,8 +19,8 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Audit, Core, audit, db_error, enqueue, may_access, parse_permissions, permissions_of, status, store_permissions,
-    timestamp, timestamp_ms, username_in,
+    Audit, Core, audit, db_error, enqueue, json_list, may_access, parse_permissions, permissions_of, status,
+    store_permissions, timestamp, timestamp_ms, username_in,
 };
 use crate::credentials;
 use crate::model::{api_token, user};
@@ -268,6 +268,7 @@ pub(crate) fn introspect<'a>(core: &'a Core, token: &'a str) -> BoxFuture<'a, Re
         Ok(Principal {
             username: owner.username,
             roles,
+            groups: json_list(&owner.groups),
             credential: Credential::ApiToken {
                 name: format!("users/{}/apiTokens/{}", row.username, row.id),
                 scopes,

@@ -479,6 +479,7 @@ impl Core {
             aud: self.options.issuer.clone(),
             sub: row.username.clone(),
             roles,
+            groups: json_list(&row.groups),
             sid: session_id.to_owned(),
             jti: credentials::random_hex::<12>()?,
             iat,

@@ -1,9 +1,303 @@
-//! Cube's scheduler service: clusters, node inventory, placement, quota admission and sharing idle nodes.
-//!
-//! Its API (package `cube.scheduler.v1`) arrives with the issue that builds it; until then the server answers health
-//! and reflection only.
+//! Cube's scheduler service (`cube.scheduler.v1`): the registry of clusters work runs on. Node inventory,
+//! placement, quota admission and the balancer arrive with the issue that builds them.
 
-/// Builds the scheduler server.
-pub fn server() -> cube_kit::Server {
-    cube_kit::Server::new("scheduler", "cube.scheduler.v1")
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cube_bus::EventBus;
+use cube_kit::config::AuthClientArgs;
+use cube_kit::identity::{Gate, Principal, RevocationFeed, service_gate};
+use cube_kit::{ApiError, Channel, Server};
+use cube_proto::cube::scheduler::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
+use cube_proto::cube::scheduler::v1::{Cluster, GetClusterRequest, ListClustersRequest, ListClustersResponse};
+use serde::Deserialize;
+use tonic::{Request, Response, Status};
+
+/// The domain in the scheduler's `ErrorInfo`s.
+const DOMAIN: &str = "scheduler.cube.dev";
+
+/// The scheduler's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SchedulerArgs {
+    /// The cluster file: JSON `{"clusters": [{"name": "dev", "default": true, "kubeconfig": "/path", …}]}`.
+    #[arg(long = "clusters-file", env = "CUBE_CLUSTERS_FILE")]
+    pub clusters_file: PathBuf,
+    /// Where the auth service is.
+    #[command(flatten)]
+    pub auth: AuthClientArgs,
+    /// Redis for the event bus (in-process when unset).
+    #[command(flatten)]
+    pub redis: cube_kit::config::RedisArgs,
+}
+
+/// One cluster as the cluster file describes it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster's name (DNS-label rules).
+    pub name: String,
+    /// Whether projects without a cluster setting run here.
+    #[serde(default)]
+    pub default: bool,
+    /// The kubeconfig file reaching it; none for in-cluster or for `cube up`'s local cluster.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Whether to reach it through the scheduler's own service account.
+    #[serde(default)]
+    pub in_cluster: bool,
+    /// Default namespace of pipelines.
+    #[serde(default = "pipeline")]
+    pub pipeline_namespace: String,
+    /// Default namespace of notebooks.
+    #[serde(default = "jupyter")]
+    pub notebook_namespace: String,
+    /// Default namespace of inference services.
+    #[serde(default = "service")]
+    pub service_namespace: String,
+    /// The service DNS domain.
+    #[serde(default = "cluster_local")]
+    pub service_domain: String,
+    /// The host users reach notebooks and services at.
+    #[serde(default)]
+    pub external_host: String,
+}
+
+fn pipeline() -> String {
+    "pipeline".into()
+}
+fn jupyter() -> String {
+    "jupyter".into()
+}
+fn service() -> String {
+    "service".into()
+}
+fn cluster_local() -> String {
+    "cluster.local".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    clusters: Vec<ClusterConfig>,
+}
+
+/// Why a cluster file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The file could not be read.
+    #[error("reading the cluster file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not the expected JSON.
+    #[error("the cluster file {path} is not valid: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what is expected.
+        reason: String,
+    },
+}
+
+/// The clusters work can run on; the default one first.
+#[derive(Debug, Clone)]
+pub struct ClusterRegistry {
+    clusters: Arc<Vec<ClusterConfig>>,
+}
+
+/// Checks a name against DNS-label rules (2 to 63 lowercase letters, digits and dashes, starting with a letter).
+pub fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (2..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_lowercase()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+impl ClusterRegistry {
+    /// Reads the cluster file at `path`.
+    ///
+    /// # Errors
+    /// Returns an error naming the file and what is wrong in it.
+    pub fn load(path: &Path) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| RegistryError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let file: ClusterFile = serde_json::from_str(&text).map_err(|error| {
+            invalid(format!(
+                "{error}; expected {{\"clusters\": [{{\"name\": \"dev\", \"default\": true, \"kubeconfig\": \"/path\"}}]}}"
+            ))
+        })?;
+        Self::new(file.clusters).map_err(invalid)
+    }
+
+    /// Builds a registry from clusters; the one marked default (or else the first) becomes the default.
+    ///
+    /// # Errors
+    /// Returns what is wrong: no clusters, a bad or repeated name, several defaults.
+    pub fn new(mut clusters: Vec<ClusterConfig>) -> Result<Self, String> {
+        if clusters.is_empty() {
+            return Err("it lists no clusters".into());
+        }
+        for (index, cluster) in clusters.iter().enumerate() {
+            if !valid_name(&cluster.name) {
+                return Err(format!(
+                    "clusters[{index}].name {:?} must be 2 to 63 lowercase letters, digits and dashes, starting with a letter",
+                    cluster.name
+                ));
+            }
+            if clusters[..index].iter().any(|other| other.name == cluster.name) {
+                return Err(format!("clusters[{index}].name {:?} appears twice", cluster.name));
+            }
+        }
+        match clusters.iter().filter(|cluster| cluster.default).count() {
+            0 => clusters[0].default = true,
+            1 => {}
+            _ => return Err("more than one cluster is marked default".into()),
+        }
+        clusters.sort_by_key(|cluster| !cluster.default);
+        Ok(Self {
+            clusters: Arc::new(clusters),
+        })
+    }
+
+    /// The registry of `cube up`: one local cluster, `local`, where work runs as processes on this machine.
+    pub fn embedded() -> Self {
+        Self {
+            clusters: Arc::new(vec![ClusterConfig {
+                name: "local".into(),
+                default: true,
+                kubeconfig: None,
+                in_cluster: false,
+                pipeline_namespace: pipeline(),
+                notebook_namespace: jupyter(),
+                service_namespace: service(),
+                service_domain: cluster_local(),
+                external_host: String::new(),
+            }]),
+        }
+    }
+
+    /// Returns the cluster called `name`.
+    pub fn get(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|cluster| cluster.name == name)
+    }
+
+    /// Returns the names of every cluster, the default first.
+    pub fn names(&self) -> Vec<&str> {
+        self.clusters.iter().map(|cluster| cluster.name.as_str()).collect()
+    }
+}
+
+fn message(cluster: &ClusterConfig) -> Cluster {
+    Cluster {
+        name: format!("clusters/{}", cluster.name),
+        default: cluster.default,
+        in_cluster: cluster.in_cluster,
+        pipeline_namespace: cluster.pipeline_namespace.clone(),
+        notebook_namespace: cluster.notebook_namespace.clone(),
+        service_namespace: cluster.service_namespace.clone(),
+        service_domain: cluster.service_domain.clone(),
+        external_host: cluster.external_host.clone(),
+    }
+}
+
+/// Serves `ClusterService`.
+struct Clusters(ClusterRegistry);
+
+#[tonic::async_trait]
+impl ClusterService for Clusters {
+    async fn list_clusters(
+        &self,
+        request: Request<ListClustersRequest>,
+    ) -> Result<Response<ListClustersResponse>, Status> {
+        Principal::of(&request).map_err(|error| error.status(DOMAIN))?;
+        Ok(Response::new(ListClustersResponse {
+            clusters: self.0.clusters.iter().map(message).collect(),
+        }))
+    }
+
+    async fn get_cluster(&self, request: Request<GetClusterRequest>) -> Result<Response<Cluster>, Status> {
+        let get = || {
+            Principal::of(&request)?;
+            let name = &request.get_ref().name;
+            let id = name
+                .strip_prefix("clusters/")
+                .ok_or_else(|| ApiError::invalid("name", format!("expected clusters/{{cluster}}, got {name:?}")))?;
+            self.0.get(id).map(message).ok_or_else(|| ApiError::NotFound {
+                kind: "cluster",
+                name: format!("{name} (registered: {})", self.0.names().join(", ")),
+            })
+        };
+        get().map(Response::new).map_err(|error| error.status(DOMAIN))
+    }
+}
+
+/// A started scheduler: its server, and the revocation feed to keep while serving.
+#[derive(Debug)]
+pub struct Scheduler {
+    /// The gRPC server.
+    pub server: Server,
+    /// Keep alive while serving.
+    pub feed: RevocationFeed,
+}
+
+impl Scheduler {
+    /// Builds the scheduler over `registry`, verifying tokens with the auth service behind `auth`.
+    ///
+    /// # Errors
+    /// Returns an error when the revocation events cannot be subscribed to.
+    pub async fn start(
+        registry: ClusterRegistry,
+        auth: Channel,
+        bus: &Arc<dyn EventBus>,
+    ) -> Result<Self, cube_bus::BusError> {
+        let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", auth, bus, &[]).await?;
+        let server = Server::new("scheduler", "cube.scheduler.v1")
+            .authenticate(gate)
+            .add_service(ClusterServiceServer::new(Clusters(registry)));
+        Ok(Self { server, feed })
+    }
+}
+
+/// Why the scheduler binary stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The cluster file is unusable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A URL is invalid.
+    #[error("{0}")]
+    Url(String),
+    /// The event bus failed.
+    #[error("event bus: {0}")]
+    Bus(#[from] cube_bus::BusError),
+    /// Serving failed.
+    #[error(transparent)]
+    Run(#[from] cube_kit::cli::RunError),
+}
+
+/// Runs the scheduler on its own until SIGTERM or SIGINT.
+///
+/// # Errors
+/// Returns why it could not start or stopped serving.
+pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Result<(), ServeError> {
+    let registry = ClusterRegistry::load(&args.clusters_file)?;
+    let auth = Channel::remote(&args.auth.auth_url).map_err(|error| ServeError::Url(format!("--auth-url: {error}")))?;
+    let bus =
+        cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Url(error.to_string()))?;
+    let scheduler = Scheduler::start(registry, auth, &bus).await?;
+    let _feed = scheduler.feed;
+    cube_kit::cli::serve(scheduler.server, serve).await?;
+    Ok(())
 }

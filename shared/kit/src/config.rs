@@ -76,6 +76,14 @@ pub struct RedisArgs {
     pub redis_url: Option<String>,
 }
 
+/// Where a service finds the auth service that issues the tokens it verifies.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthClientArgs {
+    /// The auth service's gRPC URL: its keys verify access tokens, and it checks API tokens.
+    #[arg(long = "auth-url", env = "CUBE_AUTH_URL", default_value = "http://cube-auth:8080")]
+    pub auth_url: String,
+}
+
 /// Parses durations written as a number followed by `ms`, `s`, `m` or `h` (`500ms`, `30s`, `2m`, `1h`).
 ///
 /// # Errors

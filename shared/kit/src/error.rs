@@ -61,6 +61,12 @@ pub enum ApiError {
         /// What state blocks the call, for people.
         message: String,
     },
+    /// The resource changed since the caller read it, or a concurrent change won.
+    #[error("{message}")]
+    Aborted {
+        /// What changed, and what to do.
+        message: String,
+    },
     /// The call carried no valid credentials.
     #[error("{message}")]
     Unauthenticated {
@@ -142,6 +148,7 @@ impl ApiError {
             Self::AlreadyExists { .. } => Code::AlreadyExists,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::Unauthenticated { .. } => Code::Unauthenticated,
+            Self::Aborted { .. } => Code::Aborted,
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::QuotaExceeded { .. } | Self::MessageTooLarge { .. } | Self::TooManyAttempts { .. } => {
                 Code::ResourceExhausted
@@ -161,6 +168,7 @@ impl ApiError {
             Self::AlreadyExists { .. } => ErrorReason::AlreadyExists,
             Self::FailedPrecondition { .. } => ErrorReason::FailedPrecondition,
             Self::Unauthenticated { .. } => ErrorReason::Unauthenticated,
+            Self::Aborted { .. } => ErrorReason::Aborted,
             Self::PermissionDenied { .. } => ErrorReason::PermissionDenied,
             Self::QuotaExceeded { .. } => ErrorReason::QuotaExceeded,
             Self::MessageTooLarge { .. } => ErrorReason::MessageTooLarge,
@@ -215,6 +223,7 @@ impl ApiError {
                 }
             }
             Self::FailedPrecondition { .. }
+            | Self::Aborted { .. }
             | Self::Unauthenticated { .. }
             | Self::MalformedRequest(_)
             | Self::DeadlineExceeded(_) => {}

@@ -14,6 +14,20 @@ pub mod cube {
             tonic::include_proto!("cube.auth.v1");
         }
     }
+    /// Project groups, members, settings and quotas.
+    pub mod projects {
+        /// Version 1 of `cube.projects.v1`.
+        pub mod v1 {
+            tonic::include_proto!("cube.projects.v1");
+        }
+    }
+    /// Clusters, and placement of work on them.
+    pub mod scheduler {
+        /// Version 1 of `cube.scheduler.v1`.
+        pub mod v1 {
+            tonic::include_proto!("cube.scheduler.v1");
+        }
+    }
     /// Messages and enums every Cube API shares.
     pub mod common {
         /// Version 1 of `cube.common`.

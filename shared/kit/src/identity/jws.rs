@@ -23,6 +23,9 @@ pub struct Claims {
     pub sub: String,
     /// The platform role ids in force, e.g. `["admin", "user"]`.
     pub roles: Vec<String>,
+    /// The user's LDAP group DNs, as read at login (for project memberships held through groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     /// The login session the token belongs to.
     pub sid: String,
     /// The token's own id.
@@ -274,6 +277,7 @@ mod tests {
             aud: "cube".into(),
             sub: "alice".into(),
             roles: vec!["user".into()],
+            groups: Vec::new(),
             sid: "s1".into(),
             jti: "t1".into(),
             iat: now,

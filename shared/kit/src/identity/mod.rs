@@ -12,6 +12,29 @@ mod verifier;
 pub use layer::{Gate, bearer_token};
 pub use principal::{ADMIN_ROLE, Credential, Permission, Principal};
 pub use remote::RemoteAuthority;
+/// Builds the gate of a service other than auth: tokens verified with keys from the auth service behind
+/// `auth`, API tokens checked with it, and revocations followed on `bus` (as a consumer group of this process
+/// alone, named after `service`). Keep the returned feed alive while serving.
+///
+/// # Errors
+/// Returns an error when the revocation events cannot be subscribed to.
+pub async fn service_gate(
+    service: &str,
+    auth: crate::Channel,
+    bus: &std::sync::Arc<dyn cube_bus::EventBus>,
+    anonymous: &'static [&'static str],
+) -> Result<(Gate, RevocationFeed), cube_bus::BusError> {
+    let verifier = Verifier::new(
+        std::sync::Arc::new(RemoteAuthority::new(auth)),
+        VerifierOptions::default(),
+    );
+    let instance = jws::random_id(9).unwrap_or_else(|_| format!("{}", std::process::id()));
+    let feed = verifier
+        .follow(bus, &format!("{service}-revocations-{instance}"))
+        .await?;
+    Ok((Gate::new(verifier, anonymous), feed))
+}
+
 pub use verifier::{
     API_TOKEN_PREFIX, Authority, Revocation, RevocationFeed, TOKEN_REVOKED, USER_DEACTIVATED, Verifier,
     VerifierOptions, unix_now,

@@ -14,6 +14,8 @@ pub struct Principal {
     pub username: String,
     /// The platform role ids in force, e.g. `["admin", "user"]`.
     pub roles: Vec<String>,
+    /// The user's LDAP group DNs, as read at their last login.
+    pub groups: Vec<String>,
     /// The credential the call carried.
     pub credential: Credential,
     /// When the credential was issued (access tokens) or last checked with auth (API tokens), in seconds since

@@ -84,6 +84,7 @@ impl Authority for RemoteAuthority {
                 });
             }
             let username = user.name.strip_prefix("users/").unwrap_or(&user.name).to_owned();
+            let groups = user.groups;
             Ok(Principal {
                 username,
                 roles: answer
@@ -91,6 +92,7 @@ impl Authority for RemoteAuthority {
                     .iter()
                     .map(|role| role.strip_prefix("roles/").unwrap_or(role).to_owned())
                     .collect(),
+                groups,
                 credential: Credential::ApiToken {
                     name: credential.id,
                     scopes: credential.scopes.into_iter().map(Into::into).collect(),

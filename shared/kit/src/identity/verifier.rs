@@ -215,6 +215,7 @@ impl Verifier {
             let principal = Principal {
                 username: claims.sub,
                 roles: claims.roles,
+                groups: claims.groups,
                 credential: Credential::AccessToken {
                     id: claims.jti,
                     session: claims.sid,

@@ -1,0 +1,1042 @@
+//! `cube.projects.v1.ProjectService`.
+
+use std::sync::Arc;
+
+use cube_kit::identity::Principal;
+use cube_kit::page::{decode_token, encode_token, page_size, parse_filter};
+use cube_kit::{ApiError, FieldViolation};
+use cube_proto::cube::projects::v1::member::Subject;
+use cube_proto::cube::projects::v1::project_service_server::ProjectService;
+use cube_proto::cube::projects::v1::{
+    CreateMemberRequest, CreateProjectRequest, DeleteMemberRequest, DeleteProjectRequest, GetMembershipRequest,
+    GetProjectRequest, GetQuotaUsageRequest, ListMembersRequest, ListMembersResponse, ListProjectsRequest,
+    ListProjectsResponse, Member, Membership, Project, ProjectType, Quota, QuotaUsage, Role, Settings,
+    UndeleteProjectRequest, UpdateMemberRequest, UpdateProjectRequest,
+};
+use sea_orm::sea_query::{Expr, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait as _, Condition, ConnectionTrait, DatabaseTransaction, EntityTrait as _,
+    IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+};
+use tonic::{Request, Response, Status};
+
+use crate::core::{
+    Core, PUBLIC, RETENTION, db_error, not_found, now_ms, project_id, role_of, role_text, status, timestamp,
+    valid_project_id,
+};
+use crate::model::{member, project};
+use crate::settings::{StoredQuota, StoredSettings, check_quota, check_settings};
+
+/// How many times a change that lost a race with another change of the same project is tried again.
+const ATTEMPTS: usize = 8;
+
+/// Serves `ProjectService`.
+#[derive(Clone)]
+pub(crate) struct Projects(pub(crate) Arc<Core>);
+
+fn kind_text(kind: ProjectType) -> Option<&'static str> {
+    match kind {
+        ProjectType::Org => Some("org"),
+        ProjectType::TemplateCategory => Some("template-category"),
+        ProjectType::ModelGroup => Some("model-group"),
+        ProjectType::Unspecified => None,
+    }
+}
+
+fn kind_of(text: &str) -> ProjectType {
+    match text {
+        "org" => ProjectType::Org,
+        "template-category" => ProjectType::TemplateCategory,
+        "model-group" => ProjectType::ModelGroup,
+        _ => ProjectType::Unspecified,
+    }
+}
+
+fn etag(version: i64) -> String {
+    format!("\"v{version}\"")
+}
+
+fn settings_of(row: &project::Model) -> StoredSettings {
+    serde_json::from_str(&row.settings).unwrap_or_default()
+}
+
+fn quota_of(text: &str) -> StoredQuota {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "{}".into())
+}
+
+fn project_message(row: &project::Model) -> Project {
+    Project {
+        name: format!("projects/{}", row.id),
+        display_name: row.display_name.clone(),
+        description: row.description.clone(),
+        r#type: kind_of(&row.kind) as i32,
+        settings: Some(settings_of(row).message()),
+        quota: Some(quota_of(&row.quota).message()),
+        create_time: Some(timestamp(row.created_ms)),
+        update_time: Some(timestamp(row.updated_ms)),
+        delete_time: row.deleted_ms.map(timestamp),
+        purge_time: row
+            .deleted_ms
+            .map(|deleted| timestamp(deleted + i64::try_from(RETENTION.as_millis()).unwrap_or(0))),
+        etag: etag(row.version),
+    }
+}
+
+fn member_message(row: &member::Model) -> Member {
+    Member {
+        name: format!("projects/{}/members/{}", row.project, row.member_id),
+        subject: Some(if row.kind == "user" {
+            Subject::User(format!("users/{}", row.subject))
+        } else {
+            Subject::Group(row.subject.clone())
+        }),
+        role: role_of(&row.role) as i32,
+        quota: Some(quota_of(&row.quota).message()),
+        create_time: Some(timestamp(row.created_ms)),
+    }
+}
+
+/// The member id of a group: `g-` and 16 hex digits of the SHA-256 of its lower-cased DN.
+fn group_member_id(dn: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, dn.to_lowercase().as_bytes());
+    let hex: String = digest.as_ref()[..8].iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("g-{hex}")
+}
+
+/// Checks a username in `users/{username}`.
+fn username_in(field: &str, name: &str, caller: &Principal) -> Result<String, ApiError> {
+    let id = name
+        .strip_prefix("users/")
+        .ok_or_else(|| ApiError::invalid(field, format!("expected users/{{username}}, got {name:?}")))?;
+    if id == "me" {
+        return Ok(caller.username.clone());
+    }
+    let bytes = id.as_bytes();
+    let valid = (2..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_lowercase()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if !valid {
+        return Err(ApiError::invalid(
+            field,
+            format!("{id:?} is not a username: ^[a-z][a-z0-9-]{{0,61}}[a-z0-9]$"),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// Checks the display name and description of a project.
+fn check_text(display_name: &str, description: &str, violations: &mut Vec<FieldViolation>) {
+    if display_name.chars().count() > 100 || display_name.chars().any(char::is_control) {
+        violations.push(FieldViolation::new(
+            "project.display_name",
+            "must be at most 100 characters, without control characters",
+        ));
+    }
+    if description.chars().count() > 500 {
+        violations.push(FieldViolation::new(
+            "project.description",
+            "must be at most 500 characters",
+        ));
+    }
+}
+
+/// Whether a failed write lost a race with another transaction (and is worth trying again).
+fn lost_race(error: &ApiError) -> bool {
+    let text = match error {
+        ApiError::Internal(source) => source.to_string().to_lowercase(),
+        _ => return false,
+    };
+    ["locked", "busy", "deadlock", "could not serialize", "lock wait"]
+        .iter()
+        .any(|word| text.contains(word))
+}
+
+/// Bumps the project's version from `version`, in `txn`: zero rows means another change got there first.
+async fn bump(txn: &DatabaseTransaction, id: &str, version: i64) -> Result<bool, ApiError> {
+    let result = project::Entity::update_many()
+        .col_expr(project::Column::Version, Expr::value(version + 1))
+        .col_expr(project::Column::UpdatedMs, Expr::value(now_ms()))
+        .filter(project::Column::Id.eq(id.to_owned()))
+        .filter(project::Column::Version.eq(version))
+        .exec(txn)
+        .await
+        .map_err(db_error)?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Why a change of members was refused or must be tried again.
+enum MemberChange<T> {
+    Done(T),
+    Retry,
+}
+
+impl Projects {
+    /// Runs a change of a project's members in a transaction that also bumps the project's version, so that
+    /// two changes racing each other (two owners removing each other) serialise: the one that loses sees the
+    /// other's result and checks again.
+    async fn change_members<T, F>(&self, id: &str, change: F) -> Result<T, ApiError>
+    where
+        F: for<'a> Fn(
+            &'a DatabaseTransaction,
+            Vec<member::Model>,
+        ) -> futures::future::BoxFuture<'a, Result<T, ApiError>>,
+    {
+        for _ in 0..ATTEMPTS {
+            let attempt = async {
+                let txn = self.0.db.begin().await.map_err(db_error)?;
+                let row = project::Entity::find_by_id(id.to_owned())
+                    .one(&txn)
+                    .await
+                    .map_err(db_error)?
+                    .ok_or_else(|| not_found(id))?;
+                let members = member::Entity::find()
+                    .filter(member::Column::Project.eq(id.to_owned()))
+                    .all(&txn)
+                    .await
+                    .map_err(db_error)?;
+                let done = change(&txn, members).await?;
+                if !bump(&txn, id, row.version).await? {
+                    return Ok(MemberChange::Retry);
+                }
+                txn.commit().await.map_err(db_error)?;
+                Ok(MemberChange::Done(done))
+            };
+            match attempt.await {
+                Ok(MemberChange::Done(done)) => {
+                    self.0.members_changed(id).await;
+                    return Ok(done);
+                }
+                Ok(MemberChange::Retry) => {}
+                Err(error) if lost_race(&error) => {}
+                Err(error) => return Err(error),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        Err(ApiError::FailedPrecondition {
+            message: format!("projects/{id} kept changing under this request: try again"),
+        })
+    }
+
+    async fn create(&self, request: Request<CreateProjectRequest>) -> Result<Project, ApiError> {
+        let caller = Principal::of(&request)?;
+        self.0.check_permission(&request, "projects", "create").await?;
+        let body = request.get_ref();
+        let given = body.project.clone().unwrap_or_default();
+        let mut violations = Vec::new();
+        if !valid_project_id(&body.project_id) {
+            violations.push(FieldViolation::new(
+                "project_id",
+                format!(
+                    "{:?} is not a project id: 2 to 63 lowercase letters, digits and dashes, starting with a letter",
+                    body.project_id.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        check_text(&given.display_name, &given.description, &mut violations);
+        let kind = kind_text(given.r#type());
+        if kind.is_none() {
+            violations.push(FieldViolation::new(
+                "project.type",
+                "is required: PROJECT_TYPE_ORG, PROJECT_TYPE_TEMPLATE_CATEGORY or PROJECT_TYPE_MODEL_GROUP",
+            ));
+        }
+        let settings = check_settings("project.settings", given.settings.clone().unwrap_or_default())
+            .map_err(|found| violations.extend(found))
+            .ok();
+        let quota = check_quota("project.quota", given.quota.clone().unwrap_or_default())
+            .map_err(|found| violations.extend(found))
+            .ok();
+        let (Some(kind), Some(settings), Some(quota), true) = (kind, settings, quota, violations.is_empty()) else {
+            return Err(ApiError::InvalidArgument(violations));
+        };
+        if !settings.cluster.is_empty() {
+            self.0
+                .check_cluster(&request, "project.settings.cluster", &settings.cluster)
+                .await?;
+        }
+        let now = now_ms();
+        let id = body.project_id.clone();
+        let row = project::Model {
+            id: id.clone(),
+            display_name: if given.display_name.is_empty() {
+                id.clone()
+            } else {
+                given.display_name
+            },
+            description: given.description,
+            kind: kind.to_owned(),
+            settings: json(&settings),
+            quota: json(&quota),
+            version: 1,
+            created_ms: now,
+            updated_ms: now,
+            deleted_ms: None,
+        };
+        let txn = self.0.db.begin().await.map_err(db_error)?;
+        if project::Entity::find_by_id(id.clone())
+            .one(&txn)
+            .await
+            .map_err(db_error)?
+            .is_some()
+        {
+            return Err(ApiError::AlreadyExists {
+                kind: "project",
+                name: format!("projects/{id}"),
+            });
+        }
+        project::Entity::insert(row.clone().into_active_model())
+            .exec(&txn)
+            .await
+            .map_err(|error| {
+                if error.to_string().to_lowercase().contains("unique") || error.to_string().contains("Duplicate") {
+                    ApiError::AlreadyExists {
+                        kind: "project",
+                        name: format!("projects/{id}"),
+                    }
+                } else {
+                    db_error(error)
+                }
+            })?;
+        member::Entity::insert(
+            member::Model {
+                project: id.clone(),
+                member_id: format!("u-{}", caller.username),
+                kind: "user".into(),
+                subject: caller.username.clone(),
+                role: "owner".into(),
+                quota: "{}".into(),
+                created_ms: now,
+            }
+            .into_active_model(),
+        )
+        .exec(&txn)
+        .await
+        .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.0.members_changed(&id).await;
+        Ok(project_message(&row))
+    }
+
+    async fn get(&self, request: Request<GetProjectRequest>) -> Result<Project, ApiError> {
+        let caller = Principal::of(&request)?;
+        let id = project_id("name", &request.get_ref().name)?;
+        let (row, _) = self.0.visible(&caller, &id).await?;
+        Ok(project_message(&row))
+    }
+
+    async fn list(&self, request: Request<ListProjectsRequest>) -> Result<ListProjectsResponse, ApiError> {
+        let caller = Principal::of(&request)?;
+        let request = request.into_inner();
+        let size = page_size(request.page_size)?;
+        let after: Option<String> = decode_token(&request.page_token)?;
+        let mut query = project::Entity::find().order_by_asc(project::Column::Id);
+        let mut mine = !caller.is_admin();
+        let mut deleted = false;
+        for condition in parse_filter(&request.filter, &["type", "mine", "deleted"])? {
+            let boolean = |value: &str| match value {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(ApiError::invalid(
+                    "filter",
+                    format!("{} accepts true or false, got {other:?}", condition.field),
+                )),
+            };
+            match condition.field.as_str() {
+                "type" => {
+                    let kind = ProjectType::from_str_name(&format!("PROJECT_TYPE_{}", condition.value))
+                        .and_then(kind_text)
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                "filter",
+                                format!(
+                                    "type accepts ORG, TEMPLATE_CATEGORY or MODEL_GROUP, got {:?}",
+                                    condition.value
+                                ),
+                            )
+                        })?;
+                    query = query.filter(project::Column::Kind.eq(kind));
+                }
+                "mine" => mine = boolean(&condition.value)? || !caller.is_admin(),
+                _ => deleted = boolean(&condition.value)?,
+            }
+        }
+        query = if deleted {
+            query.filter(project::Column::DeletedMs.is_not_null())
+        } else {
+            query.filter(project::Column::DeletedMs.is_null())
+        };
+        if mine {
+            let mut subjects = Condition::any().add(
+                Condition::all()
+                    .add(member::Column::Kind.eq("user"))
+                    .add(member::Column::Subject.eq(caller.username.clone())),
+            );
+            if !caller.groups.is_empty() {
+                subjects = subjects.add(
+                    Condition::all()
+                        .add(member::Column::Kind.eq("group"))
+                        .add(member::Column::Subject.is_in(caller.groups.clone())),
+                );
+            }
+            let memberships = Query::select()
+                .column(member::Column::Project)
+                .from(member::Entity)
+                .cond_where(subjects)
+                .to_owned();
+            query = query.filter(project::Column::Id.in_subquery(memberships));
+        }
+        if let Some(after) = after {
+            query = query.filter(project::Column::Id.gt(after));
+        }
+        let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
+        let more = rows.len() as u64 > size;
+        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let next_page_token = match rows.last() {
+            Some(last) if more => encode_token(&last.id),
+            _ => String::new(),
+        };
+        Ok(ListProjectsResponse {
+            projects: rows.iter().map(project_message).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn update(&self, request: Request<UpdateProjectRequest>) -> Result<Project, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.get_ref();
+        let given = body
+            .project
+            .clone()
+            .ok_or_else(|| ApiError::invalid("project", "is required"))?;
+        let id = project_id("project.name", &given.name)?;
+        let paths = body.update_mask.clone().map(|mask| mask.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(ApiError::invalid(
+                "update_mask",
+                "name the fields to change: display_name, description, settings (or settings.<field>), quota",
+            ));
+        }
+        let row = self.0.owned(&caller, &id, "projects.update").await?;
+        if !given.etag.is_empty() && given.etag != etag(row.version) {
+            return Err(ApiError::Aborted {
+                message: format!(
+                    "projects/{id} changed since etag {} (now {}): read it again and reapply your change",
+                    given.etag,
+                    etag(row.version)
+                ),
+            });
+        }
+        let mut violations = Vec::new();
+        let mut settings = settings_of(&row).message();
+        let given_settings = given.settings.clone().unwrap_or_default();
+        let mut display_name = row.display_name.clone();
+        let mut description = row.description.clone();
+        let mut quota = quota_of(&row.quota).message();
+        for path in &paths {
+            match path.as_str() {
+                "display_name" => display_name = given.display_name.clone(),
+                "description" => description = given.description.clone(),
+                "settings" => settings = given_settings.clone(),
+                "quota" => quota = given.quota.clone().unwrap_or_default(),
+                other => match other.strip_prefix("settings.") {
+                    Some(field) if set_setting(&mut settings, &given_settings, field) => {}
+                    _ => violations.push(FieldViolation::new(
+                        "update_mask",
+                        format!(
+                            "{other:?} cannot be changed; the mask accepts display_name, description, settings, settings.<field>, quota"
+                        ),
+                    )),
+                },
+            }
+        }
+        check_text(&display_name, &description, &mut violations);
+        let settings = check_settings("project.settings", settings)
+            .map_err(|found| violations.extend(found))
+            .ok();
+        let quota = check_quota("project.quota", quota)
+            .map_err(|found| violations.extend(found))
+            .ok();
+        let (Some(settings), Some(quota), true) = (settings, quota, violations.is_empty()) else {
+            return Err(ApiError::InvalidArgument(violations));
+        };
+        if !settings.cluster.is_empty() && settings.cluster != settings_of(&row).cluster {
+            self.0
+                .check_cluster(&request, "project.settings.cluster", &settings.cluster)
+                .await?;
+        }
+        let now = now_ms();
+        let updated = project::Entity::update_many()
+            .col_expr(project::Column::DisplayName, Expr::value(display_name))
+            .col_expr(project::Column::Description, Expr::value(description))
+            .col_expr(project::Column::Settings, Expr::value(json(&settings)))
+            .col_expr(project::Column::Quota, Expr::value(json(&quota)))
+            .col_expr(project::Column::Version, Expr::value(row.version + 1))
+            .col_expr(project::Column::UpdatedMs, Expr::value(now))
+            .filter(project::Column::Id.eq(id.clone()))
+            .filter(project::Column::Version.eq(row.version))
+            .exec(&self.0.db)
+            .await
+            .map_err(db_error)?;
+        if updated.rows_affected != 1 {
+            return Err(ApiError::Aborted {
+                message: format!("projects/{id} changed while this update was applied: read it again and retry"),
+            });
+        }
+        let row = project::Entity::find_by_id(id.clone())
+            .one(&self.0.db)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| not_found(&id))?;
+        Ok(project_message(&row))
+    }
+
+    async fn delete(&self, request: Request<DeleteProjectRequest>) -> Result<Project, ApiError> {
+        let caller = Principal::of(&request)?;
+        let id = project_id("name", &request.get_ref().name)?;
+        let row = self.0.owned(&caller, &id, "projects.delete").await?;
+        if id == PUBLIC {
+            return Err(ApiError::FailedPrecondition {
+                message: "projects/public is where every user starts and cannot be deleted".into(),
+            });
+        }
+        let given = &request.get_ref().etag;
+        if !given.is_empty() && *given != etag(row.version) {
+            return Err(ApiError::Aborted {
+                message: format!("projects/{id} changed since etag {given}: read it again"),
+            });
+        }
+        let live = self.0.live_workloads(&request, &id).await?;
+        if !live.is_empty() {
+            return Err(ApiError::FailedPrecondition {
+                message: format!(
+                    "projects/{id} still has {} live workload(s): {}; stop or delete them first",
+                    live.len(),
+                    live.join(", ")
+                ),
+            });
+        }
+        let now = now_ms();
+        let deleted = project::Entity::update_many()
+            .col_expr(project::Column::DeletedMs, Expr::value(now))
+            .col_expr(project::Column::Version, Expr::value(row.version + 1))
+            .col_expr(project::Column::UpdatedMs, Expr::value(now))
+            .filter(project::Column::Id.eq(id.clone()))
+            .filter(project::Column::Version.eq(row.version))
+            .exec(&self.0.db)
+            .await
+            .map_err(db_error)?;
+        if deleted.rows_affected != 1 {
+            return Err(ApiError::Aborted {
+                message: format!("projects/{id} changed while it was being deleted: read it again"),
+            });
+        }
+        self.0.forget(&id);
+        let mut row = row;
+        row.deleted_ms = Some(now);
+        row.version += 1;
+        Ok(project_message(&row))
+    }
+
+    async fn undelete(&self, request: Request<UndeleteProjectRequest>) -> Result<Project, ApiError> {
+        let caller = Principal::of(&request)?;
+        let id = project_id("name", &request.get_ref().name)?;
+        let row = project::Entity::find_by_id(id.clone())
+            .one(&self.0.db)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| not_found(&id))?;
+        let (role, _) = self.0.role(&id, &caller.username, &caller.groups).await?;
+        if role == Role::Unspecified && !caller.is_admin() {
+            return Err(not_found(&id));
+        }
+        if role != Role::Owner && !caller.is_admin() {
+            return Err(ApiError::PermissionDenied {
+                permission: format!("projects.undelete (owners of projects/{id} and admins)"),
+            });
+        }
+        if row.deleted_ms.is_none() {
+            return Err(ApiError::FailedPrecondition {
+                message: format!("projects/{id} is not deleted"),
+            });
+        }
+        let now = now_ms();
+        project::Entity::update_many()
+            .col_expr(project::Column::DeletedMs, Expr::value(Option::<i64>::None))
+            .col_expr(project::Column::Version, Expr::value(row.version + 1))
+            .col_expr(project::Column::UpdatedMs, Expr::value(now))
+            .filter(project::Column::Id.eq(id.clone()))
+            .filter(project::Column::Version.eq(row.version))
+            .exec(&self.0.db)
+            .await
+            .map_err(db_error)?;
+        let row = project::Entity::find_by_id(id.clone())
+            .one(&self.0.db)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| not_found(&id))?;
+        Ok(project_message(&row))
+    }
+
+    async fn create_member(&self, request: Request<CreateMemberRequest>) -> Result<Member, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.into_inner();
+        let id = project_id("parent", &body.parent)?;
+        self.0.owned(&caller, &id, "members.create").await?;
+        let given = body.member.ok_or_else(|| ApiError::invalid("member", "is required"))?;
+        let role = given.role();
+        if role == Role::Unspecified {
+            return Err(ApiError::invalid(
+                "member.role",
+                "is required: ROLE_OWNER, ROLE_DEVELOPER or ROLE_VIEWER",
+            ));
+        }
+        let quota =
+            check_quota("member.quota", given.quota.clone().unwrap_or_default()).map_err(ApiError::InvalidArgument)?;
+        let (kind, subject, member_id) = match given.subject {
+            Some(Subject::User(name)) => {
+                let username = username_in("member.user", &name, &caller)?;
+                ("user", username.clone(), format!("u-{username}"))
+            }
+            Some(Subject::Group(dn)) => {
+                let dn = dn.trim().to_owned();
+                if dn.is_empty() || dn.len() > 255 || !dn.contains('=') {
+                    return Err(ApiError::invalid(
+                        "member.group",
+                        "must be an LDAP group DN like cn=ml-team,ou=groups,dc=example,dc=com (at most 255 bytes)",
+                    ));
+                }
+                let member_id = group_member_id(&dn);
+                ("group", dn, member_id)
+            }
+            None => return Err(ApiError::invalid("member.user", "set exactly one of user and group")),
+        };
+        let row = member::Model {
+            project: id.clone(),
+            member_id: member_id.clone(),
+            kind: kind.to_owned(),
+            subject,
+            role: role_text(role).to_owned(),
+            quota: json(&quota),
+            created_ms: now_ms(),
+        };
+        let inserted = row.clone();
+        self.change_members(&id, move |txn, members| {
+            let row = inserted.clone();
+            Box::pin(async move {
+                if members.iter().any(|member| member.member_id == row.member_id) {
+                    return Err(ApiError::AlreadyExists {
+                        kind: "member",
+                        name: format!("projects/{}/members/{}", row.project, row.member_id),
+                    });
+                }
+                member::Entity::insert(row.into_active_model())
+                    .exec(txn)
+                    .await
+                    .map_err(db_error)?;
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(member_message(&row))
+    }
+
+    async fn list_members(&self, request: Request<ListMembersRequest>) -> Result<ListMembersResponse, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.into_inner();
+        let id = project_id("parent", &body.parent)?;
+        self.0.visible(&caller, &id).await?;
+        let size = page_size(body.page_size)?;
+        let after: Option<String> = decode_token(&body.page_token)?;
+        let mut query = member::Entity::find()
+            .filter(member::Column::Project.eq(id.clone()))
+            .order_by_asc(member::Column::MemberId);
+        if let Some(after) = after {
+            query = query.filter(member::Column::MemberId.gt(after));
+        }
+        let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
+        let more = rows.len() as u64 > size;
+        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let next_page_token = match rows.last() {
+            Some(last) if more => encode_token(&last.member_id),
+            _ => String::new(),
+        };
+        Ok(ListMembersResponse {
+            members: rows.iter().map(member_message).collect(),
+            next_page_token,
+        })
+    }
+
+    /// Splits `projects/{project}/members/{member}`.
+    fn member_name(field: &str, name: &str) -> Result<(String, String), ApiError> {
+        let malformed = || {
+            ApiError::invalid(
+                field,
+                format!("expected projects/{{project}}/members/{{member}}, got {name:?}"),
+            )
+        };
+        let (parent, member_id) = name.split_once("/members/").ok_or_else(malformed)?;
+        let id = project_id(field, parent)?;
+        let valid = member_id.len() <= 70
+            && (member_id.starts_with("u-") || member_id.starts_with("g-"))
+            && member_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(malformed());
+        }
+        Ok((id, member_id.to_owned()))
+    }
+
+    async fn update_member(&self, request: Request<UpdateMemberRequest>) -> Result<Member, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.into_inner();
+        let given = body.member.ok_or_else(|| ApiError::invalid("member", "is required"))?;
+        let (id, member_id) = Self::member_name("member.name", &given.name)?;
+        self.0.owned(&caller, &id, "members.update").await?;
+        let paths = body.update_mask.map(|mask| mask.paths).unwrap_or_default();
+        if paths.is_empty() || paths.iter().any(|path| path != "role" && path != "quota") {
+            return Err(ApiError::invalid(
+                "update_mask",
+                "name the fields to change: role, quota",
+            ));
+        }
+        let new_role = paths.iter().any(|path| path == "role").then(|| given.role());
+        if new_role == Some(Role::Unspecified) {
+            return Err(ApiError::invalid(
+                "member.role",
+                "must be ROLE_OWNER, ROLE_DEVELOPER or ROLE_VIEWER",
+            ));
+        }
+        let new_quota = if paths.iter().any(|path| path == "quota") {
+            Some(check_quota("member.quota", given.quota.unwrap_or_default()).map_err(ApiError::InvalidArgument)?)
+        } else {
+            None
+        };
+        let project = id.clone();
+        self.change_members(&id, move |txn, members| {
+            let (project, member_id, new_quota) = (project.clone(), member_id.clone(), new_quota.clone());
+            Box::pin(async move {
+                let current = members
+                    .iter()
+                    .find(|member| member.member_id == member_id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound {
+                        kind: "member",
+                        name: format!("projects/{project}/members/{member_id}"),
+                    })?;
+                if let Some(role) = new_role {
+                    keeps_an_owner(&project, &members, &member_id, Some(role))?;
+                }
+                let mut active = current.into_active_model();
+                if let Some(role) = new_role {
+                    active.role = Set(role_text(role).to_owned());
+                }
+                if let Some(quota) = new_quota {
+                    active.quota = Set(json(&quota));
+                }
+                sea_orm::ActiveModelTrait::update(active, txn).await.map_err(db_error)
+            })
+        })
+        .await
+        .map(|row| member_message(&row))
+    }
+
+    async fn delete_member(&self, request: Request<DeleteMemberRequest>) -> Result<(), ApiError> {
+        let caller = Principal::of(&request)?;
+        let (id, member_id) = Self::member_name("name", &request.get_ref().name)?;
+        self.0.owned(&caller, &id, "members.delete").await?;
+        let project = id.clone();
+        self.change_members(&id, move |txn, members| {
+            let (project, member_id) = (project.clone(), member_id.clone());
+            Box::pin(async move {
+                if !members.iter().any(|member| member.member_id == member_id) {
+                    return Err(ApiError::NotFound {
+                        kind: "member",
+                        name: format!("projects/{project}/members/{member_id}"),
+                    });
+                }
+                keeps_an_owner(&project, &members, &member_id, None)?;
+                member::Entity::delete_by_id((project, member_id))
+                    .exec(txn)
+                    .await
+                    .map_err(db_error)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn membership(&self, request: Request<GetMembershipRequest>) -> Result<Membership, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.get_ref();
+        let id = project_id("project", &body.project)?;
+        let username = if body.user.is_empty() {
+            caller.username.clone()
+        } else {
+            username_in("user", &body.user, &caller)?
+        };
+        let (role, granted) = if username == caller.username {
+            let (role, granted) = self.0.role(&id, &username, &caller.groups).await?;
+            if role == Role::Unspecified && !caller.is_admin() {
+                // A non-member learns nothing about the project, not even that it exists.
+                self.0.visible(&caller, &id).await?;
+            }
+            (role, granted)
+        } else {
+            // Owners and admins ask about others; other users' groups are not known here, so their direct
+            // membership is what counts.
+            let (_, caller_role) = self.0.visible(&caller, &id).await?;
+            if caller_role != Role::Owner && !caller.is_admin() {
+                return Err(ApiError::NotFound {
+                    kind: "membership",
+                    name: format!("projects/{id} of users/{username}"),
+                });
+            }
+            self.0.role(&id, &username, &[]).await?
+        };
+        let quota = granted
+            .iter()
+            .find(|member| member.kind == "user")
+            .map(|member| quota_of(&member.quota).message());
+        Ok(Membership {
+            project: format!("projects/{id}"),
+            user: format!("users/{username}"),
+            role: role as i32,
+            granted_by: granted
+                .iter()
+                .map(|member| format!("projects/{id}/members/{}", member.member_id))
+                .collect(),
+            quota,
+        })
+    }
+
+    async fn quota_usage(&self, request: Request<GetQuotaUsageRequest>) -> Result<QuotaUsage, ApiError> {
+        let caller = Principal::of(&request)?;
+        let id = project_id("name", &request.get_ref().name)?;
+        let (row, _) = self.0.visible(&caller, &id).await?;
+        Ok(QuotaUsage {
+            project: format!("projects/{id}"),
+            limit: Some(quota_of(&row.quota).message()),
+            // Usage is what the scheduler has admitted; until its admission lands nothing runs under a quota.
+            usage: Some(Quota::default()),
+        })
+    }
+}
+
+/// Refuses a change that would leave `project` without an owner: `member_id` gets `role`, or is removed (None).
+fn keeps_an_owner(
+    project: &str,
+    members: &[member::Model],
+    member_id: &str,
+    role: Option<Role>,
+) -> Result<(), ApiError> {
+    let owners_after = members
+        .iter()
+        .filter(|member| {
+            let role_after = if member.member_id == member_id {
+                role.unwrap_or(Role::Unspecified)
+            } else {
+                role_of(&member.role)
+            };
+            role_after == Role::Owner
+        })
+        .count();
+    let had_owner = members.iter().any(|member| role_of(&member.role) == Role::Owner);
+    if had_owner && owners_after == 0 {
+        return Err(ApiError::FailedPrecondition {
+            message: format!("projects/{project} would have no owner left: make someone else an owner first"),
+        });
+    }
+    Ok(())
+}
+
+/// Applies `settings.<field>` of an update mask; false for an unknown field.
+fn set_setting(settings: &mut Settings, given: &Settings, field: &str) -> bool {
+    match field {
+        "cluster" => settings.cluster = given.cluster.clone(),
+        "resource_group" => settings.resource_group = given.resource_group.clone(),
+        "node_selector" => settings.node_selector = given.node_selector.clone(),
+        "volume_mounts" => settings.volume_mounts = given.volume_mounts.clone(),
+        "service_external_ip" => settings.service_external_ip = given.service_external_ip.clone(),
+        "pipeline_namespace" => settings.pipeline_namespace = given.pipeline_namespace.clone(),
+        "notebook_namespace" => settings.notebook_namespace = given.notebook_namespace.clone(),
+        "service_namespace" => settings.service_namespace = given.service_namespace.clone(),
+        "display_order" => settings.display_order = given.display_order,
+        _ => return false,
+    }
+    true
+}
+
+/// Creates `public` when it is missing.
+pub(crate) async fn ensure_public(db: &impl ConnectionTrait) -> Result<(), ApiError> {
+    if project::Entity::find_by_id(PUBLIC.to_owned())
+        .one(db)
+        .await
+        .map_err(db_error)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let now = now_ms();
+    let inserted = project::Entity::insert(
+        project::Model {
+            id: PUBLIC.into(),
+            display_name: "Public".into(),
+            description: "Where every user starts.".into(),
+            kind: "org".into(),
+            settings: "{}".into(),
+            quota: "{}".into(),
+            version: 1,
+            created_ms: now,
+            updated_ms: now,
+            deleted_ms: None,
+        }
+        .into_active_model(),
+    )
+    .exec(db)
+    .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        // Another replica created it first.
+        Err(_)
+            if project::Entity::find_by_id(PUBLIC.to_owned())
+                .one(db)
+                .await
+                .map_err(db_error)?
+                .is_some() =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(db_error(error)),
+    }
+}
+
+/// Makes `username` a developer of `public`, unless they are a member already.
+pub(crate) async fn join_public(core: &Core, username: &str) -> Result<(), ApiError> {
+    let member_id = format!("u-{username}");
+    let exists = member::Entity::find_by_id((PUBLIC.to_owned(), member_id.clone()))
+        .one(&core.db)
+        .await
+        .map_err(db_error)?
+        .is_some();
+    if exists {
+        return Ok(());
+    }
+    let inserted = member::Entity::insert(
+        member::Model {
+            project: PUBLIC.into(),
+            member_id: member_id.clone(),
+            kind: "user".into(),
+            subject: username.to_owned(),
+            role: "developer".into(),
+            quota: "{}".into(),
+            created_ms: now_ms(),
+        }
+        .into_active_model(),
+    )
+    .exec(&core.db)
+    .await;
+    if let Err(error) = inserted {
+        // A redelivered event, or another replica, got there first: the member exists, which is the point.
+        let exists = member::Entity::find_by_id((PUBLIC.to_owned(), member_id))
+            .one(&core.db)
+            .await
+            .map_err(db_error)?
+            .is_some();
+        if !exists {
+            return Err(db_error(error));
+        }
+    }
+    core.members_changed(PUBLIC).await;
+    Ok(())
+}
+
+/// Purges projects deleted more than 30 days ago, with their members.
+pub(crate) async fn purge(core: &Core) -> Result<u64, ApiError> {
+    let cutoff = now_ms() - i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX);
+    let expired = project::Entity::find()
+        .filter(project::Column::DeletedMs.lt(cutoff))
+        .all(&core.db)
+        .await
+        .map_err(db_error)?;
+    for row in &expired {
+        let txn = core.db.begin().await.map_err(db_error)?;
+        member::Entity::delete_many()
+            .filter(member::Column::Project.eq(row.id.clone()))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        project::Entity::delete_by_id(row.id.clone())
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        core.forget(&row.id);
+        tracing::info!(project = %row.id, "purged a project deleted 30 days ago");
+    }
+    Ok(expired.len() as u64)
+}
+
+#[tonic::async_trait]
+impl ProjectService for Projects {
+    async fn create_project(&self, request: Request<CreateProjectRequest>) -> Result<Response<Project>, Status> {
+        self.create(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn get_project(&self, request: Request<GetProjectRequest>) -> Result<Response<Project>, Status> {
+        self.get(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn list_projects(
+        &self,
+        request: Request<ListProjectsRequest>,
+    ) -> Result<Response<ListProjectsResponse>, Status> {
+        self.list(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn update_project(&self, request: Request<UpdateProjectRequest>) -> Result<Response<Project>, Status> {
+        self.update(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn delete_project(&self, request: Request<DeleteProjectRequest>) -> Result<Response<Project>, Status> {
+        self.delete(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn undelete_project(&self, request: Request<UndeleteProjectRequest>) -> Result<Response<Project>, Status> {
+        self.undelete(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn create_member(&self, request: Request<CreateMemberRequest>) -> Result<Response<Member>, Status> {
+        self.create_member(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        self.list_members(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn update_member(&self, request: Request<UpdateMemberRequest>) -> Result<Response<Member>, Status> {
+        self.update_member(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn delete_member(&self, request: Request<DeleteMemberRequest>) -> Result<Response<()>, Status> {
+        self.delete_member(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn get_membership(&self, request: Request<GetMembershipRequest>) -> Result<Response<Membership>, Status> {
+        self.membership(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn get_quota_usage(&self, request: Request<GetQuotaUsageRequest>) -> Result<Response<QuotaUsage>, Status> {
+        self.quota_usage(request).await.map(Response::new).map_err(status)
+    }
+}
