@@ -1,0 +1,536 @@
+//! The projects service end to end over gRPC, with real auth and scheduler servers, on SQLite, PostgreSQL and
+//! MariaDB: optimistic concurrency, the last owner under racing changes, typed settings, deletion that asks
+//! the workload services, and new users joining `public` over both event buses.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cube_bus::{BusOptions, EventBus, RedisBus};
+use cube_proto::cube::common::v1::project_workload_service_server::{
+    ProjectWorkloadService, ProjectWorkloadServiceServer,
+};
+use cube_proto::cube::common::v1::{ListProjectWorkloadsRequest, ListProjectWorkloadsResponse};
+use cube_proto::cube::projects::v1::member::Subject;
+use cube_proto::cube::projects::v1::{
+    CreateMemberRequest, CreateProjectRequest, DeleteMemberRequest, DeleteProjectRequest, GetMembershipRequest,
+    GetProjectRequest, ListProjectsRequest, Member, Project, ProjectType, Role, Settings, UndeleteProjectRequest,
+    UpdateMemberRequest, UpdateProjectRequest,
+};
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+use support::{Platform, authed, expect_code, start, start_with};
+
+on_every_backend!(
+    stale_etags_abort_and_only_one_of_racing_updates_wins,
+    the_last_owner_stays_under_racing_removals,
+    settings_are_checked_against_the_registry_and_the_mount_syntax,
+    deleting_asks_the_workload_services_and_can_be_undone,
+    new_users_join_public_over_the_in_process_bus,
+);
+
+async fn create(platform: &Platform, token: &str, id: &str, settings: Settings) -> Result<Project, tonic::Status> {
+    platform
+        .projects()
+        .create_project(authed(
+            CreateProjectRequest {
+                project: Some(Project {
+                    display_name: format!("Project {id}"),
+                    r#type: ProjectType::Org as i32,
+                    settings: Some(settings),
+                    ..Project::default()
+                }),
+                project_id: id.into(),
+            },
+            token,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn rename(project: &Project, display_name: &str, etag: &str) -> UpdateProjectRequest {
+    UpdateProjectRequest {
+        project: Some(Project {
+            name: project.name.clone(),
+            display_name: display_name.into(),
+            etag: etag.into(),
+            ..Project::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["display_name".into()],
+        }),
+    }
+}
+
+async fn stale_etags_abort_and_only_one_of_racing_updates_wins(url: &str) {
+    let platform = start(url).await;
+    let admin = platform.admin().await;
+    let owner = platform.user(&admin, "olga").await;
+    let project = create(&platform, &owner, "vision", Settings::default())
+        .await
+        .expect("creating");
+    let first = platform
+        .projects()
+        .update_project(authed(rename(&project, "Vision v2", &project.etag), &owner))
+        .await
+        .expect("an update with the current etag")
+        .into_inner();
+    assert_ne!(first.etag, project.etag);
+    let stale = expect_code(
+        platform
+            .projects()
+            .update_project(authed(rename(&project, "Vision stale", &project.etag), &owner))
+            .await,
+        Code::Aborted,
+        "an update with a stale etag",
+    );
+    assert_eq!(stale.get_error_details().error_info().expect("info").reason, "ABORTED");
+
+    // Eight updates race with the same etag: exactly one wins.
+    let mut racing = Vec::new();
+    for n in 0..8 {
+        let client = platform.projects();
+        let request = authed(rename(&first, &format!("racer {n}"), &first.etag), &owner);
+        racing.push(tokio::spawn(
+            async move { client.clone().update_project(request).await },
+        ));
+    }
+    let mut won = 0;
+    for task in racing {
+        match task.await.expect("task") {
+            Ok(_) => won += 1,
+            Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one racing update wins");
+    let now = platform
+        .projects()
+        .get_project(authed(
+            GetProjectRequest {
+                name: project.name.clone(),
+            },
+            &owner,
+        ))
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(now.display_name.starts_with("racer "), "{}", now.display_name);
+}
+
+fn owner_member(username: &str) -> Member {
+    Member {
+        subject: Some(Subject::User(format!("users/{username}"))),
+        role: Role::Owner as i32,
+        ..Member::default()
+    }
+}
+
+async fn owners(platform: &Platform, token: &str, project: &str) -> Vec<String> {
+    platform
+        .projects()
+        .list_members(authed(
+            cube_proto::cube::projects::v1::ListMembersRequest {
+                parent: project.into(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .expect("listing members")
+        .into_inner()
+        .members
+        .into_iter()
+        .filter(|member| member.role() == Role::Owner)
+        .map(|member| member.name)
+        .collect()
+}
+
+async fn the_last_owner_stays_under_racing_removals(url: &str) {
+    let platform = start(url).await;
+    let admin = platform.admin().await;
+    let alice = platform.user(&admin, "alice").await;
+    platform.user(&admin, "bob").await;
+    for round in 0..4 {
+        let id = format!("shared-{round}");
+        let project = create(&platform, &alice, &id, Settings::default())
+            .await
+            .expect("creating");
+        platform
+            .projects()
+            .create_member(authed(
+                CreateMemberRequest {
+                    parent: project.name.clone(),
+                    member: Some(owner_member("bob")),
+                },
+                &alice,
+            ))
+            .await
+            .expect("adding a second owner");
+        // The admin removes both owners at once, one as a removal and one as a demotion.
+        let (mut removing, mut demoting) = (platform.projects(), platform.projects());
+        let remove = removing.delete_member(authed(
+            DeleteMemberRequest {
+                name: format!("{}/members/u-alice", project.name),
+            },
+            &admin,
+        ));
+        let demote = demoting.update_member(authed(
+            UpdateMemberRequest {
+                member: Some(Member {
+                    name: format!("{}/members/u-bob", project.name),
+                    role: Role::Viewer as i32,
+                    ..Member::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["role".into()],
+                }),
+            },
+            &admin,
+        ));
+        let (removed, demoted) = tokio::join!(remove, demote);
+        let outcomes = [removed.map(|_| ()), demoted.map(|_| ())];
+        let succeeded = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+        assert_eq!(succeeded, 1, "round {round}: exactly one change may win: {outcomes:?}");
+        for outcome in &outcomes {
+            if let Err(status) = outcome {
+                assert_eq!(status.code(), Code::FailedPrecondition, "round {round}: {status:?}");
+                assert!(status.message().contains("no owner"), "{status:?}");
+            }
+        }
+        assert_eq!(owners(&platform, &admin, &project.name).await.len(), 1, "round {round}");
+    }
+    // Without a race, removing the last owner is refused too.
+    let project = create(&platform, &alice, "solo", Settings::default())
+        .await
+        .expect("creating");
+    let status = expect_code(
+        platform
+            .projects()
+            .delete_member(authed(
+                DeleteMemberRequest {
+                    name: format!("{}/members/u-alice", project.name),
+                },
+                &alice,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "removing the last owner",
+    );
+    assert!(status.message().contains("no owner"), "{status:?}");
+}
+
+async fn settings_are_checked_against_the_registry_and_the_mount_syntax(url: &str) {
+    let platform = start(url).await;
+    let admin = platform.admin().await;
+    let carol = platform.user(&admin, "carol").await;
+    let settings = Settings {
+        cluster: "gpu".into(),
+        resource_group: "vision".into(),
+        node_selector: [("disk".to_owned(), "ssd".to_owned())].into(),
+        volume_mounts: "kubeflow-user-workspace(pvc):/mnt/;data(pvc-share):/data, 4G(memory):/dev/shm".into(),
+        service_external_ip: "10.0.0.5|ml.example.com".into(),
+        notebook_namespace: "jupyter-vision".into(),
+        ..Settings::default()
+    };
+    let project = create(&platform, &carol, "vision", settings)
+        .await
+        .expect("valid settings");
+    let stored = project.settings.expect("settings");
+    assert_eq!(stored.cluster, "gpu");
+    assert_eq!(
+        stored.volume_mounts,
+        "kubeflow-user-workspace(pvc):/mnt/,data(pvc-share):/data,4G(memory):/dev/shm"
+    );
+    assert_eq!(stored.pipeline_namespace, "pipeline", "defaults are filled in");
+
+    let bad = |settings: Settings| create(&platform, &carol, "broken", settings);
+    let status = expect_code(
+        bad(Settings {
+            cluster: "nowhere".into(),
+            ..Settings::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "an unknown cluster",
+    );
+    let field = |status: &tonic::Status| {
+        status
+            .get_error_details()
+            .bad_request()
+            .map(|request| {
+                request
+                    .field_violations
+                    .iter()
+                    .map(|v| v.field.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(field(&status), ["project.settings.cluster"]);
+    assert!(
+        status.message().contains("dev") && status.message().contains("gpu"),
+        "{status:?}"
+    );
+    let status = expect_code(
+        bad(Settings {
+            volume_mounts: "data(pvc):/data,oops(nfs):/x".into(),
+            resource_group: "bad group!".into(),
+            service_external_ip: "not-an-ip".into(),
+            node_selector: [("Bad Key".to_owned(), "v".to_owned())].into(),
+            ..Settings::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "several bad settings",
+    );
+    let mut fields = field(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "project.settings.node_selector[\"Bad Key\"]",
+            "project.settings.resource_group",
+            "project.settings.service_external_ip",
+            "project.settings.volume_mounts",
+        ]
+    );
+    assert!(
+        status.message().contains("oops(nfs)") && status.message().contains("name(pvc-share)"),
+        "{status:?}"
+    );
+    // Nothing was half-written.
+    expect_code(
+        platform
+            .projects()
+            .get_project(authed(
+                GetProjectRequest {
+                    name: "projects/broken".into(),
+                },
+                &admin,
+            ))
+            .await,
+        Code::NotFound,
+        "a refused project",
+    );
+    // One setting changes through its own mask path; the others stay.
+    let updated = platform
+        .projects()
+        .update_project(authed(
+            UpdateProjectRequest {
+                project: Some(Project {
+                    name: project.name.clone(),
+                    settings: Some(Settings {
+                        volume_mounts: "models(pvc-share):/models".into(),
+                        ..Settings::default()
+                    }),
+                    ..Project::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["settings.volume_mounts".into()],
+                }),
+            },
+            &carol,
+        ))
+        .await
+        .expect("updating one setting")
+        .into_inner()
+        .settings
+        .expect("settings");
+    assert_eq!(updated.volume_mounts, "models(pvc-share):/models");
+    assert_eq!(updated.cluster, "gpu");
+}
+
+/// A workload service that reports live work in projects named `busy-…`; it serves without a gate of its own
+/// (it is started before the auth server it would need), but refuses calls that do not carry the caller's token.
+struct Census;
+
+#[tonic::async_trait]
+impl ProjectWorkloadService for Census {
+    async fn list_project_workloads(
+        &self,
+        request: tonic::Request<ListProjectWorkloadsRequest>,
+    ) -> Result<tonic::Response<ListProjectWorkloadsResponse>, tonic::Status> {
+        cube_kit::identity::bearer_token(request.metadata().as_ref())
+            .map_err(|error| error.status("notebook.cube.dev"))?;
+        let project = request.into_inner().project;
+        let workloads = if project.starts_with("projects/busy") {
+            vec![format!("{project}/notebooks/alice-lab"), format!("{project}/runs/r-17")]
+        } else {
+            Vec::new()
+        };
+        Ok(tonic::Response::new(ListProjectWorkloadsResponse { workloads }))
+    }
+}
+
+async fn deleting_asks_the_workload_services_and_can_be_undone(url: &str) {
+    let census = support::serve(
+        cube_kit::Server::new("notebook", "cube.notebook.v1")
+            .without_authentication()
+            .add_service(ProjectWorkloadServiceServer::new(Census)),
+    )
+    .await;
+    let bus: Arc<dyn EventBus> = Arc::new(cube_bus::MemoryBus::new(BusOptions::default()));
+    let census_url = format!("http://{}", census.address);
+    let platform = start_with(
+        url,
+        bus,
+        vec![("notebook".into(), cube_kit::Channel::remote(&census_url).expect("url"))],
+        Duration::from_secs(2),
+    )
+    .await;
+    let admin = platform.admin().await;
+    let dana = platform.user(&admin, "dana").await;
+    let busy = create(&platform, &dana, "busy-lab", Settings::default())
+        .await
+        .expect("creating");
+    let idle = create(&platform, &dana, "idle-lab", Settings::default())
+        .await
+        .expect("creating");
+    let status = expect_code(
+        platform
+            .projects()
+            .delete_project(authed(
+                DeleteProjectRequest {
+                    name: busy.name.clone(),
+                    etag: String::new(),
+                },
+                &dana,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "deleting a project with live work",
+    );
+    assert!(
+        status.message().contains("projects/busy-lab/notebooks/alice-lab") && status.message().contains("runs/r-17"),
+        "{status:?}"
+    );
+    let deleted = platform
+        .projects()
+        .delete_project(authed(
+            DeleteProjectRequest {
+                name: idle.name.clone(),
+                etag: idle.etag.clone(),
+            },
+            &dana,
+        ))
+        .await
+        .expect("deleting an idle project")
+        .into_inner();
+    assert!(deleted.delete_time.is_some() && deleted.purge_time.is_some());
+    let purge = deleted.purge_time.expect("purge").seconds - deleted.delete_time.expect("delete").seconds;
+    assert_eq!(purge, 30 * 24 * 3600, "restorable for 30 days");
+    expect_code(
+        platform
+            .projects()
+            .get_project(authed(
+                GetProjectRequest {
+                    name: idle.name.clone(),
+                },
+                &dana,
+            ))
+            .await,
+        Code::NotFound,
+        "a deleted project",
+    );
+    let listed = |filter: &str| {
+        let mut client = platform.projects();
+        let request = authed(
+            ListProjectsRequest {
+                filter: filter.into(),
+                ..ListProjectsRequest::default()
+            },
+            &dana,
+        );
+        async move { client.list_projects(request).await }
+    };
+    let names = |response: cube_proto::cube::projects::v1::ListProjectsResponse| {
+        response
+            .projects
+            .into_iter()
+            .map(|project| project.name)
+            .collect::<Vec<_>>()
+    };
+    assert!(!names(listed("").await.expect("list").into_inner()).contains(&idle.name));
+    assert_eq!(
+        names(listed("deleted = true").await.expect("list").into_inner()),
+        std::slice::from_ref(&idle.name)
+    );
+    platform
+        .projects()
+        .undelete_project(authed(
+            UndeleteProjectRequest {
+                name: idle.name.clone(),
+            },
+            &dana,
+        ))
+        .await
+        .expect("undeleting");
+    platform
+        .projects()
+        .get_project(authed(
+            GetProjectRequest {
+                name: idle.name.clone(),
+            },
+            &dana,
+        ))
+        .await
+        .expect("a restored project");
+    expect_code(
+        platform
+            .projects()
+            .delete_project(authed(
+                DeleteProjectRequest {
+                    name: "projects/public".into(),
+                    etag: String::new(),
+                },
+                &admin,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "deleting public",
+    );
+}
+
+async fn joins_public(platform: &Platform, token: &str) {
+    cube_testkit::eventually("the new user joins public", Duration::from_secs(10), || async {
+        let membership = platform
+            .projects()
+            .get_membership(authed(
+                GetMembershipRequest {
+                    project: "projects/public".into(),
+                    user: String::new(),
+                },
+                token,
+            ))
+            .await
+            .ok()?
+            .into_inner();
+        (membership.role() == Role::Developer).then_some(())
+    })
+    .await;
+}
+
+async fn new_users_join_public_over_the_in_process_bus(url: &str) {
+    let platform = start(url).await;
+    let admin = platform.admin().await;
+    let erin = platform.user(&admin, "erin").await;
+    joins_public(&platform, &erin).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_users_join_public_over_redis_streams() {
+    let redis = cube_testkit::require("CUBE_TEST_REDIS_URL");
+    let bus: Arc<dyn EventBus> = Arc::new(RedisBus::new(
+        cube_kit::redis::pool(&redis).expect("redis pool"),
+        BusOptions::default(),
+    ));
+    cube_testkit::on_fresh_database(cube_testkit::Backend::Postgres, |url| async move {
+        let platform = start_with(&url, bus, Vec::new(), Duration::from_secs(2)).await;
+        let admin = platform.admin().await;
+        let frank = platform.user(&admin, "frank").await;
+        joins_public(&platform, &frank).await;
+    })
+    .await;
+}
