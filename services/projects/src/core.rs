@@ -96,10 +96,19 @@ pub(crate) fn not_found(id: &str) -> ApiError {
     }
 }
 
-/// A project's members, read recently.
+/// What membership checks need of a project: whether it is live, and its members.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    /// The project exists and is not deleted.
+    pub(crate) live: bool,
+    /// Its members, by member id.
+    pub(crate) members: Vec<member::Model>,
+}
+
+/// A project's snapshot, read recently.
 struct CachedMembers {
     read: Instant,
-    members: Arc<Vec<member::Model>>,
+    snapshot: Arc<Snapshot>,
 }
 
 /// What every RPC shares.
@@ -133,23 +142,28 @@ impl Core {
         }
     }
 
-    /// Returns a project's members, from the cache when it is fresh.
-    pub(crate) async fn members(&self, project: &str) -> Result<Arc<Vec<member::Model>>, ApiError> {
+    /// Returns whether a project is live and its members, from the cache when it is fresh.
+    pub(crate) async fn snapshot(&self, project: &str) -> Result<Arc<Snapshot>, ApiError> {
         {
             let cache = self.members.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(cached) = cache.get(project)
                 && cached.read.elapsed() < self.membership_ttl
             {
-                return Ok(Arc::clone(&cached.members));
+                return Ok(Arc::clone(&cached.snapshot));
             }
         }
+        let live = project::Entity::find_by_id(project.to_owned())
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .is_some_and(|row| row.deleted_ms.is_none());
         let rows = member::Entity::find()
             .filter(member::Column::Project.eq(project.to_owned()))
             .order_by_asc(member::Column::MemberId)
             .all(&self.db)
             .await
             .map_err(db_error)?;
-        let members = Arc::new(rows);
+        let members = Arc::new(Snapshot { live, members: rows });
         if !self.membership_ttl.is_zero() {
             let mut cache = self.members.write().unwrap_or_else(PoisonError::into_inner);
             if cache.len() >= 100_000 {
@@ -159,7 +173,7 @@ impl Core {
                 project.to_owned(),
                 CachedMembers {
                     read: Instant::now(),
-                    members: Arc::clone(&members),
+                    snapshot: Arc::clone(&members),
                 },
             );
         }
@@ -192,10 +206,10 @@ impl Core {
         username: &str,
         groups: &[String],
     ) -> Result<(Role, Vec<member::Model>), ApiError> {
-        let members = self.members(project).await?;
+        let snapshot = self.snapshot(project).await?;
         let mut best = Role::Unspecified;
         let mut granted = Vec::new();
-        for member in members.iter() {
+        for member in &snapshot.members {
             let holds = match member.kind.as_str() {
                 "user" => member.subject == username,
                 _ => groups.iter().any(|group| group.eq_ignore_ascii_case(&member.subject)),

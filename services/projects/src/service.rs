@@ -537,7 +537,7 @@ impl Projects {
                 message: format!("projects/{id} changed while it was being deleted: read it again"),
             });
         }
-        self.0.forget(&id);
+        self.0.members_changed(&id).await;
         let mut row = row;
         row.deleted_ms = Some(now);
         row.version += 1;
@@ -576,6 +576,7 @@ impl Projects {
             .exec(&self.0.db)
             .await
             .map_err(db_error)?;
+        self.0.members_changed(&id).await;
         let row = project::Entity::find_by_id(id.clone())
             .one(&self.0.db)
             .await
@@ -783,10 +784,14 @@ impl Projects {
             username_in("user", &body.user, &caller)?
         };
         let (role, granted) = if username == caller.username {
+            // A deleted or missing project is NOT_FOUND for everyone (its members lose their access with it),
+            // and a non-member learns nothing about the project, not even that it exists.
+            if !self.0.snapshot(&id).await?.live {
+                return Err(not_found(&id));
+            }
             let (role, granted) = self.0.role(&id, &username, &caller.groups).await?;
             if role == Role::Unspecified && !caller.is_admin() {
-                // A non-member learns nothing about the project, not even that it exists.
-                self.0.visible(&caller, &id).await?;
+                return Err(not_found(&id));
             }
             (role, granted)
         } else {

@@ -29,6 +29,9 @@ on_every_backend!(
     settings_are_checked_against_the_registry_and_the_mount_syntax,
     deleting_asks_the_workload_services_and_can_be_undone,
     new_users_join_public_over_the_in_process_bus,
+    a_change_through_one_replica_reaches_the_other_replicas_cache_at_once,
+    ldap_group_members_hold_their_groups_role,
+    members_of_a_deleted_project_lose_their_membership,
 );
 
 async fn create(platform: &Platform, token: &str, id: &str, settings: Settings) -> Result<Project, tonic::Status> {
@@ -533,4 +536,155 @@ async fn new_users_join_public_over_redis_streams() {
         joins_public(&platform, &frank).await;
     })
     .await;
+}
+
+async fn membership_of(platform: &Platform, token: &str, project: &str) -> Result<Role, tonic::Status> {
+    platform
+        .projects()
+        .get_membership(authed(
+            GetMembershipRequest {
+                project: project.into(),
+                user: String::new(),
+            },
+            token,
+        ))
+        .await
+        .map(|reply| reply.into_inner().role())
+}
+
+async fn a_change_through_one_replica_reaches_the_other_replicas_cache_at_once(url: &str) {
+    // Two replicas of projects on one database and one bus, with a minute-long membership cache: only the
+    // project.members.changed event can make the second one notice a change made through the first.
+    let bus: Arc<dyn EventBus> = Arc::new(cube_bus::MemoryBus::new(BusOptions::default()));
+    let first = start_with(url, bus.clone(), Vec::new(), Duration::from_secs(60)).await;
+    let admin = first.admin().await;
+    let owner = first.user(&admin, "gwen").await;
+    let helen = first.user(&admin, "helen").await;
+    let project = create(&first, &owner, "shared-cache", Settings::default())
+        .await
+        .expect("creating");
+    let second = support::replica(&first, url, Duration::from_secs(60)).await;
+    expect_code(
+        membership_of(&second, &helen, &project.name).await,
+        Code::NotFound,
+        "before she joins",
+    );
+    first
+        .projects()
+        .create_member(authed(
+            CreateMemberRequest {
+                parent: project.name.clone(),
+                member: Some(Member {
+                    subject: Some(Subject::User("users/helen".into())),
+                    role: Role::Viewer as i32,
+                    ..Member::default()
+                }),
+            },
+            &owner,
+        ))
+        .await
+        .expect("adding helen through the first replica");
+    cube_testkit::eventually("the second replica sees helen", Duration::from_secs(2), || async {
+        (membership_of(&second, &helen, &project.name).await.ok() == Some(Role::Viewer)).then_some(())
+    })
+    .await;
+}
+
+async fn ldap_group_members_hold_their_groups_role(url: &str) {
+    let base = cube_testkit::require("CUBE_TEST_LDAP_BASE_DN");
+    let flags = vec![
+        "--ldap-server".to_owned(),
+        cube_testkit::require("CUBE_TEST_LDAP_URL"),
+        "--ldap-username-format".into(),
+        format!("uid=%s,ou=people,{base}"),
+        "--ldap-group-search".into(),
+        format!("ou=groups,{base}"),
+    ];
+    let platform = support::start_full(
+        url,
+        Arc::new(cube_bus::MemoryBus::new(BusOptions::default())),
+        Vec::new(),
+        Duration::from_secs(2),
+        &flags,
+    )
+    .await;
+    let admin = platform.admin().await;
+    let owner = platform.user(&admin, "ivan").await;
+    let project = create(&platform, &owner, "ml-lab", Settings::default())
+        .await
+        .expect("creating");
+    let team = format!("cn=ml-team,ou=groups,{base}");
+    platform
+        .projects()
+        .create_member(authed(
+            CreateMemberRequest {
+                parent: project.name.clone(),
+                member: Some(Member {
+                    subject: Some(Subject::Group(team.clone())),
+                    role: Role::Developer as i32,
+                    ..Member::default()
+                }),
+            },
+            &owner,
+        ))
+        .await
+        .expect("adding the LDAP group");
+    // alice and carol are in ml-team, bob is not (scripts/test-env/seed.ldif).
+    let alice = platform
+        .login("alice", &cube_testkit::require("CUBE_TEST_LDAP_ALICE_PASSWORD"))
+        .await;
+    let bob = platform
+        .login("bob", &cube_testkit::require("CUBE_TEST_LDAP_BOB_PASSWORD"))
+        .await;
+    assert_eq!(
+        membership_of(&platform, &alice, &project.name).await.expect("alice"),
+        Role::Developer
+    );
+    expect_code(
+        membership_of(&platform, &bob, &project.name).await,
+        Code::NotFound,
+        "bob is not in ml-team",
+    );
+    let listed = platform
+        .projects()
+        .list_projects(authed(ListProjectsRequest::default(), &alice))
+        .await
+        .expect("alice lists")
+        .into_inner()
+        .projects;
+    assert!(listed.iter().any(|listed| listed.name == project.name), "{listed:?}");
+}
+
+async fn members_of_a_deleted_project_lose_their_membership(url: &str) {
+    let platform = start(url).await;
+    let admin = platform.admin().await;
+    let owner = platform.user(&admin, "judy").await;
+    let project = create(&platform, &owner, "short-lived", Settings::default())
+        .await
+        .expect("creating");
+    assert_eq!(
+        membership_of(&platform, &owner, &project.name).await.expect("owner"),
+        Role::Owner
+    );
+    platform
+        .projects()
+        .delete_project(authed(
+            DeleteProjectRequest {
+                name: project.name.clone(),
+                etag: String::new(),
+            },
+            &owner,
+        ))
+        .await
+        .expect("deleting");
+    expect_code(
+        membership_of(&platform, &owner, &project.name).await,
+        Code::NotFound,
+        "after deletion",
+    );
+    expect_code(
+        membership_of(&platform, &admin, &project.name).await,
+        Code::NotFound,
+        "admin, after deletion",
+    );
 }

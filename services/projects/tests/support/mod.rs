@@ -111,10 +111,10 @@ pub struct Platform {
     pub bus: Arc<dyn EventBus>,
     pub connection: Connection,
     pub auth_connection: Connection,
-    _auth_background: cube_auth::Background,
-    _scheduler_feed: cube_kit::identity::RevocationFeed,
+    _auth_background: Option<cube_auth::Background>,
+    _scheduler_feed: Option<cube_kit::identity::RevocationFeed>,
     _projects_background: cube_projects::Background,
-    _auth_data: tempfile_dir::Dir,
+    _auth_data: Option<tempfile_dir::Dir>,
 }
 
 mod tempfile_dir {
@@ -147,13 +147,34 @@ pub async fn start_with(
     workloads: Vec<(String, Channel)>,
     membership_ttl: Duration,
 ) -> Platform {
+    start_full(url, bus, workloads, membership_ttl, &[]).await
+}
+
+#[derive(clap::Parser)]
+struct LdapFlags {
+    #[command(flatten)]
+    ldap: cube_auth::ldap::LdapArgs,
+}
+
+/// Like [`start_with`], with auth logging users in through LDAP configured by `ldap_flags` (none: no LDAP).
+pub async fn start_full(
+    url: &str,
+    bus: Arc<dyn EventBus>,
+    workloads: Vec<(String, Channel)>,
+    membership_ttl: Duration,
+    ldap_flags: &[String],
+) -> Platform {
     let dir = std::env::temp_dir().join(format!("cube-projects-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let auth_args = AuthArgs::embedded(
+    let mut auth_args = AuthArgs::embedded(
         format!("sqlite://{}", dir.join("auth.db").display()),
         Some(ADMIN_PASSWORD.into()),
     )
     .expect("auth flags");
+    let flags = std::iter::once("auth".to_owned()).chain(ldap_flags.iter().cloned());
+    auth_args.ldap = <LdapFlags as clap::Parser>::try_parse_from(flags)
+        .expect("LDAP flags")
+        .ldap;
     let auth = Auth::start(&auth_args, bus.clone()).await.expect("starting auth");
     let auth_background = auth.background;
     let auth_running = serve(auth.server).await;
@@ -194,10 +215,10 @@ pub async fn start_with(
         scheduler: scheduler_running,
         projects: projects_running,
         bus,
-        _auth_background: auth_background,
-        _scheduler_feed: scheduler_feed,
+        _auth_background: Some(auth_background),
+        _scheduler_feed: Some(scheduler_feed),
         _projects_background: projects_background,
-        _auth_data: tempfile_dir::Dir(dir),
+        _auth_data: Some(tempfile_dir::Dir(dir)),
     }
 }
 
@@ -267,5 +288,49 @@ pub fn expect_code<T: std::fmt::Debug>(
             assert_eq!(status.code(), code, "{what}: {status:?}");
             status
         }
+    }
+}
+
+/// A second projects replica on the same database, bus, auth and scheduler as `platform`.
+pub async fn replica(platform: &Platform, url: &str, membership_ttl: Duration) -> Platform {
+    let auth = Channel::remote(&format!("http://{}", platform.auth.address)).expect("url");
+    let projects = Projects::start(
+        &DatabaseArgs {
+            database_url: url.to_owned(),
+            migrate: true,
+        },
+        Peers {
+            auth,
+            scheduler: Channel::remote(&format!("http://{}", platform.scheduler.address)).expect("url"),
+            workloads: Vec::new(),
+        },
+        platform.bus.clone(),
+        membership_ttl,
+    )
+    .await
+    .expect("starting a replica");
+    let running = serve(projects.server).await;
+    let connection = Connection::from_shared(format!("http://{}", running.address))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connecting");
+    Platform {
+        connection,
+        auth_connection: platform.auth_connection.clone(),
+        auth: Running {
+            address: platform.auth.address,
+            shutdown: CancellationToken::new(),
+        },
+        scheduler: Running {
+            address: platform.scheduler.address,
+            shutdown: CancellationToken::new(),
+        },
+        projects: running,
+        bus: platform.bus.clone(),
+        _auth_background: None,
+        _scheduler_feed: None,
+        _projects_background: projects.background,
+        _auth_data: None,
     }
 }
