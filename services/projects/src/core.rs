@@ -13,7 +13,7 @@ use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorklo
 use cube_proto::cube::projects::v1::{MembersChanged, Role};
 use cube_proto::cube::scheduler::v1::cluster_service_client::ClusterServiceClient;
 use prost::Message as _;
-use sea_orm::{ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _};
+use sea_orm::{DatabaseConnection, EntityTrait as _};
 
 use crate::model::{member, project};
 
@@ -152,17 +152,7 @@ impl Core {
                 return Ok(Arc::clone(&cached.snapshot));
             }
         }
-        let live = project::Entity::find_by_id(project.to_owned())
-            .one(&self.db)
-            .await
-            .map_err(db_error)?
-            .is_some_and(|row| row.deleted_ms.is_none());
-        let rows = member::Entity::find()
-            .filter(member::Column::Project.eq(project.to_owned()))
-            .order_by_asc(member::Column::MemberId)
-            .all(&self.db)
-            .await
-            .map_err(db_error)?;
+        let (live, rows) = self.read_snapshot(project).await?;
         let members = Arc::new(Snapshot { live, members: rows });
         if !self.membership_ttl.is_zero() {
             let mut cache = self.members.write().unwrap_or_else(PoisonError::into_inner);
@@ -178,6 +168,61 @@ impl Core {
             );
         }
         Ok(members)
+    }
+
+    /// Reads whether a project is live and its members, in one query (the project left-joined to its members).
+    async fn read_snapshot(&self, project: &str) -> Result<(bool, Vec<member::Model>), ApiError> {
+        use sea_orm::sea_query::{Expr, ExprTrait as _, Order, Query};
+        use sea_orm::{ConnectionTrait as _, Iden as _};
+
+        let p = |column: project::Column| (project::Entity, column);
+        let m = |column: member::Column| (member::Entity, column);
+        let query = Query::select()
+            .column(p(project::Column::DeletedMs))
+            .columns([
+                m(member::Column::MemberId),
+                m(member::Column::Kind),
+                m(member::Column::Subject),
+                m(member::Column::Role),
+                m(member::Column::Quota),
+                m(member::Column::CreatedMs),
+            ])
+            .from(project::Entity)
+            .left_join(
+                member::Entity,
+                Expr::col(m(member::Column::Project)).equals(p(project::Column::Id)),
+            )
+            .and_where(Expr::col(p(project::Column::Id)).eq(project))
+            .order_by(m(member::Column::MemberId), Order::Asc)
+            .to_owned();
+        let rows = self.db.query_all(&query).await.map_err(db_error)?;
+        let Some(first) = rows.first() else {
+            return Ok((false, Vec::new()));
+        };
+        let live = first
+            .try_get::<Option<i64>>("", &project::Column::DeletedMs.to_string())
+            .map_err(db_error)?
+            .is_none();
+        let mut members = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let text = |column: member::Column| row.try_get::<Option<String>>("", &column.to_string());
+            let Some(member_id) = text(member::Column::MemberId).map_err(db_error)? else {
+                continue;
+            };
+            members.push(member::Model {
+                project: project.to_owned(),
+                member_id,
+                kind: text(member::Column::Kind).map_err(db_error)?.unwrap_or_default(),
+                subject: text(member::Column::Subject).map_err(db_error)?.unwrap_or_default(),
+                role: text(member::Column::Role).map_err(db_error)?.unwrap_or_default(),
+                quota: text(member::Column::Quota).map_err(db_error)?.unwrap_or_default(),
+                created_ms: row
+                    .try_get::<Option<i64>>("", &member::Column::CreatedMs.to_string())
+                    .map_err(db_error)?
+                    .unwrap_or_default(),
+            });
+        }
+        Ok((live, members))
     }
 
     /// Forgets what was cached about `project`.

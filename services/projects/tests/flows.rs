@@ -32,6 +32,7 @@ on_every_backend!(
     a_change_through_one_replica_reaches_the_other_replicas_cache_at_once,
     ldap_group_members_hold_their_groups_role,
     members_of_a_deleted_project_lose_their_membership,
+    lists_filter_by_type_and_page_through_everything_once,
 );
 
 async fn create(platform: &Platform, token: &str, id: &str, settings: Settings) -> Result<Project, tonic::Status> {
@@ -687,4 +688,85 @@ async fn members_of_a_deleted_project_lose_their_membership(url: &str) {
         Code::NotFound,
         "admin, after deletion",
     );
+}
+
+async fn lists_filter_by_type_and_page_through_everything_once(url: &str) {
+    let platform = start(url).await;
+    let admin = platform.admin().await;
+    let kate = platform.user(&admin, "kate").await;
+    for (id, kind) in [
+        ("templates-a", ProjectType::TemplateCategory),
+        ("templates-b", ProjectType::TemplateCategory),
+        ("models-a", ProjectType::ModelGroup),
+        ("org-a", ProjectType::Org),
+        ("org-b", ProjectType::Org),
+    ] {
+        platform
+            .projects()
+            .create_project(authed(
+                CreateProjectRequest {
+                    project: Some(Project {
+                        r#type: kind as i32,
+                        ..Project::default()
+                    }),
+                    project_id: id.into(),
+                },
+                &kate,
+            ))
+            .await
+            .unwrap_or_else(|status| panic!("creating {id}: {status:?}"));
+    }
+    let list = |filter: &str, page_size: i32, page_token: String| {
+        let mut client = platform.projects();
+        let request = authed(
+            ListProjectsRequest {
+                filter: filter.into(),
+                page_size,
+                page_token,
+            },
+            &kate,
+        );
+        async move { client.list_projects(request).await }
+    };
+    let templates: Vec<String> = list("type = TEMPLATE_CATEGORY", 0, String::new())
+        .await
+        .expect("filtering by type")
+        .into_inner()
+        .projects
+        .into_iter()
+        .map(|project| project.name)
+        .collect();
+    assert_eq!(templates, ["projects/templates-a", "projects/templates-b"]);
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = list("mine = true", 2, page_token).await.expect("paging").into_inner();
+        assert!(page.projects.len() <= 2);
+        seen.extend(page.projects.into_iter().map(|project| project.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    // Kate's five projects, in id order, each once (public appears once she has joined it, asynchronously).
+    seen.retain(|name| name != "projects/public");
+    assert_eq!(
+        seen,
+        [
+            "projects/models-a",
+            "projects/org-a",
+            "projects/org-b",
+            "projects/templates-a",
+            "projects/templates-b"
+        ]
+    );
+    for bad in ["type = PIPELINE", "colour = blue", "mine = maybe"] {
+        let status = expect_code(list(bad, 0, String::new()).await, Code::InvalidArgument, bad);
+        let fields: Vec<String> = status
+            .get_error_details()
+            .bad_request()
+            .map(|request| request.field_violations.iter().map(|v| v.field.clone()).collect())
+            .unwrap_or_default();
+        assert_eq!(fields, ["filter"], "{bad}");
+    }
 }
