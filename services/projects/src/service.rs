@@ -1045,3 +1045,80 @@ impl ProjectService for Projects {
         self.quota_usage(request).await.map(Response::new).map_err(status)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use cube_kit::Channel;
+    use sea_orm::{EntityTrait as _, IntoActiveModel as _};
+
+    use super::*;
+
+    fn project_deleted_at(id: &str, deleted_ms: Option<i64>) -> project::ActiveModel {
+        project::Model {
+            id: id.into(),
+            display_name: id.into(),
+            description: String::new(),
+            kind: "org".into(),
+            settings: "{}".into(),
+            quota: "{}".into(),
+            version: 1,
+            created_ms: 0,
+            updated_ms: 0,
+            deleted_ms,
+        }
+        .into_active_model()
+    }
+
+    #[tokio::test]
+    async fn purge_removes_projects_deleted_more_than_30_days_ago_with_their_members() -> Result<(), ApiError> {
+        let db = cube_kit::db::connect::<crate::model::Migrator>("sqlite::memory:", true)
+            .await
+            .map_err(ApiError::internal)?;
+        let unused = || Channel::remote("http://127.0.0.1:9").map_err(ApiError::internal);
+        let bus = Arc::new(cube_bus::MemoryBus::new(cube_bus::BusOptions::default()));
+        let core = Core::new(db, unused()?, unused()?, Vec::new(), bus, Duration::ZERO);
+        let day = 24 * 3600 * 1000;
+        for (id, deleted) in [
+            ("old", Some(now_ms() - 31 * day)),
+            ("recent", Some(now_ms() - day)),
+            ("live", None),
+        ] {
+            project::Entity::insert(project_deleted_at(id, deleted))
+                .exec(&core.db)
+                .await
+                .map_err(db_error)?;
+            member::Entity::insert(
+                member::Model {
+                    project: id.into(),
+                    member_id: "u-someone".into(),
+                    kind: "user".into(),
+                    subject: "someone".into(),
+                    role: "owner".into(),
+                    quota: "{}".into(),
+                    created_ms: 0,
+                }
+                .into_active_model(),
+            )
+            .exec(&core.db)
+            .await
+            .map_err(db_error)?;
+        }
+        assert_eq!(purge(&core).await?, 1);
+        let mut left: Vec<String> = project::Entity::find()
+            .all(&core.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|row| row.id)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["live", "recent"]);
+        let members = member::Entity::find().all(&core.db).await.map_err(db_error)?;
+        assert!(members.iter().all(|member| member.project != "old"), "{members:?}");
+        assert_eq!(members.len(), 2);
+        Ok(())
+    }
+}
