@@ -1,6 +1,10 @@
 //! Cube's scheduler service (`cube.scheduler.v1`): the registry of clusters work runs on. Node inventory,
 //! placement, quota admission and the balancer arrive with the issue that builds them.
 
+pub mod balance;
+pub mod inventory;
+pub mod placement;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,7 +13,13 @@ use cube_kit::config::AuthClientArgs;
 use cube_kit::identity::{Gate, Principal, RevocationFeed, service_gate};
 use cube_kit::{ApiError, Channel, Server};
 use cube_proto::cube::scheduler::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
-use cube_proto::cube::scheduler::v1::{Cluster, GetClusterRequest, ListClustersRequest, ListClustersResponse};
+use cube_proto::cube::scheduler::v1::node_service_server::{NodeService, NodeServiceServer};
+use cube_proto::cube::scheduler::v1::{
+    Capacity, Cluster, ClusterHealth, GetCapacityRequest, GetClusterRequest, ListClustersRequest, ListClustersResponse,
+    ListNodesRequest, ListNodesResponse, Node, Resources, Taint,
+};
+
+use crate::inventory::{Amounts, Fleet, InventoryOptions, NodeView, selector_matches};
 use serde::Deserialize;
 use tonic::{Request, Response, Status};
 
@@ -193,14 +203,32 @@ impl ClusterRegistry {
         self.clusters.iter().find(|cluster| cluster.name == name)
     }
 
+    /// Returns every cluster, the default first.
+    pub fn clusters(&self) -> &[ClusterConfig] {
+        &self.clusters
+    }
+
     /// Returns the names of every cluster, the default first.
     pub fn names(&self) -> Vec<&str> {
         self.clusters.iter().map(|cluster| cluster.name.as_str()).collect()
     }
 }
 
-fn message(cluster: &ClusterConfig) -> Cluster {
+fn message(cluster: &ClusterConfig, health: Result<String, String>) -> Cluster {
+    let health = match health {
+        Ok(version) => ClusterHealth {
+            reachable: true,
+            version,
+            message: String::new(),
+        },
+        Err(message) => ClusterHealth {
+            reachable: false,
+            version: String::new(),
+            message,
+        },
+    };
     Cluster {
+        health: Some(health),
         name: format!("clusters/{}", cluster.name),
         default: cluster.default,
         in_cluster: cluster.in_cluster,
@@ -212,8 +240,65 @@ fn message(cluster: &ClusterConfig) -> Cluster {
     }
 }
 
-/// Serves `ClusterService`.
-struct Clusters(ClusterRegistry);
+/// Serves `ClusterService` and `NodeService`.
+#[derive(Clone)]
+struct Clusters {
+    registry: ClusterRegistry,
+    fleet: Arc<Fleet>,
+}
+
+impl Clusters {
+    /// The registered cluster named in `field` as `clusters/{cluster}`.
+    fn cluster(&self, field: &str, name: &str) -> Result<&ClusterConfig, ApiError> {
+        let id = name
+            .strip_prefix("clusters/")
+            .ok_or_else(|| ApiError::invalid(field, format!("expected clusters/{{cluster}}, got {name:?}")))?;
+        self.registry.get(id).ok_or_else(|| ApiError::NotFound {
+            kind: "cluster",
+            name: format!("{name} (registered: {})", self.registry.names().join(", ")),
+        })
+    }
+
+    /// The nodes of a cluster, or why there are none to show.
+    fn nodes(&self, cluster: &ClusterConfig) -> Result<Vec<NodeView>, ApiError> {
+        self.fleet
+            .nodes(&cluster.name)
+            .map_err(|error| ApiError::FailedPrecondition {
+                message: error.to_string(),
+            })
+    }
+}
+
+fn amounts(amounts: &Amounts) -> Resources {
+    Resources {
+        cpu_millis: amounts.cpu_millis,
+        memory_bytes: amounts.memory_bytes,
+        gpus: amounts.gpus,
+        other: amounts.other.clone().into_iter().collect(),
+    }
+}
+
+fn node_message(cluster: &str, node: &NodeView) -> Node {
+    Node {
+        name: format!("clusters/{cluster}/nodes/{}", node.name),
+        labels: node.labels.clone().into_iter().collect(),
+        resource_group: node.resource_group.clone(),
+        ready: node.ready,
+        unschedulable: node.unschedulable,
+        taints: node
+            .taints
+            .iter()
+            .map(|(key, value, effect)| Taint {
+                key: key.clone(),
+                value: value.clone(),
+                effect: effect.clone(),
+            })
+            .collect(),
+        allocatable: Some(amounts(&node.allocatable)),
+        requested: Some(amounts(&node.requested)),
+        gpu_type: node.labels.get("gpu-type").cloned().unwrap_or_default(),
+    }
+}
 
 #[tonic::async_trait]
 impl ClusterService for Clusters {
@@ -222,24 +307,81 @@ impl ClusterService for Clusters {
         request: Request<ListClustersRequest>,
     ) -> Result<Response<ListClustersResponse>, Status> {
         Principal::of(&request).map_err(|error| error.status(DOMAIN))?;
+        let healths = futures::future::join_all(
+            self.registry
+                .clusters()
+                .iter()
+                .map(|cluster| self.fleet.health(&cluster.name)),
+        )
+        .await;
         Ok(Response::new(ListClustersResponse {
-            clusters: self.0.clusters.iter().map(message).collect(),
+            clusters: self
+                .registry
+                .clusters()
+                .iter()
+                .zip(healths)
+                .map(|(cluster, health)| message(cluster, health))
+                .collect(),
         }))
     }
 
     async fn get_cluster(&self, request: Request<GetClusterRequest>) -> Result<Response<Cluster>, Status> {
-        let get = || {
+        let get = async {
             Principal::of(&request)?;
-            let name = &request.get_ref().name;
-            let id = name
-                .strip_prefix("clusters/")
-                .ok_or_else(|| ApiError::invalid("name", format!("expected clusters/{{cluster}}, got {name:?}")))?;
-            self.0.get(id).map(message).ok_or_else(|| ApiError::NotFound {
-                kind: "cluster",
-                name: format!("{name} (registered: {})", self.0.names().join(", ")),
+            let cluster = self.cluster("name", &request.get_ref().name)?;
+            Ok::<_, ApiError>(message(cluster, self.fleet.health(&cluster.name).await))
+        };
+        get.await.map(Response::new).map_err(|error| error.status(DOMAIN))
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for Clusters {
+    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        let list = || {
+            Principal::of(&request)?;
+            let body = request.get_ref();
+            let cluster = self.cluster("parent", &body.parent)?;
+            let mut nodes = Vec::new();
+            for node in self.nodes(cluster)? {
+                let selected = selector_matches(&body.label_selector, &node.labels)
+                    .map_err(|message| ApiError::invalid("label_selector", message))?;
+                if selected && (body.resource_group.is_empty() || node.resource_group == body.resource_group) {
+                    nodes.push(node_message(&cluster.name, &node));
+                }
+            }
+            Ok::<_, ApiError>(ListNodesResponse { nodes })
+        };
+        list().map(Response::new).map_err(|error| error.status(DOMAIN))
+    }
+
+    async fn get_capacity(&self, request: Request<GetCapacityRequest>) -> Result<Response<Capacity>, Status> {
+        let capacity = || {
+            Principal::of(&request)?;
+            let body = request.get_ref();
+            let cluster = self.cluster("cluster", &body.cluster)?;
+            let mut allocatable = Amounts::default();
+            let mut requested = Amounts::default();
+            let mut count = 0;
+            for node in self.nodes(cluster)? {
+                let counted = node.ready
+                    && !node.unschedulable
+                    && (body.resource_group.is_empty() || node.resource_group == body.resource_group);
+                if counted {
+                    count += 1;
+                    allocatable.add(&node.allocatable);
+                    requested.add(&node.requested);
+                }
+            }
+            Ok::<_, ApiError>(Capacity {
+                cluster: format!("clusters/{}", cluster.name),
+                resource_group: body.resource_group.clone(),
+                nodes: count,
+                allocatable: Some(amounts(&allocatable)),
+                requested: Some(amounts(&requested)),
             })
         };
-        get().map(Response::new).map_err(|error| error.status(DOMAIN))
+        capacity().map(Response::new).map_err(|error| error.status(DOMAIN))
     }
 }
 
@@ -263,9 +405,12 @@ impl Scheduler {
         bus: &Arc<dyn EventBus>,
     ) -> Result<Self, cube_bus::BusError> {
         let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", auth, bus, &[]).await?;
+        let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions::default()).await);
+        let clusters = Clusters { registry, fleet };
         let server = Server::new("scheduler", "cube.scheduler.v1")
             .authenticate(gate)
-            .add_service(ClusterServiceServer::new(Clusters(registry)));
+            .add_service(ClusterServiceServer::new(clusters.clone()))
+            .add_service(NodeServiceServer::new(clusters));
         Ok(Self { server, feed })
     }
 }
