@@ -19,8 +19,8 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Audit, Core, audit, db_error, enqueue, json_list, may_access, parse_permissions, permissions_of, status,
-    store_permissions, timestamp, timestamp_ms, username_in,
+    Audit, Core, audit, db_error, enqueue, json_list, may_access, parse_permissions, permissions_of, require_scope,
+    status, store_permissions, timestamp, timestamp_ms, username_in,
 };
 use crate::credentials;
 use crate::model::{api_token, user};
@@ -148,6 +148,7 @@ impl ApiTokens {
         let request = request.into_inner();
         let username = username_in("parent", &request.parent, &caller)?;
         may_access(&caller, &username)?;
+        require_scope(&caller, "apiTokens", "list")?;
         let size = page_size(request.page_size)?;
         let after: Option<(i64, String)> = decode_token(&request.page_token)?;
         let mut query = api_token::Entity::find()
@@ -190,6 +191,7 @@ impl ApiTokens {
         let (parent, id) = name.split_once("/apiTokens/").ok_or_else(malformed)?;
         let username = username_in("name", parent, &caller)?;
         may_access(&caller, &username)?;
+        require_scope(&caller, "apiTokens", "delete")?;
         let not_found = || ApiError::NotFound {
             kind: "API token",
             name: format!("users/{username}/apiTokens/{id}"),

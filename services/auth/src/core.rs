@@ -157,6 +157,20 @@ pub(crate) fn may_access(caller: &Principal, username: &str) -> Result<(), ApiEr
     }
 }
 
+/// Requires that the caller's credential may use `resource_type.verb`: API tokens created with scopes reach only
+/// what their scopes name, also among the self-service RPCs (a token scoped to `projects.list` cannot change its
+/// owner's profile or revoke their other tokens).
+pub(crate) fn require_scope(caller: &Principal, resource_type: &str, verb: &str) -> Result<(), ApiError> {
+    let permission = cube_kit::identity::Permission::new(resource_type, verb);
+    if caller.scope_allows(&permission) {
+        Ok(())
+    } else {
+        Err(ApiError::PermissionDenied {
+            permission: format!("{permission} (not among this API token's scopes)"),
+        })
+    }
+}
+
 /// Requires the admin role.
 pub(crate) fn require_admin(caller: &Principal, permission: &str) -> Result<(), ApiError> {
     if caller.is_admin() {

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{
     Audit, Core, MIN_NEW_PASSWORD_BYTES, audit, check_password, db_error, enqueue, invalid_id, may_access,
-    require_admin, status, timestamp, user_message, username_in, valid_id,
+    require_admin, require_scope, status, timestamp, user_message, username_in, valid_id,
 };
 use crate::credentials;
 use crate::login::USER_CREATED;
@@ -145,6 +145,7 @@ impl Users {
         let caller = Principal::of(&request)?;
         let username = username_in("name", &request.get_ref().name, &caller)?;
         may_access(&caller, &username)?;
+        require_scope(&caller, "users", "get")?;
         let row = self.0.user(&username).await?.ok_or_else(|| not_found(&username))?;
         Ok(user_message(&row))
     }
@@ -211,6 +212,7 @@ impl Users {
         let user = user.ok_or_else(|| ApiError::invalid("user", "is required"))?;
         let username = username_in("user.name", &user.name, &caller)?;
         may_access(&caller, &username)?;
+        require_scope(&caller, "users", "update")?;
         let paths = update_mask.map(|mask| mask.paths).unwrap_or_default();
         if paths.is_empty() {
             return Err(ApiError::invalid(
@@ -380,6 +382,7 @@ impl Users {
         } = request.into_inner();
         let username = username_in("name", &name, &caller)?;
         may_access(&caller, &username)?;
+        require_scope(&caller, "users", "update")?;
         let own = username == caller.username;
         check_password("new_password", &new_password, MIN_NEW_PASSWORD_BYTES)?;
         if own {

@@ -254,6 +254,33 @@ async fn api_tokens_authenticate_list_without_secrets_and_revoke(url: &str) {
     names.sort();
     assert_eq!(names, ["ci-nightly", "notebook", "sdk"]);
 
+    // A scoped token reaches only its scopes, also among the self-service RPCs.
+    expect_code(
+        auth.users()
+            .update_user(authed(
+                UpdateUserRequest {
+                    user: Some(User {
+                        name: "users/me".into(),
+                        email: "mallory@example.com".into(),
+                        ..User::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["email".into()],
+                    }),
+                },
+                sdk_secret,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "a token scoped to projects.list changing the profile",
+    );
+    expect_code(
+        auth.tokens()
+            .delete_api_token(authed(DeleteApiTokenRequest { name: ci.name.clone() }, sdk_secret))
+            .await,
+        Code::PermissionDenied,
+        "a token scoped to projects.list revoking another token",
+    );
     auth.tokens()
         .delete_api_token(authed(DeleteApiTokenRequest { name: ci.name.clone() }, &carol))
         .await

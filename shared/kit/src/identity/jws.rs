@@ -54,8 +54,8 @@ pub enum TokenError {
     /// The header names an algorithm other than EdDSA.
     #[error("tokens signed with {0:?} are not accepted (only EdDSA)")]
     Algorithm(String),
-    /// No known key has the token's key id.
-    #[error("the token was signed with an unknown key {0:?}")]
+    /// No known key has the token's key id (shown cut to 40 characters).
+    #[error("the token was signed with an unknown key {:?}", .0.chars().take(40).collect::<String>())]
     UnknownKey(String),
     /// The signature does not verify.
     #[error("the token's signature is invalid")]
