@@ -187,9 +187,19 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         .map_err(|error| RunError::Serve(error.into()))?;
     let auth_channel = Channel::in_process(auth_routes);
     gateway = gateway.route("cube.auth.v1", auth_channel.clone());
-    let scheduler =
-        cube_scheduler::Scheduler::start(cube_scheduler::ClusterRegistry::embedded(), auth_channel.clone(), &bus)
-            .await?;
+    // The scheduler reads projects' settings and projects checks clusters with the scheduler: the scheduler's
+    // channel to projects is bound once projects is built.
+    let (projects_for_scheduler, projects_late) = Channel::late();
+    let scheduler = cube_scheduler::Scheduler::start(
+        cube_scheduler::ClusterRegistry::embedded(),
+        cube_scheduler::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_for_scheduler,
+        },
+        &bus,
+        cube_scheduler::placement::PlacementConfig::default(),
+    )
+    .await?;
     let _scheduler_feed = scheduler.feed;
     let scheduler_channel = Channel::in_process(
         scheduler
@@ -213,15 +223,12 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     )
     .await?;
     let _projects_background = projects.background;
-    gateway = gateway.route(
-        "cube.projects.v1",
-        Channel::in_process(
-            projects
-                .server
-                .into_routes()
-                .map_err(|error| RunError::Serve(error.into()))?,
-        ),
-    );
+    let projects_routes = projects
+        .server
+        .into_routes()
+        .map_err(|error| RunError::Serve(error.into()))?;
+    projects_late.bind(Channel::in_process(projects_routes.clone()));
+    gateway = gateway.route("cube.projects.v1", Channel::in_process(projects_routes));
     for build in SERVICES {
         let server = build();
         let package = server.package().to_owned();

@@ -117,7 +117,17 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let _auth_background = auth.background;
     let auth = start_server(auth.server).await;
     let auth_channel = Channel::remote(&auth.url())?;
-    let scheduler = Scheduler::start(ClusterRegistry::embedded(), auth_channel.clone(), &bus).await?;
+    let (projects_for_scheduler, _unbound) = Channel::late();
+    let scheduler = Scheduler::start(
+        ClusterRegistry::embedded(),
+        cube_scheduler::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_for_scheduler,
+        },
+        &bus,
+        cube_scheduler::placement::PlacementConfig::default(),
+    )
+    .await?;
     let _scheduler_feed = scheduler.feed;
     let scheduler = start_server(scheduler.server).await;
 

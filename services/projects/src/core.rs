@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use cube_bus::EventBus;
-use cube_kit::identity::{Principal, bearer_token};
+use cube_kit::identity::{Principal, forward_token};
 use cube_kit::{ApiError, Channel};
 use cube_proto::cube::auth::v1::role_service_client::RoleServiceClient;
 use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorkloadServiceClient;
@@ -377,18 +377,6 @@ impl Core {
         }
         Ok(live)
     }
-}
-
-/// Copies the caller's bearer token onto a call this service makes on their behalf.
-pub(crate) fn forward_token<T, U>(from: &tonic::Request<T>, to: &mut tonic::Request<U>) -> Result<(), ApiError> {
-    let token = bearer_token(from.metadata().as_ref())?;
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| ApiError::Unauthenticated {
-            message: "the token holds characters metadata cannot carry".into(),
-        })?;
-    to.metadata_mut().insert("authorization", value);
-    Ok(())
 }
 
 /// The error for a failed call to another service.

@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod inventory;
+mod place;
 pub mod placement;
 
 use std::path::{Path, PathBuf};
@@ -19,12 +20,15 @@ use cube_proto::cube::scheduler::v1::{
     ListNodesRequest, ListNodesResponse, Node, Resources, Taint,
 };
 
+use cube_proto::cube::scheduler::v1::placement_service_server::PlacementServiceServer;
+
 use crate::inventory::{Amounts, Fleet, InventoryOptions, NodeView, selector_matches};
+use crate::placement::PlacementConfig;
 use serde::Deserialize;
 use tonic::{Request, Response, Status};
 
 /// The domain in the scheduler's `ErrorInfo`s.
-const DOMAIN: &str = "scheduler.cube.dev";
+pub(crate) const DOMAIN: &str = "scheduler.cube.dev";
 
 /// The scheduler's flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +42,17 @@ pub struct SchedulerArgs {
     /// Redis for the event bus (in-process when unset).
     #[command(flatten)]
     pub redis: cube_kit::config::RedisArgs,
+    /// The projects service's gRPC URL: placement reads the project's settings there.
+    #[arg(
+        long = "projects-url",
+        env = "CUBE_PROJECTS_URL",
+        default_value = "http://cube-projects:8080"
+    )]
+    pub projects_url: String,
+    /// The placement settings (GPU, vGPU and RDMA resource names, exclusivity) as JSON; cube-studio's defaults
+    /// when unset.
+    #[arg(long = "placement-file", env = "CUBE_PLACEMENT_FILE")]
+    pub placement_file: Option<PathBuf>,
 }
 
 /// One cluster as the cluster file describes it.
@@ -385,6 +400,15 @@ impl NodeService for Clusters {
     }
 }
 
+/// The services the scheduler calls.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    /// The auth service, whose keys verify tokens.
+    pub auth: Channel,
+    /// The projects service, whose settings placement reads.
+    pub projects: Channel,
+}
+
 /// A started scheduler: its server, and the revocation feed to keep while serving.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -401,16 +425,28 @@ impl Scheduler {
     /// Returns an error when the revocation events cannot be subscribed to.
     pub async fn start(
         registry: ClusterRegistry,
-        auth: Channel,
+        peers: Peers,
         bus: &Arc<dyn EventBus>,
+        placement: PlacementConfig,
     ) -> Result<Self, cube_bus::BusError> {
-        let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", auth, bus, &[]).await?;
-        let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions::default()).await);
+        let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", peers.auth, bus, &[]).await?;
+        let mut gpu_resources: Vec<String> = placement.gpu_vendors.values().cloned().collect();
+        gpu_resources.push(placement.gpu_resource.clone());
+        gpu_resources.sort();
+        gpu_resources.dedup();
+        let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions { gpu_resources }).await);
+        let placer = place::Placer {
+            registry: registry.clone(),
+            fleet: fleet.clone(),
+            projects: peers.projects,
+            config: Arc::new(placement),
+        };
         let clusters = Clusters { registry, fleet };
         let server = Server::new("scheduler", "cube.scheduler.v1")
             .authenticate(gate)
             .add_service(ClusterServiceServer::new(clusters.clone()))
-            .add_service(NodeServiceServer::new(clusters));
+            .add_service(NodeServiceServer::new(clusters))
+            .add_service(PlacementServiceServer::new(placer));
         Ok(Self { server, feed })
     }
 }
@@ -438,10 +474,21 @@ pub enum ServeError {
 /// Returns why it could not start or stopped serving.
 pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Result<(), ServeError> {
     let registry = ClusterRegistry::load(&args.clusters_file)?;
+    let placement = match &args.placement_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| ServeError::Url(format!("reading --placement-file {}: {error}", path.display())))?;
+            serde_json::from_str(&text)
+                .map_err(|error| ServeError::Url(format!("--placement-file {}: {error}", path.display())))?
+        }
+        None => PlacementConfig::default(),
+    };
     let auth = Channel::remote(&args.auth.auth_url).map_err(|error| ServeError::Url(format!("--auth-url: {error}")))?;
+    let projects =
+        Channel::remote(&args.projects_url).map_err(|error| ServeError::Url(format!("--projects-url: {error}")))?;
     let bus =
         cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Url(error.to_string()))?;
-    let scheduler = Scheduler::start(registry, auth, &bus).await?;
+    let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, placement).await?;
     let _feed = scheduler.feed;
     cube_kit::cli::serve(scheduler.server, serve).await?;
     Ok(())

@@ -1,6 +1,7 @@
 //! The one client channel type every Cube service and the gateway call each other through, over the network
 //! or in-process.
 
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -84,6 +85,24 @@ impl Channel {
         Self::from_service(ServiceExt::<Request<Body>>::map_err(routes, |never| match never {}))
     }
 
+    /// Creates a channel whose target is given later through the returned [`LateRoutes`]: for services that call each
+    /// other in one process (`cube up`), where each needs the other's channel before the other is built. Calls
+    /// before the routes are bound fail with UNAVAILABLE.
+    pub fn late() -> (Self, LateRoutes) {
+        let slot: Arc<OnceLock<Channel>> = Arc::new(OnceLock::new());
+        let target = Arc::clone(&slot);
+        let service = tower::service_fn(move |request: Request<Body>| {
+            let channel = target.get().cloned();
+            async move {
+                match channel {
+                    Some(mut channel) => channel.call(request).await,
+                    None => Err(Box::new(tonic::Status::unavailable("the service is still starting")) as BoxError),
+                }
+            }
+        });
+        (Self::from_service(service), LateRoutes(slot))
+    }
+
     fn from_service<S>(service: S) -> Self
     where
         S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + Sync + 'static,
@@ -96,6 +115,17 @@ impl Channel {
         Self {
             inner: BoxCloneSyncService::new(service),
         }
+    }
+}
+
+/// Binds the routes of a [`Channel::late`] channel.
+#[derive(Debug)]
+pub struct LateRoutes(Arc<OnceLock<Channel>>);
+
+impl LateRoutes {
+    /// Sends the channel's calls through `channel` from now on; binding twice keeps the first.
+    pub fn bind(&self, channel: Channel) {
+        let _ = self.0.set(channel);
     }
 }
 

@@ -179,9 +179,19 @@ pub async fn start_full(
     let auth_background = auth.background;
     let auth_running = serve(auth.server).await;
     let auth_channel = Channel::remote(&format!("http://{}", auth_running.address)).expect("auth url");
-    let scheduler = Scheduler::start(registry(), auth_channel.clone(), &bus)
-        .await
-        .expect("scheduler");
+    // The scheduler reads project settings from the projects server started below (it is not needed here).
+    let (projects_for_scheduler, _unbound) = Channel::late();
+    let scheduler = Scheduler::start(
+        registry(),
+        cube_scheduler::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_for_scheduler,
+        },
+        &bus,
+        cube_scheduler::placement::PlacementConfig::default(),
+    )
+    .await
+    .expect("scheduler");
     let scheduler_feed = scheduler.feed;
     let scheduler_running = serve(scheduler.server).await;
     let projects = Projects::start(

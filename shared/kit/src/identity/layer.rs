@@ -86,3 +86,19 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<&str, ApiError> {
     }
     Ok(token)
 }
+
+/// Copies the caller's bearer token onto a call a service makes on the caller's behalf, so that the service it
+/// calls verifies the same caller.
+///
+/// # Errors
+/// `UNAUTHENTICATED` when `from` carries no bearer token.
+pub fn forward_token<T, U>(from: &tonic::Request<T>, to: &mut tonic::Request<U>) -> Result<(), ApiError> {
+    let token = bearer_token(from.metadata().as_ref())?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ApiError::Unauthenticated {
+            message: "the token holds characters metadata cannot carry".into(),
+        })?;
+    to.metadata_mut().insert("authorization", value);
+    Ok(())
+}

@@ -9,7 +9,7 @@ mod principal;
 mod remote;
 mod verifier;
 
-pub use layer::{Gate, bearer_token};
+pub use layer::{Gate, bearer_token, forward_token};
 pub use principal::{ADMIN_ROLE, Credential, Permission, Principal};
 pub use remote::RemoteAuthority;
 /// Builds the gate of a service other than auth: tokens verified with keys from the auth service behind

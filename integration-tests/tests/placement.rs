@@ -1,0 +1,342 @@
+//! `PlacementService.Place` across real services: auth issues the tokens, projects holds the project's settings
+//! (read by the scheduler with the caller's token), and the scheduler judges the placement against fake nodes it
+//! watches on the real kube-apiserver of the test environment.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cube_auth::{Auth, AuthArgs};
+use cube_bus::{BusOptions, EventBus, MemoryBus};
+use cube_integration_tests::{Running, start_server};
+use cube_kit::Channel;
+use cube_kit::config::DatabaseArgs;
+use cube_projects::Projects;
+use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
+use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
+use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
+use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
+use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Settings};
+use cube_proto::cube::scheduler::v1::placement_service_client::PlacementServiceClient;
+use cube_proto::cube::scheduler::v1::{PlaceRequest, WorkloadKind};
+use cube_scheduler::{ClusterConfig, ClusterRegistry, Scheduler};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+const ADMIN_PASSWORD: &str = "placement admin password";
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("metadata"));
+    request
+}
+
+async fn kube_client(path: &str) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kube config");
+    Client::try_from(config).expect("client")
+}
+
+/// A fake GPU node with `labels`, `gpus` allocatable, Ready; deleted with the guard.
+struct FakeNode {
+    client: Client,
+    name: String,
+}
+
+impl FakeNode {
+    async fn create(client: &Client, labels: serde_json::Value, gpus: u32) -> Self {
+        let name = format!("place-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let nodes = Api::<Node>::all(client.clone());
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("node");
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("creating a node");
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = json!({"status": {
+            "allocatable": {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": gpus.to_string(), "pods": "110"},
+            "capacity": {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": gpus.to_string(), "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
+        }});
+        nodes
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("node status");
+        Self {
+            client: client.clone(),
+            name,
+        }
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        let (client, name) = (self.client.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let _ = Api::<Node>::all(client).delete(&name, &DeleteParams::default()).await;
+            });
+        })
+        .join();
+    }
+}
+
+struct Platform {
+    scheduler: Running,
+    projects: Running,
+    token: String,
+    stranger: String,
+    _keep: (
+        Running,
+        cube_auth::Background,
+        cube_kit::identity::RevocationFeed,
+        cube_projects::Background,
+    ),
+    _data: tempfile::TempDir,
+}
+
+async fn platform(kubeconfig: &str) -> Platform {
+    let data = tempfile::tempdir().expect("tempdir");
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+    let auth = Auth::start(
+        &AuthArgs::embedded(
+            format!("sqlite://{}", data.path().join("auth.db").display()),
+            Some(ADMIN_PASSWORD.into()),
+        )
+        .expect("flags"),
+        bus.clone(),
+    )
+    .await
+    .expect("auth");
+    let auth_background = auth.background;
+    let auth = start_server(auth.server).await;
+    let auth_channel = Channel::remote(&auth.url()).expect("url");
+    let registry = ClusterRegistry::new(vec![ClusterConfig {
+        name: "kube".into(),
+        default: true,
+        kubeconfig: Some(kubeconfig.into()),
+        in_cluster: false,
+        pipeline_namespace: "pipeline".into(),
+        notebook_namespace: "jupyter".into(),
+        service_namespace: "service".into(),
+        service_domain: "cluster.local".into(),
+        external_host: String::new(),
+    }])
+    .expect("registry");
+    let (projects_for_scheduler, projects_late) = Channel::late();
+    let scheduler = Scheduler::start(
+        registry,
+        cube_scheduler::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_for_scheduler,
+        },
+        &bus,
+        cube_scheduler::placement::PlacementConfig::default(),
+    )
+    .await
+    .expect("scheduler");
+    let scheduler_feed = scheduler.feed;
+    let scheduler = start_server(scheduler.server).await;
+    let projects = Projects::start(
+        &DatabaseArgs {
+            database_url: format!("sqlite://{}", data.path().join("projects.db").display()),
+            migrate: true,
+        },
+        cube_projects::Peers {
+            auth: auth_channel,
+            scheduler: Channel::remote(&scheduler.url()).expect("url"),
+            workloads: Vec::new(),
+        },
+        bus,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("projects");
+    let projects_background = projects.background;
+    let projects = start_server(projects.server).await;
+    projects_late.bind(Channel::remote(&projects.url()).expect("url"));
+
+    let connection = tonic::transport::Endpoint::from_shared(auth.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let login = |username: &'static str, password: &'static str| {
+        let connection = connection.clone();
+        async move {
+            AuthServiceClient::new(connection)
+                .login(LoginRequest {
+                    username: username.into(),
+                    password: password.into(),
+                })
+                .await
+                .expect("login")
+                .into_inner()
+                .access_token
+        }
+    };
+    let admin = login("admin", ADMIN_PASSWORD).await;
+    for user in ["lena", "omar"] {
+        UserServiceClient::new(connection.clone())
+            .create_user(authed(
+                CreateUserRequest {
+                    user: Some(User {
+                        email: format!("{user}@example.com"),
+                        ..User::default()
+                    }),
+                    user_id: user.into(),
+                    password: format!("{user} long password"),
+                },
+                &admin,
+            ))
+            .await
+            .expect("creating a user");
+    }
+    Platform {
+        scheduler,
+        projects,
+        token: login("lena", "lena long password").await,
+        stranger: login("omar", "omar long password").await,
+        _keep: (auth, auth_background, scheduler_feed, projects_background),
+        _data: data,
+    }
+}
+
+fn request(gpu: &str) -> PlaceRequest {
+    PlaceRequest {
+        project: "projects/vision".into(),
+        kind: WorkloadKind::Train as i32,
+        cpu: "2~4".into(),
+        memory: "8G".into(),
+        gpu: gpu.into(),
+        rdma: 0,
+        replica_label: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run() {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let client = kube_client(&kubeconfig).await;
+    // A resource group and a GPU model no other test uses.
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let group = format!("vision-{suffix}");
+    let gpu_type = format!("G{}", suffix.to_uppercase());
+    let _node = FakeNode::create(
+        &client,
+        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": gpu_type}),
+        4,
+    )
+    .await;
+    let platform = platform(&kubeconfig).await;
+    ProjectServiceClient::new(
+        tonic::transport::Endpoint::from_shared(platform.projects.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    )
+    .create_project(authed(
+        CreateProjectRequest {
+            project: Some(Project {
+                r#type: ProjectType::Org as i32,
+                settings: Some(Settings {
+                    resource_group: group.clone(),
+                    ..Settings::default()
+                }),
+                ..Project::default()
+            }),
+            project_id: "vision".into(),
+        },
+        &platform.token,
+    ))
+    .await
+    .expect("creating the project");
+    let mut placer = PlacementServiceClient::new(
+        tonic::transport::Endpoint::from_shared(platform.scheduler.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+
+    // The inventory sees the node within a few seconds of the scheduler starting.
+    let wanted = format!("2({gpu_type})");
+    let placement = cube_testkit::eventually("a placement on the fake node", Duration::from_secs(10), || {
+        let mut placer = placer.clone();
+        let request = authed(request(&wanted), &platform.token);
+        async move { placer.place(request).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert_eq!(placement.cluster, "clusters/kube");
+    assert_eq!(placement.namespace, "pipeline");
+    let selector: Vec<(String, String)> = {
+        let mut pairs: Vec<_> = placement.node_selector.clone().into_iter().collect();
+        pairs.sort();
+        pairs
+    };
+    assert_eq!(
+        selector,
+        [
+            ("gpu".to_owned(), "true".to_owned()),
+            ("gpu-type".to_owned(), gpu_type.clone()),
+            ("org".to_owned(), group.clone()),
+            ("train".to_owned(), "true".to_owned()),
+        ]
+    );
+    assert_eq!(placement.requests.get("nvidia.com/gpu").map(String::as_str), Some("2"));
+    assert_eq!(placement.requests.get("cpu").map(String::as_str), Some("2"));
+    assert_eq!(placement.limits.get("cpu").map(String::as_str), Some("4"));
+    assert_eq!(placement.pod_labels.get("gpu").map(String::as_str), Some("true"));
+    assert!(!placement.pod_affinity.is_empty(), "GPU pods pack together");
+
+    // More GPUs than any such node has, and a GPU model no node has.
+    let too_many = placer
+        .place(authed(request(&format!("8({gpu_type})")), &platform.token))
+        .await;
+    let status = too_many.expect_err("8 GPUs fit on no node");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("nvidia.com/gpu"), "{status:?}");
+    let status = placer
+        .place(authed(request("1(NOSUCHGPU)"), &platform.token))
+        .await
+        .expect_err("no node has that GPU type");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("NOSUCHGPU"), "{status:?}");
+
+    // Malformed strings name their fields.
+    let mut bad = request("1.5");
+    bad.cpu = "lots".into();
+    let status = placer
+        .place(authed(bad, &platform.token))
+        .await
+        .expect_err("bad strings");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .map(|request| request.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    fields.sort();
+    assert_eq!(fields, ["cpu", "gpu"]);
+
+    // Someone outside the project learns nothing about it.
+    let status = placer
+        .place(authed(request("1"), &platform.stranger))
+        .await
+        .expect_err("a non-member");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
