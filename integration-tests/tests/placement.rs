@@ -19,7 +19,7 @@ use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType,
 use cube_proto::cube::scheduler::v1::placement_service_client::PlacementServiceClient;
 use cube_proto::cube::scheduler::v1::{PlaceRequest, WorkloadKind};
 use cube_scheduler::{ClusterConfig, ClusterRegistry, Scheduler};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -70,6 +70,15 @@ impl FakeNode {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .expect("node status");
+        // New nodes are tainted not-ready until a kubelet reports; the test plays the kubelet.
+        nodes
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"taints": null}})),
+            )
+            .await
+            .expect("untainting the node");
         Self {
             client: client.clone(),
             name,
@@ -339,4 +348,147 @@ async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run() {
         .await
         .expect_err("a non-member");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
+
+/// A pod built from a placement, as the workload services will build theirs.
+fn pod_from(name: &str, placement: &cube_proto::cube::scheduler::v1::Placement) -> Pod {
+    let terms = |terms: &[cube_proto::cube::scheduler::v1::AffinityTerm]| -> Vec<serde_json::Value> {
+        terms
+            .iter()
+            .map(|term| {
+                json!({"weight": term.weight, "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": term.match_labels},
+                    "topologyKey": term.topology_key}})
+            })
+            .collect()
+    };
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": placement.pod_labels},
+        "spec": {
+            "nodeSelector": placement.node_selector,
+            "affinity": {
+                "podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": terms(&placement.pod_affinity)},
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": terms(&placement.pod_anti_affinity)},
+            },
+            "containers": [{"name": "main", "image": "busybox",
+                "resources": {"requests": placement.requests, "limits": placement.limits}}],
+        },
+    }))
+    .expect("pod")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let client = kube_client(&kubeconfig).await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let group = format!("bind-{suffix}");
+    let gpu_type = format!("B{}", suffix.to_uppercase());
+    let other_type = format!("O{}", suffix.to_uppercase());
+    // One node per class and kind in our resource group, plus decoys that differ in one label each.
+    let cpu_train = FakeNode::create(&client, json!({"cpu": "true", "train": "true", "org": group}), 0).await;
+    let cpu_notebook = FakeNode::create(&client, json!({"cpu": "true", "notebook": "true", "org": group}), 0).await;
+    let gpu_typed = FakeNode::create(
+        &client,
+        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": gpu_type}),
+        2,
+    )
+    .await;
+    let _gpu_other = FakeNode::create(
+        &client,
+        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": other_type}),
+        2,
+    )
+    .await;
+    let vgpu = FakeNode::create(&client, json!({"vgpu": "true", "train": "true", "org": group}), 0).await;
+    let _other_group = FakeNode::create(
+        &client,
+        json!({"cpu": "true", "train": "true", "notebook": "true", "org": format!("{group}-x")}),
+        0,
+    )
+    .await;
+
+    let platform = platform(&kubeconfig).await;
+    ProjectServiceClient::new(
+        tonic::transport::Endpoint::from_shared(platform.projects.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    )
+    .create_project(authed(
+        CreateProjectRequest {
+            project: Some(Project {
+                r#type: ProjectType::Org as i32,
+                settings: Some(Settings {
+                    resource_group: group.clone(),
+                    ..Settings::default()
+                }),
+                ..Project::default()
+            }),
+            project_id: "vision".into(),
+        },
+        &platform.token,
+    ))
+    .await
+    .expect("creating the project");
+    let placer = PlacementServiceClient::new(
+        tonic::transport::Endpoint::from_shared(platform.scheduler.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let namespace = format!("bind-{suffix}");
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+
+    // (row, kind, gpu string, the node it must land on)
+    let rows = [
+        ("cpu train", WorkloadKind::Train, String::new(), &cpu_train.name),
+        (
+            "cpu notebook",
+            WorkloadKind::Notebook,
+            String::new(),
+            &cpu_notebook.name,
+        ),
+        (
+            "typed gpu",
+            WorkloadKind::Train,
+            format!("1({gpu_type})"),
+            &gpu_typed.name,
+        ),
+        ("vgpu share", WorkloadKind::Train, "0.5".to_owned(), &vgpu.name),
+    ];
+    for (index, (row, kind, gpu, expected)) in rows.iter().enumerate() {
+        let mut wanted = request(gpu);
+        wanted.kind = *kind as i32;
+        wanted.cpu = "1".into();
+        wanted.memory = "1G".into();
+        let placement = cube_testkit::eventually(&format!("a placement for {row}"), Duration::from_secs(10), || {
+            let mut placer = placer.clone();
+            let request = authed(wanted.clone(), &platform.token);
+            async move { placer.place(request).await.ok() }
+        })
+        .await
+        .into_inner();
+        let name = format!("pod-{index}");
+        pods.create(&PostParams::default(), &pod_from(&name, &placement))
+            .await
+            .expect("creating the pod");
+        let bound = cube_testkit::eventually(&format!("the {row} pod bound"), Duration::from_secs(30), || {
+            let pods = pods.clone();
+            let name = name.clone();
+            async move { pods.get(&name).await.ok()?.spec?.node_name }
+        })
+        .await;
+        assert_eq!(&bound, *expected, "{row}: bound to the wrong node");
+    }
+    let _ = Api::<Namespace>::all(client)
+        .delete(&namespace, &DeleteParams::default())
+        .await;
 }
