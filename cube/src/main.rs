@@ -198,6 +198,12 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         },
         &bus,
         cube_scheduler::placement::PlacementConfig::default(),
+        cube_kit::db::connect::<cube_scheduler::model::Migrator>(
+            &format!("sqlite://{}", args.data_dir.join("scheduler.db").display()),
+            true,
+        )
+        .await
+        .map_err(|error| RunError::Serve(error.into()))?,
     )
     .await?;
     let _scheduler_feed = scheduler.feed;

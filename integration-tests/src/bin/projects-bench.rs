@@ -126,6 +126,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         },
         &bus,
         cube_scheduler::placement::PlacementConfig::default(),
+        cube_kit::db::connect::<cube_scheduler::model::Migrator>("sqlite::memory:", true).await?,
     )
     .await?;
     let _scheduler_feed = scheduler.feed;

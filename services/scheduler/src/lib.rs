@@ -1,8 +1,10 @@
 //! Cube's scheduler service (`cube.scheduler.v1`): the registry of clusters work runs on. Node inventory,
 //! placement, quota admission and the balancer arrive with the issue that builds them.
 
+mod admission;
 pub mod balance;
 pub mod inventory;
+pub mod model;
 mod place;
 pub mod placement;
 
@@ -20,6 +22,7 @@ use cube_proto::cube::scheduler::v1::{
     ListNodesRequest, ListNodesResponse, Node, Resources, Taint,
 };
 
+use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionServiceServer;
 use cube_proto::cube::scheduler::v1::placement_service_server::PlacementServiceServer;
 
 use crate::inventory::{Amounts, Fleet, InventoryOptions, NodeView, selector_matches};
@@ -36,6 +39,9 @@ pub struct SchedulerArgs {
     /// The cluster file: JSON `{"clusters": [{"name": "dev", "default": true, "kubeconfig": "/path", …}]}`.
     #[arg(long = "clusters-file", env = "CUBE_CLUSTERS_FILE")]
     pub clusters_file: PathBuf,
+    /// Where admissions (reserved quota) are stored.
+    #[command(flatten)]
+    pub database: cube_kit::config::DatabaseArgs,
     /// Where the auth service is.
     #[command(flatten)]
     pub auth: AuthClientArgs,
@@ -428,6 +434,7 @@ impl Scheduler {
         peers: Peers,
         bus: &Arc<dyn EventBus>,
         placement: PlacementConfig,
+        db: sea_orm::DatabaseConnection,
     ) -> Result<Self, cube_bus::BusError> {
         let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", peers.auth, bus, &[]).await?;
         let mut gpu_resources: Vec<String> = placement.gpu_vendors.values().cloned().collect();
@@ -435,6 +442,10 @@ impl Scheduler {
         gpu_resources.sort();
         gpu_resources.dedup();
         let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions { gpu_resources }).await);
+        let admissions = admission::Admissions {
+            db,
+            projects: peers.projects.clone(),
+        };
         let placer = place::Placer {
             registry: registry.clone(),
             fleet: fleet.clone(),
@@ -446,7 +457,8 @@ impl Scheduler {
             .authenticate(gate)
             .add_service(ClusterServiceServer::new(clusters.clone()))
             .add_service(NodeServiceServer::new(clusters))
-            .add_service(PlacementServiceServer::new(placer));
+            .add_service(PlacementServiceServer::new(placer))
+            .add_service(AdmissionServiceServer::new(admissions));
         Ok(Self { server, feed })
     }
 }
@@ -488,7 +500,10 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Resu
         Channel::remote(&args.projects_url).map_err(|error| ServeError::Url(format!("--projects-url: {error}")))?;
     let bus =
         cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Url(error.to_string()))?;
-    let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, placement).await?;
+    let db = cube_kit::db::connect::<model::Migrator>(&args.database.database_url, args.database.migrate)
+        .await
+        .map_err(|error| ServeError::Url(error.to_string()))?;
+    let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, placement, db).await?;
     let _feed = scheduler.feed;
     cube_kit::cli::serve(scheduler.server, serve).await?;
     Ok(())

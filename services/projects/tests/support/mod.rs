@@ -189,6 +189,9 @@ pub async fn start_full(
         },
         &bus,
         cube_scheduler::placement::PlacementConfig::default(),
+        cube_kit::db::connect::<cube_scheduler::model::Migrator>("sqlite::memory:", true)
+            .await
+            .expect("the scheduler's database"),
     )
     .await
     .expect("scheduler");

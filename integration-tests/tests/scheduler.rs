@@ -1,6 +1,7 @@
-//! `PlacementService.Place` across real services: auth issues the tokens, projects holds the project's settings
-//! (read by the scheduler with the caller's token), and the scheduler judges the placement against fake nodes it
-//! watches on the real kube-apiserver of the test environment.
+//! The scheduler across real services: auth issues the tokens, projects holds the project's settings and quotas
+//! (read by the scheduler with the caller's token), and the scheduler places workloads against fake nodes it
+//! watches on the real kube-apiserver of the test environment, and admits them against quotas stored in its own
+//! database (SQLite, PostgreSQL, MariaDB).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,11 @@ use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
 use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Settings};
+use cube_proto::cube::scheduler::v1::admission_service_client::AdmissionServiceClient;
 use cube_proto::cube::scheduler::v1::placement_service_client::PlacementServiceClient;
-use cube_proto::cube::scheduler::v1::{PlaceRequest, WorkloadKind};
+use cube_proto::cube::scheduler::v1::{
+    AdmissionState, AdmitRequest, ExplainPendingRequest, PlaceRequest, ReleaseRequest, WorkloadKind,
+};
 use cube_scheduler::{ClusterConfig, ClusterRegistry, Scheduler};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -118,6 +122,12 @@ struct Platform {
 
 async fn platform(kubeconfig: &str) -> Platform {
     let data = tempfile::tempdir().expect("tempdir");
+    let scheduler_db = format!("sqlite://{}", data.path().join("scheduler.db").display());
+    platform_on(kubeconfig, &scheduler_db, data).await
+}
+
+/// The platform with the scheduler's admissions stored at `scheduler_db`.
+async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::TempDir) -> Platform {
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
     let auth = Auth::start(
         &AuthArgs::embedded(
@@ -153,6 +163,9 @@ async fn platform(kubeconfig: &str) -> Platform {
         },
         &bus,
         cube_scheduler::placement::PlacementConfig::default(),
+        cube_kit::db::connect::<cube_scheduler::model::Migrator>(scheduler_db, true)
+            .await
+            .expect("the scheduler's database"),
     )
     .await
     .expect("scheduler");
@@ -491,4 +504,237 @@ async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
     let _ = Api::<Namespace>::all(client)
         .delete(&namespace, &DeleteParams::default())
         .await;
+}
+
+async fn create_project(platform: &Platform, id: &str, quota: cube_proto::cube::projects::v1::Quota) {
+    ProjectServiceClient::new(
+        tonic::transport::Endpoint::from_shared(platform.projects.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    )
+    .create_project(authed(
+        CreateProjectRequest {
+            project: Some(Project {
+                r#type: ProjectType::Org as i32,
+                quota: Some(quota),
+                ..Project::default()
+            }),
+            project_id: id.into(),
+        },
+        &platform.token,
+    ))
+    .await
+    .expect("creating a project");
+}
+
+fn admit(project: &str, workload: &str, cpu: &str, gpu: &str) -> AdmitRequest {
+    AdmitRequest {
+        workload: format!("projects/{project}/runs/{workload}"),
+        project: format!("projects/{project}"),
+        kind: WorkloadKind::Train as i32,
+        cpu: cpu.into(),
+        memory: "1M".into(),
+        gpu: gpu.into(),
+    }
+}
+
+/// 200 admissions race for a 50-GPU project quota, then a member's CPU quota blocks its own workloads.
+async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let platform = platform_on(&kubeconfig, &scheduler_db, tempfile::tempdir().expect("tempdir")).await;
+    create_project(
+        &platform,
+        "vision",
+        cube_proto::cube::projects::v1::Quota {
+            gpu: Some(50.0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(platform.scheduler.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let client = AdmissionServiceClient::new(channel);
+    let mut racing = Vec::new();
+    for n in 0..200 {
+        let mut client = client.clone();
+        let request = authed(admit("vision", &format!("r-{n}"), "0.001", "1"), &platform.token);
+        racing.push(tokio::spawn(async move { client.admit(request).await }));
+    }
+    let mut admitted = Vec::new();
+    let mut queued = Vec::new();
+    for task in racing {
+        let answer = task.await.expect("task").expect("an admission").into_inner();
+        match answer.state() {
+            AdmissionState::Admitted => admitted.push(answer.workload),
+            AdmissionState::Queued => queued.push(answer.workload),
+            AdmissionState::Unspecified => panic!("no state"),
+        }
+    }
+    assert_eq!(admitted.len(), 50, "exactly the quota is admitted, never more");
+    assert_eq!(queued.len(), 150);
+
+    // A queued workload says what blocks it.
+    let mut client = client.clone();
+    let explanation = client
+        .explain_pending(authed(
+            ExplainPendingRequest {
+                workload: queued[0].clone(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("explaining")
+        .into_inner();
+    assert_eq!(explanation.state(), AdmissionState::Queued);
+    assert_eq!(explanation.blockers.len(), 1, "{explanation:?}");
+    let blocker = &explanation.blockers[0];
+    assert_eq!(
+        (blocker.quota.as_str(), blocker.resource.as_str()),
+        ("projects/vision", "gpu")
+    );
+    assert_eq!((blocker.requested, blocker.limit), (1.0, 50.0));
+    assert!(explanation.reason.contains("gpu"), "{explanation:?}");
+
+    // Asking again for an admitted workload changes nothing; releasing one lets a queued one in.
+    let again = client
+        .admit(authed(
+            AdmitRequest {
+                workload: admitted[0].clone(),
+                ..admit("vision", "unused", "0.001", "1")
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("admitting again")
+        .into_inner();
+    assert_eq!(again.state(), AdmissionState::Admitted);
+    let retrying = client.clone();
+    let retry = |workload: &str| {
+        let mut client = retrying.clone();
+        let request = authed(
+            AdmitRequest {
+                workload: workload.to_owned(),
+                ..admit("vision", "unused", "0.001", "1")
+            },
+            &platform.token,
+        );
+        async move { client.admit(request).await.expect("admitting").into_inner().state() }
+    };
+    assert_eq!(retry(&queued[1]).await, AdmissionState::Queued, "still full");
+    client
+        .release(authed(
+            ReleaseRequest {
+                workload: admitted[1].clone(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("releasing");
+    assert_eq!(
+        retry(&queued[1]).await,
+        AdmissionState::Admitted,
+        "a released GPU is free again"
+    );
+    assert_eq!(retry(&queued[2]).await, AdmissionState::Queued, "and only one");
+
+    // The member's own quota: lena may hold 2 CPUs in speech, whatever the project allows.
+    create_project(&platform, "speech", cube_proto::cube::projects::v1::Quota::default()).await;
+    let mut projects = ProjectServiceClient::new(
+        tonic::transport::Endpoint::from_shared(platform.projects.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    projects
+        .update_member(authed(
+            cube_proto::cube::projects::v1::UpdateMemberRequest {
+                member: Some(cube_proto::cube::projects::v1::Member {
+                    name: "projects/speech/members/u-lena".into(),
+                    quota: Some(cube_proto::cube::projects::v1::Quota {
+                        cpu: Some(2.0),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["quota".into()],
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("setting lena's quota");
+    let mut states = Vec::new();
+    for n in 0..3 {
+        let answer = client
+            .admit(authed(admit("speech", &format!("s-{n}"), "1", ""), &platform.token))
+            .await
+            .expect("admitting")
+            .into_inner();
+        states.push(answer.state());
+    }
+    assert_eq!(
+        states,
+        [
+            AdmissionState::Admitted,
+            AdmissionState::Admitted,
+            AdmissionState::Queued
+        ]
+    );
+    let explanation = client
+        .explain_pending(authed(
+            ExplainPendingRequest {
+                workload: "projects/speech/runs/s-2".into(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("explaining")
+        .into_inner();
+    let blocker = explanation.blockers.first().expect("a blocker");
+    assert_eq!(
+        (blocker.quota.as_str(), blocker.resource.as_str()),
+        ("projects/speech/members/u-lena", "cpu")
+    );
+    assert_eq!((blocker.in_use, blocker.limit), (2.0, 2.0));
+
+    // Someone outside the project cannot admit work into it.
+    let status = client
+        .admit(authed(admit("vision", "intruder", "1", ""), &platform.stranger))
+        .await
+        .expect_err("a non-member");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_on_sqlite() {
+    cube_testkit::on_fresh_database(
+        cube_testkit::Backend::Sqlite,
+        quotas_hold_under_200_concurrent_admissions,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_on_postgres() {
+    cube_testkit::on_fresh_database(
+        cube_testkit::Backend::Postgres,
+        quotas_hold_under_200_concurrent_admissions,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_on_mariadb() {
+    cube_testkit::on_fresh_database(
+        cube_testkit::Backend::MariaDb,
+        quotas_hold_under_200_concurrent_admissions,
+    )
+    .await;
 }
