@@ -704,6 +704,22 @@ async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
     );
     assert_eq!((blocker.in_use, blocker.limit), (2.0, 2.0));
 
+    // The projects service shows what the scheduler holds for the project.
+    let usage = projects
+        .get_quota_usage(authed(
+            cube_proto::cube::projects::v1::GetQuotaUsageRequest {
+                name: "projects/vision".into(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("quota usage")
+        .into_inner();
+    assert_eq!(usage.limit.and_then(|limit| limit.gpu), Some(50.0));
+    let used = usage.usage.expect("usage");
+    assert_eq!(used.gpu, Some(50.0), "{used:?}");
+    assert_eq!(used.runs, Some(50));
+
     // Someone outside the project cannot admit work into it.
     let status = client
         .admit(authed(admit("vision", "intruder", "1", ""), &platform.stranger))

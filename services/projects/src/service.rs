@@ -826,11 +826,30 @@ impl Projects {
         let caller = Principal::of(&request)?;
         let id = project_id("name", &request.get_ref().name)?;
         let (row, _) = self.0.visible(&caller, &id).await?;
+        // Usage is what the scheduler has admitted, asked of it with the caller's token.
+        let mut ask = Request::new(cube_proto::cube::scheduler::v1::GetProjectUsageRequest {
+            project: format!("projects/{id}"),
+        });
+        cube_kit::identity::forward_token(&request, &mut ask)?;
+        let used = cube_proto::cube::scheduler::v1::admission_service_client::AdmissionServiceClient::new(
+            self.0.scheduler.clone(),
+        )
+        .get_project_usage(ask)
+        .await
+        .map_err(|status| crate::core::upstream("scheduler", status))?
+        .into_inner();
         Ok(QuotaUsage {
             project: format!("projects/{id}"),
             limit: Some(quota_of(&row.quota).message()),
-            // Usage is what the scheduler has admitted; until its admission lands nothing runs under a quota.
-            usage: Some(Quota::default()),
+            usage: Some(Quota {
+                cpu: Some(used.cpu),
+                memory_bytes: Some(used.memory_bytes),
+                gpu: Some(used.gpu),
+                gpu_by_type: std::collections::HashMap::new(),
+                notebooks: Some(used.notebooks),
+                services: Some(used.services),
+                runs: Some(used.runs),
+            }),
         })
     }
 }

@@ -9,8 +9,8 @@ use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient
 use cube_proto::cube::projects::v1::{GetMembershipRequest, GetProjectRequest, Quota};
 use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionService;
 use cube_proto::cube::scheduler::v1::{
-    Admission, AdmissionState, AdmitRequest, Blocker, ExplainPendingRequest, Explanation, ReleaseRequest,
-    ReleaseResponse, WorkloadKind,
+    Admission, AdmissionState, AdmitRequest, Blocker, ExplainPendingRequest, Explanation, GetProjectUsageRequest,
+    ProjectUsage, ReleaseRequest, ReleaseResponse, WorkloadKind,
 };
 use cube_resources::{CpuSpec, GpuSpec, MemorySpec};
 use sea_orm::sea_query::{Expr, ExprTrait as _};
@@ -511,6 +511,39 @@ impl Admissions {
         Ok(())
     }
 
+    async fn project_usage(&self, request: Request<GetProjectUsageRequest>) -> Result<ProjectUsage, ApiError> {
+        Principal::of(&request)?;
+        let project = request
+            .get_ref()
+            .project
+            .strip_prefix("projects/")
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::invalid("project", "expected projects/{project}"))?;
+        // Only those who may see the project learn its usage: projects answers NOT_FOUND to anyone else.
+        self.quotas(&request, &project).await?;
+        let used = usage::Entity::find_by_id(format!("projects/{project}"))
+            .one(&self.db)
+            .await
+            .map_err(db_error)?;
+        let count = |value: i64| i32::try_from(value).unwrap_or(i32::MAX);
+        Ok(match used {
+            Some(used) => ProjectUsage {
+                project: format!("projects/{project}"),
+                cpu: used.cpu_millis as f64 / 1000.0,
+                memory_bytes: used.memory_bytes,
+                gpu: used.gpu_millis as f64 / 1000.0,
+                notebooks: count(used.notebooks),
+                services: count(used.services),
+                runs: count(used.runs),
+            },
+            None => ProjectUsage {
+                project: format!("projects/{project}"),
+                ..ProjectUsage::default()
+            },
+        })
+    }
+
     async fn explain(&self, request: Request<ExplainPendingRequest>) -> Result<Explanation, ApiError> {
         let caller = Principal::of(&request)?;
         let workload = request.get_ref().workload.clone();
@@ -560,6 +593,16 @@ impl AdmissionService for Admissions {
         Admissions::release(self, request)
             .await
             .map(|()| Response::new(ReleaseResponse {}))
+            .map_err(|error| error.status(DOMAIN))
+    }
+
+    async fn get_project_usage(
+        &self,
+        request: Request<GetProjectUsageRequest>,
+    ) -> Result<Response<ProjectUsage>, Status> {
+        self.project_usage(request)
+            .await
+            .map(Response::new)
             .map_err(|error| error.status(DOMAIN))
     }
 

@@ -179,8 +179,8 @@ pub async fn start_full(
     let auth_background = auth.background;
     let auth_running = serve(auth.server).await;
     let auth_channel = Channel::remote(&format!("http://{}", auth_running.address)).expect("auth url");
-    // The scheduler reads project settings from the projects server started below (it is not needed here).
-    let (projects_for_scheduler, _unbound) = Channel::late();
+    // The scheduler reads projects (settings, quotas, memberships) from the projects server started below.
+    let (projects_for_scheduler, projects_late) = Channel::late();
     let scheduler = Scheduler::start(
         registry(),
         cube_scheduler::Peers {
@@ -214,6 +214,7 @@ pub async fn start_full(
     .expect("starting projects");
     let projects_background = projects.background;
     let projects_running = serve(projects.server).await;
+    projects_late.bind(Channel::remote(&format!("http://{}", projects_running.address)).expect("url"));
     let connect = |address: SocketAddr| async move {
         Connection::from_shared(format!("http://{address}"))
             .expect("uri")
