@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cube_kit::ApiError;
 use cube_kit::identity::{Credential, Permission, Principal, Revocation, TOKEN_REVOKED};
-use cube_kit::page::{decode_token, encode_token, page_size};
+use cube_kit::page::{decode_token, finish_page, page_size};
 use cube_proto::cube::auth::v1::api_token_service_server::ApiTokenService;
 use cube_proto::cube::auth::v1::{
     ApiToken, CreateApiTokenRequest, CreateApiTokenResponse, DeleteApiTokenRequest, ListApiTokensRequest,
@@ -165,12 +165,7 @@ impl ApiTokens {
             );
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&(last.created_ms, last.id.clone())),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| (row.created_ms, row.id.clone()));
         Ok(ListApiTokensResponse {
             api_tokens: rows.iter().map(message).collect(),
             next_page_token,

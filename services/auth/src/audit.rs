@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cube_kit::ApiError;
 use cube_kit::Principal;
-use cube_kit::page::{decode_token, encode_token, page_size, parse_filter};
+use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_proto::cube::auth::v1::audit_service_server::AuditService;
 use cube_proto::cube::auth::v1::{AuditEvent, ListAuditEventsRequest, ListAuditEventsResponse};
 use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _};
@@ -46,12 +46,7 @@ impl AuditLog {
             query = query.filter(audit_event::Column::Id.lt(before));
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| row.id);
         Ok(ListAuditEventsResponse {
             audit_events: rows
                 .into_iter()

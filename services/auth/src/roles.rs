@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cube_kit::ApiError;
 use cube_kit::identity::{ADMIN_ROLE, Permission, Principal};
-use cube_kit::page::{decode_token, encode_token, page_size};
+use cube_kit::page::{decode_token, finish_page, page_size};
 use cube_proto::cube::auth::v1::role_binding::Subject;
 use cube_proto::cube::auth::v1::role_service_server::RoleService;
 use cube_proto::cube::auth::v1::{
@@ -236,12 +236,7 @@ impl Roles {
             query = query.filter(role::Column::Id.gt(after));
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| row.id.clone());
         Ok(ListRolesResponse {
             roles: rows.iter().map(role_message).collect(),
             next_page_token,
@@ -489,12 +484,7 @@ impl Roles {
             query = query.filter(role_binding::Column::Id.gt(after));
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| row.id.clone());
         Ok(ListRoleBindingsResponse {
             role_bindings: rows.iter().map(binding_message).collect(),
             next_page_token,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cube_kit::identity::{Credential, Principal};
-use cube_kit::page::{decode_token, encode_token, page_size, parse_filter};
+use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::auth::v1::user_service_server::UserService;
 use cube_proto::cube::auth::v1::{
@@ -192,12 +192,7 @@ impl Users {
             query = query.filter(user::Column::Username.gt(after));
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&last.username),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| row.username.clone());
         Ok(ListUsersResponse {
             users: rows.iter().map(user_message).collect(),
             next_page_token,

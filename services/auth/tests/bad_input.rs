@@ -18,7 +18,7 @@ use tonic_types::StatusExt as _;
 
 use support::{ADMIN_PASSWORD, Harness, args, authed, expect_code, password_of, start};
 
-on_every_backend!(
+cube_testkit::on_every_backend!(
     bad_usernames_are_refused_naming_the_field,
     empty_and_huge_passwords_are_refused_naming_the_field,
     malformed_and_forged_bearer_tokens_are_unauthenticated,

@@ -27,7 +27,7 @@ async fn next(subscription: &mut cube_bus::Subscription) -> cube_bus::Delivery {
         .expect("readable")
 }
 
-on_every_backend!(
+cube_testkit::on_every_backend!(
     login_refresh_rotates_and_reuse_revokes_the_family,
     logout_ends_the_session_everywhere_at_once,
     api_tokens_authenticate_list_without_secrets_and_revoke,

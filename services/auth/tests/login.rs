@@ -15,7 +15,7 @@ use tonic_types::StatusExt as _;
 use support::directory::{Fixture, args as ldap_args};
 use support::{Harness, args, authed, expect_code, start};
 
-on_every_backend!(
+cube_testkit::on_every_backend!(
     direct_bind_provisions_the_user_and_maps_groups_to_roles,
     search_then_bind_rereads_groups_at_every_login,
     wrong_passwords_and_unknown_users_look_the_same,

@@ -24,7 +24,7 @@ use tonic_types::StatusExt as _;
 
 use support::{ADMIN_PASSWORD, Harness, args, authed, password_of, start};
 
-on_every_backend!(every_rpc_answers_every_identity_as_the_table_says);
+cube_testkit::on_every_backend!(every_rpc_answers_every_identity_as_the_table_says);
 
 /// Who calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cube_kit::identity::Principal;
-use cube_kit::page::{decode_token, encode_token, page_size, parse_filter};
+use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::projects::v1::member::Subject;
 use cube_proto::cube::projects::v1::project_service_server::ProjectService;
@@ -396,12 +396,7 @@ impl Projects {
             query = query.filter(project::Column::Id.gt(after));
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| row.id.clone());
         Ok(ListProjectsResponse {
             projects: rows.iter().map(project_message).collect(),
             next_page_token,
@@ -662,12 +657,7 @@ impl Projects {
             query = query.filter(member::Column::MemberId.gt(after));
         }
         let mut rows = query.limit(size + 1).all(&self.0.db).await.map_err(db_error)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_token(&last.member_id),
-            _ => String::new(),
-        };
+        let next_page_token = finish_page(&mut rows, size, |row| row.member_id.clone());
         Ok(ListMembersResponse {
             members: rows.iter().map(member_message).collect(),
             next_page_token,

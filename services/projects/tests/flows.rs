@@ -23,7 +23,7 @@ use tonic_types::StatusExt as _;
 
 use support::{Platform, authed, expect_code, start, start_with};
 
-on_every_backend!(
+cube_testkit::on_every_backend!(
     stale_etags_abort_and_only_one_of_racing_updates_wins,
     the_last_owner_stays_under_racing_removals,
     settings_are_checked_against_the_registry_and_the_mount_syntax,

@@ -21,7 +21,7 @@ use tonic_types::StatusExt as _;
 
 use support::{Platform, authed, start};
 
-on_every_backend!(every_rpc_answers_every_caller_as_the_table_says);
+cube_testkit::on_every_backend!(every_rpc_answers_every_caller_as_the_table_says);
 
 /// Who calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -31,6 +31,17 @@ pub fn encode_token<T: Serialize>(position: &T) -> String {
     serde_json::to_vec(position).map_or_else(|_| String::new(), |json| URL_SAFE_NO_PAD.encode(json))
 }
 
+/// Ends a page: `rows` were read with a limit of `size + 1`; keeps the first `size` and returns the token of the
+/// next page (the keyset position of the last row kept), or an empty token when there is no next page.
+pub fn finish_page<T, K: Serialize>(rows: &mut Vec<T>, size: u64, position: impl Fn(&T) -> K) -> String {
+    let more = rows.len() as u64 > size;
+    rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+    match rows.last() {
+        Some(last) if more => encode_token(&position(last)),
+        _ => String::new(),
+    }
+}
+
 /// Decodes a request's `page_token`; `None` for the first page.
 ///
 /// # Errors

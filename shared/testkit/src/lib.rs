@@ -129,3 +129,29 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
     url
 }
+
+/// Runs each named `async fn name(url: &str)` of the calling module as three tests, `sqlite::name`,
+/// `postgres::name` and `mariadb::name`, each on a fresh database of that backend.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $crate::on_fresh_database($crate::Backend::Sqlite, |url| async move { super::$test(&url).await }).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $crate::on_fresh_database($crate::Backend::Postgres, |url| async move { super::$test(&url).await }).await;
+            })*
+        }
+        mod mariadb {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $crate::on_fresh_database($crate::Backend::MariaDb, |url| async move { super::$test(&url).await }).await;
+            })*
+        }
+    };
+}

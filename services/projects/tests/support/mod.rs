@@ -28,31 +28,6 @@ use tonic::transport::Channel as Connection;
 /// The admin password of every harness.
 pub const ADMIN_PASSWORD: &str = "projects test admin password";
 
-/// Runs one async test body on every database backend, each on a fresh database.
-#[macro_export]
-macro_rules! on_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                cube_testkit::on_fresh_database(cube_testkit::Backend::Sqlite, |url| async move { super::$test(&url).await }).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                cube_testkit::on_fresh_database(cube_testkit::Backend::Postgres, |url| async move { super::$test(&url).await }).await;
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                cube_testkit::on_fresh_database(cube_testkit::Backend::MariaDb, |url| async move { super::$test(&url).await }).await;
-            })*
-        }
-    };
-}
-
 /// A server running on loopback until dropped.
 pub struct Running {
     pub address: SocketAddr,
