@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cube_auth::{Auth, AuthArgs};
 use cube_bus::{BusOptions, EventBus, MemoryBus};
-use cube_integration_tests::{Running, start_server};
+use cube_integration_tests::{Running, connect, start_server};
 use cube_kit::Channel;
 use cube_kit::config::DatabaseArgs;
 use cube_projects::Projects;
@@ -16,7 +16,7 @@ use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
 use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
 use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
-use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Settings};
+use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Quota, Settings};
 use cube_proto::cube::scheduler::v1::admission_service_client::AdmissionServiceClient;
 use cube_proto::cube::scheduler::v1::placement_service_client::PlacementServiceClient;
 use cube_proto::cube::scheduler::v1::{
@@ -190,11 +190,7 @@ async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::TempD
     let projects = start_server(projects.server).await;
     projects_late.bind(Channel::remote(&projects.url()).expect("url"));
 
-    let connection = tonic::transport::Endpoint::from_shared(auth.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let connection = connect(&auth).await;
     let login = |username: &'static str, password: &'static str| {
         let connection = connection.clone();
         async move {
@@ -263,36 +259,17 @@ async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run() {
     )
     .await;
     let platform = platform(&kubeconfig).await;
-    ProjectServiceClient::new(
-        tonic::transport::Endpoint::from_shared(platform.projects.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    )
-    .create_project(authed(
-        CreateProjectRequest {
-            project: Some(Project {
-                r#type: ProjectType::Org as i32,
-                settings: Some(Settings {
-                    resource_group: group.clone(),
-                    ..Settings::default()
-                }),
-                ..Project::default()
-            }),
-            project_id: "vision".into(),
+    create_project(
+        &platform,
+        "vision",
+        Settings {
+            resource_group: group.clone(),
+            ..Settings::default()
         },
-        &platform.token,
-    ))
-    .await
-    .expect("creating the project");
-    let mut placer = PlacementServiceClient::new(
-        tonic::transport::Endpoint::from_shared(platform.scheduler.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    );
+        Quota::default(),
+    )
+    .await;
+    let mut placer = PlacementServiceClient::new(connect(&platform.scheduler).await);
 
     // The inventory sees the node within a few seconds of the scheduler starting.
     let wanted = format!("2({gpu_type})");
@@ -422,36 +399,17 @@ async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
     .await;
 
     let platform = platform(&kubeconfig).await;
-    ProjectServiceClient::new(
-        tonic::transport::Endpoint::from_shared(platform.projects.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    )
-    .create_project(authed(
-        CreateProjectRequest {
-            project: Some(Project {
-                r#type: ProjectType::Org as i32,
-                settings: Some(Settings {
-                    resource_group: group.clone(),
-                    ..Settings::default()
-                }),
-                ..Project::default()
-            }),
-            project_id: "vision".into(),
+    create_project(
+        &platform,
+        "vision",
+        Settings {
+            resource_group: group.clone(),
+            ..Settings::default()
         },
-        &platform.token,
-    ))
-    .await
-    .expect("creating the project");
-    let placer = PlacementServiceClient::new(
-        tonic::transport::Endpoint::from_shared(platform.scheduler.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    );
+        Quota::default(),
+    )
+    .await;
+    let placer = PlacementServiceClient::new(connect(&platform.scheduler).await);
     let namespace = format!("bind-{suffix}");
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
     Api::<Namespace>::all(client.clone())
@@ -506,27 +464,22 @@ async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
         .await;
 }
 
-async fn create_project(platform: &Platform, id: &str, quota: cube_proto::cube::projects::v1::Quota) {
-    ProjectServiceClient::new(
-        tonic::transport::Endpoint::from_shared(platform.projects.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    )
-    .create_project(authed(
-        CreateProjectRequest {
-            project: Some(Project {
-                r#type: ProjectType::Org as i32,
-                quota: Some(quota),
-                ..Project::default()
-            }),
-            project_id: id.into(),
-        },
-        &platform.token,
-    ))
-    .await
-    .expect("creating a project");
+async fn create_project(platform: &Platform, id: &str, settings: Settings, quota: Quota) {
+    ProjectServiceClient::new(connect(&platform.projects).await)
+        .create_project(authed(
+            CreateProjectRequest {
+                project: Some(Project {
+                    r#type: ProjectType::Org as i32,
+                    settings: Some(settings),
+                    quota: Some(quota),
+                    ..Project::default()
+                }),
+                project_id: id.into(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("creating a project");
 }
 
 fn admit(project: &str, workload: &str, cpu: &str, gpu: &str) -> AdmitRequest {
@@ -547,17 +500,14 @@ async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
     create_project(
         &platform,
         "vision",
-        cube_proto::cube::projects::v1::Quota {
+        Settings::default(),
+        Quota {
             gpu: Some(50.0),
             ..Default::default()
         },
     )
     .await;
-    let channel = tonic::transport::Endpoint::from_shared(platform.scheduler.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = connect(&platform.scheduler).await;
     let client = AdmissionServiceClient::new(channel);
     let mut racing = Vec::new();
     for n in 0..200 {
@@ -643,14 +593,8 @@ async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
     assert_eq!(retry(&queued[2]).await, AdmissionState::Queued, "and only one");
 
     // The member's own quota: lena may hold 2 CPUs in speech, whatever the project allows.
-    create_project(&platform, "speech", cube_proto::cube::projects::v1::Quota::default()).await;
-    let mut projects = ProjectServiceClient::new(
-        tonic::transport::Endpoint::from_shared(platform.projects.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    );
+    create_project(&platform, "speech", Settings::default(), Quota::default()).await;
+    let mut projects = ProjectServiceClient::new(connect(&platform.projects).await);
     projects
         .update_member(authed(
             cube_proto::cube::projects::v1::UpdateMemberRequest {

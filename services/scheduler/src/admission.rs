@@ -10,9 +10,8 @@ use cube_proto::cube::projects::v1::{GetMembershipRequest, GetProjectRequest, Qu
 use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionService;
 use cube_proto::cube::scheduler::v1::{
     Admission, AdmissionState, AdmitRequest, Blocker, ExplainPendingRequest, Explanation, GetProjectUsageRequest,
-    ProjectUsage, ReleaseRequest, ReleaseResponse, WorkloadKind,
+    ProjectUsage, ReleaseRequest, ReleaseResponse,
 };
-use cube_resources::{CpuSpec, GpuSpec, MemorySpec};
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ColumnTrait as _, DatabaseConnection, DbErr, EntityTrait as _, IntoActiveModel as _, QueryFilter as _,
@@ -297,46 +296,27 @@ impl Admissions {
                 "must be the workload's resource name (at most 250 bytes)",
             ));
         }
-        let project = body
-            .project
-            .strip_prefix("projects/")
-            .filter(|id| !id.is_empty())
-            .map(str::to_owned);
-        if project.is_none() {
-            violations.push(FieldViolation::new(
-                "project",
-                format!("expected projects/{{project}}, got {:?}", body.project),
-            ));
-        }
-        let kind = match body.kind() {
-            WorkloadKind::Train => Some("train"),
-            WorkloadKind::Notebook => Some("notebook"),
-            WorkloadKind::Service => Some("service"),
-            WorkloadKind::Unspecified => {
-                violations.push(FieldViolation::new("kind", "is required"));
-                None
-            }
-        };
-        let cpu = body
-            .cpu
-            .parse::<CpuSpec>()
-            .map_err(|error| violations.push(FieldViolation::new("cpu", error.to_string())))
-            .ok();
-        let memory = body
-            .memory
-            .parse::<MemorySpec>()
-            .map_err(|error| violations.push(FieldViolation::new("memory", error.to_string())))
-            .ok();
-        let gpu = body
-            .gpu
-            .parse::<GpuSpec>()
-            .map_err(|error| violations.push(FieldViolation::new("gpu", error.to_string())))
-            .ok();
-        let (Some(project), Some(kind), Some(cpu), Some(memory), Some(gpu), true) =
-            (project, kind, cpu, memory, gpu, violations.is_empty())
-        else {
+        let ask = crate::ask::read(
+            crate::ask::Fields {
+                project: &body.project,
+                kind: body.kind(),
+                cpu: &body.cpu,
+                memory: &body.memory,
+                gpu: &body.gpu,
+            },
+            &mut violations,
+        );
+        let (Some(ask), true) = (ask, violations.is_empty()) else {
             return Err(ApiError::InvalidArgument(violations));
         };
+        let crate::ask::Ask {
+            project,
+            kind,
+            cpu,
+            memory,
+            gpu,
+        } = ask;
+        let kind = kind.label();
         let workload = body.workload.clone();
         let existing = reservation::Entity::find_by_id(workload.clone())
             .one(&self.db)

@@ -2,6 +2,7 @@
 //! placement, quota admission and the balancer arrive with the issue that builds them.
 
 mod admission;
+mod ask;
 pub mod balance;
 pub mod inventory;
 pub mod model;

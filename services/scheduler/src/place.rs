@@ -11,9 +11,7 @@ use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient
 use cube_proto::cube::scheduler::v1::placement_service_server::PlacementService;
 use cube_proto::cube::scheduler::v1::{
     AffinityTerm, PlaceRequest, Placement as PlacementMessage, Toleration as TolerationMessage,
-    WorkloadKind as KindMessage,
 };
-use cube_resources::{CpuSpec, GpuSpec, MemorySpec};
 use tonic::{Request, Response, Status};
 
 use crate::inventory::{Fleet, NodeView};
@@ -72,44 +70,16 @@ impl Placer {
         Principal::of(&request)?;
         let body = request.get_ref();
         let mut violations = Vec::new();
-        let project = body
-            .project
-            .strip_prefix("projects/")
-            .filter(|id| !id.is_empty())
-            .map(str::to_owned);
-        if project.is_none() {
-            violations.push(FieldViolation::new(
-                "project",
-                format!("expected projects/{{project}}, got {:?}", body.project),
-            ));
-        }
-        let kind = match body.kind() {
-            KindMessage::Train => Some(WorkloadKind::Train),
-            KindMessage::Notebook => Some(WorkloadKind::Notebook),
-            KindMessage::Service => Some(WorkloadKind::Service),
-            KindMessage::Unspecified => {
-                violations.push(FieldViolation::new(
-                    "kind",
-                    "is required: WORKLOAD_KIND_TRAIN, WORKLOAD_KIND_NOTEBOOK or WORKLOAD_KIND_SERVICE",
-                ));
-                None
-            }
-        };
-        let cpu = body
-            .cpu
-            .parse::<CpuSpec>()
-            .map_err(|error| violations.push(FieldViolation::new("cpu", error.to_string())))
-            .ok();
-        let memory = body
-            .memory
-            .parse::<MemorySpec>()
-            .map_err(|error| violations.push(FieldViolation::new("memory", error.to_string())))
-            .ok();
-        let gpu = body
-            .gpu
-            .parse::<GpuSpec>()
-            .map_err(|error| violations.push(FieldViolation::new("gpu", error.to_string())))
-            .ok();
+        let ask = crate::ask::read(
+            crate::ask::Fields {
+                project: &body.project,
+                kind: body.kind(),
+                cpu: &body.cpu,
+                memory: &body.memory,
+                gpu: &body.gpu,
+            },
+            &mut violations,
+        );
         let rdma = u32::try_from(body.rdma)
             .map_err(|_| violations.push(FieldViolation::new("rdma", "must be zero or more")))
             .ok();
@@ -125,11 +95,16 @@ impl Placer {
             }
             parsed
         };
-        let (Some(project), Some(kind), Some(cpu), Some(memory), Some(gpu), Some(rdma), true) =
-            (project, kind, cpu, memory, gpu, rdma, violations.is_empty())
-        else {
+        let (Some(ask), Some(rdma), true) = (ask, rdma, violations.is_empty()) else {
             return Err(ApiError::InvalidArgument(violations));
         };
+        let crate::ask::Ask {
+            project,
+            kind,
+            cpu,
+            memory,
+            gpu,
+        } = ask;
 
         let mut get = Request::new(GetProjectRequest {
             name: format!("projects/{project}"),
