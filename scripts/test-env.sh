@@ -17,7 +17,8 @@
 # CUBE_TEST_REDIS_URL, CUBE_TEST_LDAP_URL (plain, and StartTLS), CUBE_TEST_LDAPS_URL, CUBE_TEST_LDAP_CA_FILE (the PEM
 # CA that signed slapd's certificate, for 127.0.0.1 and localhost), CUBE_TEST_LDAP_BASE_DN, CUBE_TEST_LDAP_ADMIN_DN,
 # CUBE_TEST_LDAP_ADMIN_PASSWORD, CUBE_TEST_LDAP_<UID>_PASSWORD for each user of scripts/test-env/seed.ldif, and
-# CUBE_TEST_KUBECONFIG (a kubeconfig for a system:masters token). Logs are in .cube-test/logs/.
+# CUBE_TEST_KUBECONFIG (a kubeconfig for a system:masters token), CUBE_TEST_KUBECONFIG_B (the same for a second
+# cluster: another API server, sharing etcd under its own prefix, with no scheduler). Logs are in .cube-test/logs/.
 #
 # Environment: CUBE_CACHE_DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/cube) keeps the Kubernetes binaries, which
 # take minutes to build, outside the work tree.
@@ -528,6 +529,7 @@ build_kube() {
 
 KUBE_DIR=$STATE/kubernetes
 KUBECONFIG_FILE=$KUBE_DIR/kubeconfig
+KUBECONFIG_B_FILE=$KUBE_DIR/kubeconfig-b
 
 # ensure NAME SECONDS PROBE ARGS_FN PORT...: reuses NAME when it runs and answers PROBE with the command ARGS_FN
 # builds (into CMD), else (re)starts it, on its recorded ports when they are still free, and waits for PROBE.
@@ -579,12 +581,14 @@ apiserver_ok() {
 		"https://127.0.0.1:$(cat "$PORTS/kube-apiserver")/readyz") == ok ]]
 }
 
-apiserver_args() {
+# apiserver_args_for NAME PKI_DIR ETCD_PREFIX: the command of an API server; two of them on one etcd, each under
+# its own prefix, are two separate clusters.
+apiserver_args_for() {
 	CMD=("$KUBE_BIN/kube-apiserver"
-		--etcd-servers "http://127.0.0.1:$(port etcd-client)"
+		--etcd-servers "http://127.0.0.1:$(port etcd-client)" --etcd-prefix "$3"
 		--bind-address 127.0.0.1 --advertise-address 127.0.0.1
-		--secure-port "$(port kube-apiserver)" --insecure-port 0
-		--cert-dir "$KUBE_DIR/pki"
+		--secure-port "$(port "$1")" --insecure-port 0
+		--cert-dir "$2"
 		--token-auth-file "$KUBE_DIR/tokens.csv"
 		--authorization-mode RBAC
 		--service-account-key-file "$KUBE_DIR/sa.pub"
@@ -594,6 +598,13 @@ apiserver_args() {
 		--service-cluster-ip-range 10.96.0.0/16
 		--endpoint-reconciler-type none
 		--allow-privileged=true --profiling=false)
+}
+apiserver_args() { apiserver_args_for kube-apiserver "$KUBE_DIR/pki" /registry; }
+# The second cluster (`b`): an API server only, so its pods stay unscheduled unless a test binds them.
+apiserver_b_args() { apiserver_args_for kube-apiserver-b "$KUBE_DIR/pki-b" /registry-b; }
+apiserver_b_ok() {
+	[[ $(curl -fsk --max-time 3 -H "Authorization: Bearer $(kube_token)" \
+		"https://127.0.0.1:$(cat "$PORTS/kube-apiserver-b")/readyz") == ok ]]
 }
 
 # secure_healthz_ok PORT_NAME: whether the component serving on that port answers /healthz with ok.
@@ -620,9 +631,10 @@ scheduler_args() {
 		--profiling=false)
 }
 
+# write_kubeconfig NAME PKI_DIR FILE: the kubeconfig of API server NAME.
 write_kubeconfig() {
-	local ca=$KUBE_DIR/pki/apiserver.crt tmp=$KUBECONFIG_FILE.tmp
-	[[ -s $ca ]] || die kube-apiserver "it wrote no $ca" "$LOGS/kube-apiserver.log"
+	local name=$1 ca=$2/apiserver.crt file=$3 tmp=$3.tmp
+	[[ -s $ca ]] || die "$name" "it wrote no $ca" "$LOGS/$name.log"
 	cat >"$tmp" <<-EOF
 		# Written by scripts/test-env.sh: the admin (system:masters) of the test control plane.
 		apiVersion: v1
@@ -630,7 +642,7 @@ write_kubeconfig() {
 		clusters:
 		- name: cube-test
 		  cluster:
-		    server: https://127.0.0.1:$(port kube-apiserver)
+		    server: https://127.0.0.1:$(port "$name")
 		    certificate-authority-data: $(base64 -w0 "$ca")
 		users:
 		- name: cube-admin
@@ -644,7 +656,7 @@ write_kubeconfig() {
 		    namespace: default
 		current-context: cube-test
 	EOF
-	mv "$tmp" "$KUBECONFIG_FILE"
+	mv "$tmp" "$file"
 }
 
 up_kubernetes() {
@@ -661,11 +673,14 @@ up_kubernetes() {
 	fi
 	ensure etcd 60 etcd_ok etcd_args etcd-client etcd-peer
 	ensure kube-apiserver 120 apiserver_ok apiserver_args kube-apiserver
-	write_kubeconfig
+	write_kubeconfig kube-apiserver "$KUBE_DIR/pki" "$KUBECONFIG_FILE"
+	mkdir -p "$KUBE_DIR/pki-b"
+	ensure kube-apiserver-b 120 apiserver_b_ok apiserver_b_args kube-apiserver-b
+	write_kubeconfig kube-apiserver-b "$KUBE_DIR/pki-b" "$KUBECONFIG_B_FILE"
 	ensure kube-controller-manager 60 controller_manager_ok controller_manager_args kube-controller-manager
 	ensure kube-scheduler 60 scheduler_ok scheduler_args kube-scheduler
 	log "kubernetes: ok on https://127.0.0.1:$(port kube-apiserver) (kubeconfig $KUBECONFIG_FILE)"
-	set_env kubernetes "CUBE_TEST_KUBECONFIG=$KUBECONFIG_FILE"
+	set_env kubernetes "CUBE_TEST_KUBECONFIG=$KUBECONFIG_FILE" "CUBE_TEST_KUBECONFIG_B=$KUBECONFIG_B_FILE"
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -674,7 +689,7 @@ init_state() { mkdir -p "$LOGS" "$PIDS" "$PORTS" "$ENVD"; }
 
 ALL_COMPONENTS=(postgres mysql redis ldap kubernetes)
 # Our own processes, in the order `down` stops them.
-OWN_PROCESSES=(kube-scheduler kube-controller-manager kube-apiserver etcd ldap)
+OWN_PROCESSES=(kube-scheduler kube-controller-manager kube-apiserver-b kube-apiserver etcd ldap)
 
 cmd_up() {
 	local started=$SECONDS components=("$@") c

@@ -197,7 +197,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             projects: projects_for_scheduler,
         },
         &bus,
-        cube_scheduler::placement::PlacementConfig::default(),
+        cube_scheduler::Options::default(),
         cube_kit::db::connect::<cube_scheduler::model::Migrator>(
             &format!("sqlite://{}", args.data_dir.join("scheduler.db").display()),
             true,

@@ -162,7 +162,7 @@ async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::TempD
             projects: projects_for_scheduler,
         },
         &bus,
-        cube_scheduler::placement::PlacementConfig::default(),
+        cube_scheduler::Options::default(),
         cube_kit::db::connect::<cube_scheduler::model::Migrator>(scheduler_db, true)
             .await
             .expect("the scheduler's database"),

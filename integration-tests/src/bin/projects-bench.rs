@@ -125,7 +125,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
             projects: projects_for_scheduler,
         },
         &bus,
-        cube_scheduler::placement::PlacementConfig::default(),
+        cube_scheduler::Options::default(),
         cube_kit::db::connect::<cube_scheduler::model::Migrator>("sqlite::memory:", true).await?,
     )
     .await?;

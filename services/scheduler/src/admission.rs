@@ -23,11 +23,26 @@ use tonic::{Request, Response, Status};
 use crate::DOMAIN;
 use crate::model::{reservation, usage};
 
+/// Admission's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdmissionArgs {}
+
+impl AdmissionArgs {
+    /// The options these flags set.
+    pub fn options(&self) -> AdmissionOptions {
+        AdmissionOptions {}
+    }
+}
+
+/// How admission works.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionOptions {}
+
 /// Serves `AdmissionService`.
 #[derive(Clone)]
 pub(crate) struct Admissions {
-    pub(crate) db: DatabaseConnection,
-    pub(crate) projects: Channel,
+    db: DatabaseConnection,
+    projects: Channel,
 }
 
 /// What a workload reserves.
@@ -224,6 +239,22 @@ fn retryable(error: &ApiError) -> bool {
 }
 
 impl Admissions {
+    /// Admission over reservations stored in `db`, with quotas from projects behind `projects`.
+    pub(crate) fn new(
+        db: DatabaseConnection,
+        projects: Channel,
+        _registry: crate::ClusterRegistry,
+        _fleet: std::sync::Arc<crate::inventory::Fleet>,
+        _options: AdmissionOptions,
+    ) -> Self {
+        Self { db, projects }
+    }
+
+    /// The background work admission needs while serving, if any.
+    pub(crate) fn reconcile(&self) -> Option<cube_kit::task::Background> {
+        None
+    }
+
     /// Reserves `amount` in both scopes and stores the admission, in one transaction; false (and nothing
     /// written) when a quota would be exceeded.
     async fn try_reserve(

@@ -1,9 +1,11 @@
-//! The node inventory: one Kubernetes client per registered cluster, and one shared watch (a kube-runtime
-//! reflector) of its Nodes and of the Pods bound to them, from which every query computes labels, what each node
-//! offers and what its pods request.
+//! The node inventory: one Kubernetes client per registered cluster, and shared watches (kube-runtime
+//! reflectors) of its Nodes, of the Pods bound to them and of the Pods still waiting for a node, from which every
+//! query computes labels, what each node offers and what its pods request, and which pods wait and why.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -13,6 +15,11 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 
 use crate::{ClusterConfig, ClusterRegistry};
+
+/// The pod annotation naming the workload a pod belongs to (`projects/vision/notebooks/alice-lab`), as admitted:
+/// the workload services set it on every pod, and admission reconciles its reservations with the pods that carry
+/// it.
+pub const WORKLOAD_ANNOTATION: &str = "scheduler.cube.dev/workload";
 
 /// Amounts of resources.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +77,43 @@ pub struct NodeView {
     pub requested: Amounts,
 }
 
+/// A pod no node has been found for yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingPod {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The workload it belongs to ([`WORKLOAD_ANNOTATION`]).
+    pub workload: Option<String>,
+    /// The node labels it must match (`spec.nodeSelector`).
+    pub node_selector: BTreeMap<String, String>,
+    /// What it requests.
+    pub requests: Amounts,
+    /// Since when it has waited: when the scheduler last found no node for it, or else when it was created.
+    pub since: Option<SystemTime>,
+    /// What the scheduler said when it found no node (`0/5 nodes are available: 3 Insufficient cpu, …`), if it
+    /// has tried.
+    pub unschedulable: Option<String>,
+}
+
+impl WaitingPod {
+    /// How long it has waited by `now`.
+    pub fn waited(&self, now: SystemTime) -> Duration {
+        self.since
+            .and_then(|since| now.duration_since(since).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether it waits because no node matching its selector has room (or none matches at all), rather than
+    /// for another reason (a volume, an image, or the scheduler not having tried yet).
+    pub fn lacks_resources(&self) -> bool {
+        self.unschedulable
+            .as_deref()
+            .is_some_and(|message| message.contains("Insufficient") || message.contains("didn't match"))
+    }
+}
+
 /// Which resource names count as GPUs.
 #[derive(Debug, Clone)]
 pub struct InventoryOptions {
@@ -102,42 +146,52 @@ pub enum InventoryError {
 }
 
 /// One cluster's client and watches.
-struct Watched {
+#[derive(Clone)]
+struct Watch {
     client: Client,
     nodes: Store<Node>,
     pods: Store<Pod>,
+    waiting: Store<Pod>,
+    /// How many changes the watches have applied: the inventory's generation.
+    changes: Arc<AtomicU64>,
+    /// The node views of one generation, computed once for every query of that generation.
+    views: Arc<Mutex<Option<Generation>>>,
+}
+
+/// Node views as of one generation of a cluster's watches.
+type Generation = (u64, Arc<Vec<NodeView>>);
+
+/// A cluster of the inventory: the configuration it was connected with, and its watches or why it has none.
+struct Member {
+    config: ClusterConfig,
+    watch: Result<Watch, String>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// A cluster of the inventory: watched, or why not.
-enum Member {
-    Watched(Watched),
-    Unwatched(String),
+impl Drop for Member {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
-/// The inventory of every registered cluster.
+/// The inventory of every registered cluster; [`Fleet::reload`] follows a changed registry.
 pub struct Fleet {
-    clusters: BTreeMap<String, Member>,
+    clusters: RwLock<BTreeMap<String, Arc<Member>>>,
     options: InventoryOptions,
 }
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .clusters
+            .read()
+            .map(|clusters| clusters.keys().cloned().collect())
+            .unwrap_or_default();
         f.debug_struct("Fleet")
-            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .field("clusters", &names)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for member in self.clusters.values() {
-            if let Member::Watched(watched) = member {
-                for task in &watched.tasks {
-                    task.abort();
-                }
-            }
-        }
     }
 }
 
@@ -158,7 +212,13 @@ async fn client(cluster: &ClusterConfig) -> Result<Client, String> {
 }
 
 /// Drives a reflector until the task is aborted, logging watch errors (the watcher retries by itself).
-fn drive<K>(cluster: String, api: Api<K>, config: watcher::Config) -> (Store<K>, tokio::task::JoinHandle<()>)
+/// Counts every change the reflector applies in `changes`.
+fn drive<K>(
+    cluster: String,
+    api: Api<K>,
+    config: watcher::Config,
+    changes: Arc<AtomicU64>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -167,52 +227,108 @@ where
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(error) = event {
-                tracing::warn!(%cluster, %error, "watching the cluster");
-            }
+            match event {
+                // The store has the change by now.
+                Ok(_) => changes.fetch_add(1, AtomicOrdering::Release),
+                Err(error) => {
+                    tracing::warn!(%cluster, %error, "watching the cluster");
+                    continue;
+                }
+            };
         }
     });
     (reader, task)
 }
 
-impl Fleet {
-    /// Connects to every registered cluster that has a Kubernetes API and starts watching its Nodes and bound
-    /// Pods; a cluster that cannot be connected to is kept, with the reason, and reported unhealthy.
-    pub async fn connect(registry: &ClusterRegistry, options: InventoryOptions) -> Self {
-        let mut clusters = BTreeMap::new();
-        for cluster in registry.clusters() {
-            let member = match client(cluster).await {
-                Ok(client) => {
-                    let (nodes, node_task) = drive(
-                        cluster.name.clone(),
-                        Api::<Node>::all(client.clone()),
-                        watcher::Config::default(),
-                    );
-                    // Only pods bound to a node and not finished request anything of it.
-                    let bound = watcher::Config::default()
-                        .fields("spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed");
-                    let (pods, pod_task) = drive(cluster.name.clone(), Api::<Pod>::all(client.clone()), bound);
-                    Member::Watched(Watched {
-                        client,
-                        nodes,
-                        pods,
-                        tasks: vec![node_task, pod_task],
-                    })
-                }
-                Err(reason) => {
-                    tracing::info!(cluster = %cluster.name, %reason, "no node inventory for the cluster");
-                    Member::Unwatched(reason)
-                }
-            };
-            clusters.insert(cluster.name.clone(), member);
+/// Connects to a cluster that has a Kubernetes API and starts watching its Nodes, its bound Pods and its waiting
+/// Pods; a cluster that cannot be connected to is kept, with the reason, and reported unhealthy.
+async fn member(cluster: &ClusterConfig) -> Member {
+    match client(cluster).await {
+        Ok(client) => {
+            let changes = Arc::new(AtomicU64::new(0));
+            let (nodes, node_task) = drive(
+                cluster.name.clone(),
+                Api::<Node>::all(client.clone()),
+                watcher::Config::default(),
+                changes.clone(),
+            );
+            // Only pods bound to a node and not finished request anything of it.
+            let bound =
+                watcher::Config::default().fields("spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed");
+            let (pods, pod_task) = drive(
+                cluster.name.clone(),
+                Api::<Pod>::all(client.clone()),
+                bound,
+                changes.clone(),
+            );
+            let unbound = watcher::Config::default().fields("spec.nodeName=,status.phase=Pending");
+            let (waiting, waiting_task) = drive(
+                cluster.name.clone(),
+                Api::<Pod>::all(client.clone()),
+                unbound,
+                changes.clone(),
+            );
+            Member {
+                config: cluster.clone(),
+                watch: Ok(Watch {
+                    client,
+                    nodes,
+                    pods,
+                    waiting,
+                    changes,
+                    views: Arc::new(Mutex::new(None)),
+                }),
+                tasks: vec![node_task, pod_task, waiting_task],
+            }
         }
-        Self { clusters, options }
+        Err(reason) => {
+            tracing::info!(cluster = %cluster.name, %reason, "no node inventory for the cluster");
+            Member {
+                config: cluster.clone(),
+                watch: Err(reason),
+                tasks: Vec::new(),
+            }
+        }
+    }
+}
+
+impl Fleet {
+    /// Connects to every registered cluster (see [`member`]).
+    pub async fn connect(registry: &ClusterRegistry, options: InventoryOptions) -> Self {
+        let fleet = Self {
+            clusters: RwLock::new(BTreeMap::new()),
+            options,
+        };
+        fleet.reload(registry).await;
+        fleet
     }
 
-    fn watched(&self, cluster: &str) -> Result<&Watched, InventoryError> {
-        match self.clusters.get(cluster) {
-            Some(Member::Watched(watched)) => Ok(watched),
-            Some(Member::Unwatched(reason)) => Err(InventoryError::Unavailable {
+    /// Follows the registry: connects to clusters that are new or whose configuration changed, and stops
+    /// watching clusters that are gone. Clusters whose configuration is unchanged keep their watches.
+    pub async fn reload(&self, registry: &ClusterRegistry) {
+        let current: BTreeMap<String, Arc<Member>> = self.clusters.read().map(|c| c.clone()).unwrap_or_default();
+        let mut next = BTreeMap::new();
+        for cluster in registry.clusters().iter() {
+            let kept = current.get(&cluster.name).filter(|member| member.config == *cluster);
+            let member = match kept {
+                Some(member) => member.clone(),
+                None => Arc::new(member(cluster).await),
+            };
+            next.insert(cluster.name.clone(), member);
+        }
+        if let Ok(mut clusters) = self.clusters.write() {
+            *clusters = next;
+        }
+    }
+
+    fn watch(&self, cluster: &str) -> Result<Watch, InventoryError> {
+        let clusters = self
+            .clusters
+            .read()
+            .map_err(|_| InventoryError::UnknownCluster(cluster.to_owned()))?;
+        match clusters.get(cluster).map(|member| &member.watch) {
+            Some(Ok(watch)) => Ok(watch.clone()),
+            Some(Err(reason)) => Err(InventoryError::Unavailable {
                 cluster: cluster.to_owned(),
                 reason: reason.clone(),
             }),
@@ -220,17 +336,29 @@ impl Fleet {
         }
     }
 
+    /// Returns the cluster's Kubernetes client.
+    ///
+    /// # Errors
+    /// Returns an error when the cluster is not watched.
+    pub fn client(&self, cluster: &str) -> Result<Client, InventoryError> {
+        Ok(self.watch(cluster)?.client)
+    }
+
     /// Waits until the cluster's first list of Nodes and Pods is in (at most `timeout`).
     ///
     /// # Errors
     /// Returns an error when the cluster is not watched or the lists take longer.
     pub async fn ready(&self, cluster: &str, timeout: Duration) -> Result<(), InventoryError> {
-        let watched = self.watched(cluster)?;
-        let both = async {
-            let (nodes, pods) = tokio::join!(watched.nodes.wait_until_ready(), watched.pods.wait_until_ready());
-            nodes.is_ok() && pods.is_ok()
+        let watch = self.watch(cluster)?;
+        let all = async {
+            let (nodes, pods, waiting) = tokio::join!(
+                watch.nodes.wait_until_ready(),
+                watch.pods.wait_until_ready(),
+                watch.waiting.wait_until_ready()
+            );
+            nodes.is_ok() && pods.is_ok() && waiting.is_ok()
         };
-        match tokio::time::timeout(timeout, both).await {
+        match tokio::time::timeout(timeout, all).await {
             Ok(true) => Ok(()),
             _ => Err(InventoryError::Unavailable {
                 cluster: cluster.to_owned(),
@@ -241,22 +369,47 @@ impl Fleet {
 
     /// Asks the cluster's API server for its version (at most 2 s): `Ok(version)` or why it is unreachable.
     pub async fn health(&self, cluster: &str) -> Result<String, String> {
-        let watched = self.watched(cluster).map_err(|error| error.to_string())?;
-        match tokio::time::timeout(Duration::from_secs(2), watched.client.apiserver_version()).await {
+        let watch = self.watch(cluster).map_err(|error| error.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(2), watch.client.apiserver_version()).await {
             Ok(Ok(info)) => Ok(info.git_version),
             Ok(Err(error)) => Err(format!("the API server refused: {error}")),
             Err(_) => Err("the API server did not answer within 2 s".into()),
         }
     }
 
-    /// Returns the cluster's nodes, ordered by name, with what their pods request.
+    /// Returns the cluster's generation: a number that grows with every change to its nodes or pods, so a caller
+    /// can keep what it derived from [`Self::nodes`] until it changes.
     ///
     /// # Errors
     /// Returns an error when the cluster is not watched.
-    pub fn nodes(&self, cluster: &str) -> Result<Vec<NodeView>, InventoryError> {
-        let watched = self.watched(cluster)?;
+    pub fn generation(&self, cluster: &str) -> Result<u64, InventoryError> {
+        Ok(self.watch(cluster)?.changes.load(AtomicOrdering::Acquire))
+    }
+
+    /// Returns the cluster's nodes, ordered by name, with what their pods request. They are computed once per
+    /// [generation](Self::generation).
+    ///
+    /// # Errors
+    /// Returns an error when the cluster is not watched.
+    pub fn nodes(&self, cluster: &str) -> Result<Arc<Vec<NodeView>>, InventoryError> {
+        let watch = self.watch(cluster)?;
+        let generation = watch.changes.load(AtomicOrdering::Acquire);
+        if let Ok(cached) = watch.views.lock()
+            && let Some((seen, views)) = cached.as_ref()
+            && *seen == generation
+        {
+            return Ok(views.clone());
+        }
+        let views = Arc::new(self.compute_nodes(&watch));
+        if let Ok(mut cached) = watch.views.lock() {
+            *cached = Some((generation, views.clone()));
+        }
+        Ok(views)
+    }
+
+    fn compute_nodes(&self, watch: &Watch) -> Vec<NodeView> {
         let mut requested: BTreeMap<String, Amounts> = BTreeMap::new();
-        for pod in watched.pods.state() {
+        for pod in watch.pods.state() {
             let Some(spec) = &pod.spec else { continue };
             let Some(node) = &spec.node_name else { continue };
             let finished = pod
@@ -269,14 +422,73 @@ impl Fleet {
             }
             requested.entry(node.clone()).or_default().add(&self.pod_requests(&pod));
         }
-        let mut views: Vec<NodeView> = watched
+        let mut views: Vec<NodeView> = watch
             .nodes
             .state()
             .iter()
             .map(|node| self.view(node, requested.remove(&node.metadata.name.clone().unwrap_or_default())))
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(views)
+        views
+    }
+
+    /// Returns the cluster's pods that wait for a node, ordered by namespace and name.
+    ///
+    /// # Errors
+    /// Returns an error when the cluster is not watched.
+    pub fn waiting(&self, cluster: &str) -> Result<Vec<WaitingPod>, InventoryError> {
+        let watch = self.watch(cluster)?;
+        let mut pods: Vec<WaitingPod> = watch
+            .waiting
+            .state()
+            .iter()
+            .filter(|pod| pod.spec.as_ref().is_some_and(|spec| spec.node_name.is_none()))
+            .map(|pod| {
+                let scheduled = pod
+                    .status
+                    .as_ref()
+                    .and_then(|status| status.conditions.as_ref())
+                    .and_then(|conditions| conditions.iter().find(|condition| condition.type_ == "PodScheduled"))
+                    .filter(|condition| condition.status == "False");
+                let since = scheduled
+                    .and_then(|condition| condition.last_transition_time.as_ref())
+                    .or(pod.metadata.creation_timestamp.as_ref())
+                    .map(|time| SystemTime::from(time.0));
+                WaitingPod {
+                    namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                    workload: workload_of(pod),
+                    node_selector: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|spec| spec.node_selector.clone())
+                        .unwrap_or_default(),
+                    requests: self.pod_requests(pod),
+                    since,
+                    unschedulable: scheduled
+                        .filter(|condition| condition.reason.as_deref() == Some("Unschedulable"))
+                        .map(|condition| condition.message.clone().unwrap_or_default()),
+                }
+            })
+            .collect();
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(pods)
+    }
+
+    /// Returns the workloads ([`WORKLOAD_ANNOTATION`]) that have an unfinished pod in the cluster, bound or
+    /// waiting.
+    ///
+    /// # Errors
+    /// Returns an error when the cluster is not watched.
+    pub fn workloads(&self, cluster: &str) -> Result<BTreeSet<String>, InventoryError> {
+        let watch = self.watch(cluster)?;
+        Ok(watch
+            .pods
+            .state()
+            .iter()
+            .chain(watch.waiting.state().iter())
+            .filter_map(|pod| workload_of(pod))
+            .collect())
     }
 
     /// What a pod requests: the larger of its containers' sum and any one init container (Kubernetes' rule).
@@ -358,6 +570,14 @@ impl Fleet {
             requested: requested.unwrap_or_default(),
         }
     }
+}
+
+fn workload_of(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(WORKLOAD_ANNOTATION))
+        .cloned()
 }
 
 /// Parses a Kubernetes quantity (`500m`, `2`, `1.5`, `16Gi`, `1k`, `1e3`) into thousandths of its unit;

@@ -1,7 +1,7 @@
 //! Cube's scheduler service (`cube.scheduler.v1`): the registry of clusters work runs on. Node inventory,
 //! placement, quota admission and the balancer arrive with the issue that builds them.
 
-mod admission;
+pub mod admission;
 mod ask;
 pub mod balance;
 pub mod inventory;
@@ -10,17 +10,18 @@ mod place;
 pub mod placement;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use cube_bus::EventBus;
 use cube_kit::config::AuthClientArgs;
 use cube_kit::identity::{Gate, Principal, RevocationFeed, service_gate};
+use cube_kit::task::Background;
 use cube_kit::{ApiError, Channel, Server};
 use cube_proto::cube::scheduler::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
 use cube_proto::cube::scheduler::v1::node_service_server::{NodeService, NodeServiceServer};
 use cube_proto::cube::scheduler::v1::{
     Capacity, Cluster, ClusterHealth, GetCapacityRequest, GetClusterRequest, ListClustersRequest, ListClustersResponse,
-    ListNodesRequest, ListNodesResponse, Node, Resources, Taint,
+    ListNodesRequest, ListNodesResponse, Node, ReloadClustersRequest, Resources, Taint,
 };
 
 use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionServiceServer;
@@ -60,6 +61,18 @@ pub struct SchedulerArgs {
     /// when unset.
     #[arg(long = "placement-file", env = "CUBE_PLACEMENT_FILE")]
     pub placement_file: Option<PathBuf>,
+    /// Admission's settings.
+    #[command(flatten)]
+    pub admission: admission::AdmissionArgs,
+}
+
+/// How the scheduler places, admits and balances; [`Default`] is `cube up`'s.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// GPU, vGPU and RDMA resource names, exclusivity.
+    pub placement: PlacementConfig,
+    /// Admission's settings.
+    pub admission: admission::AdmissionOptions,
 }
 
 /// One cluster as the cluster file describes it.
@@ -134,10 +147,12 @@ pub enum RegistryError {
     },
 }
 
-/// The clusters work can run on; the default one first.
+/// The clusters work can run on, the default one first; [`ClusterRegistry::reload`] reads its file again.
+/// Clones share the same registry.
 #[derive(Debug, Clone)]
 pub struct ClusterRegistry {
-    clusters: Arc<Vec<ClusterConfig>>,
+    clusters: Arc<RwLock<Arc<Vec<ClusterConfig>>>>,
+    file: Option<PathBuf>,
 }
 
 /// Checks a name against DNS-label rules (2 to 63 lowercase letters, digits and dashes, starting with a letter).
@@ -151,88 +166,131 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
+/// Reads and checks a cluster file.
+fn read_cluster_file(path: &Path) -> Result<Vec<ClusterConfig>, RegistryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |reason: String| RegistryError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let file: ClusterFile = serde_json::from_str(&text).map_err(|error| {
+        invalid(format!(
+            "{error}; expected {{\"clusters\": [{{\"name\": \"dev\", \"default\": true, \"kubeconfig\": \"/path\"}}]}}"
+        ))
+    })?;
+    checked(file.clusters).map_err(invalid)
+}
+
+/// Checks clusters and puts the default one (the one marked, or else the first) first.
+fn checked(mut clusters: Vec<ClusterConfig>) -> Result<Vec<ClusterConfig>, String> {
+    if clusters.is_empty() {
+        return Err("it lists no clusters".into());
+    }
+    for (index, cluster) in clusters.iter().enumerate() {
+        if !valid_name(&cluster.name) {
+            return Err(format!(
+                "clusters[{index}].name {:?} must be 2 to 63 lowercase letters, digits and dashes, starting with a letter",
+                cluster.name
+            ));
+        }
+        if clusters[..index].iter().any(|other| other.name == cluster.name) {
+            return Err(format!("clusters[{index}].name {:?} appears twice", cluster.name));
+        }
+    }
+    match clusters.iter().filter(|cluster| cluster.default).count() {
+        0 => clusters[0].default = true,
+        1 => {}
+        _ => return Err("more than one cluster is marked default".into()),
+    }
+    clusters.sort_by_key(|cluster| !cluster.default);
+    Ok(clusters)
+}
+
 impl ClusterRegistry {
-    /// Reads the cluster file at `path`.
+    /// Reads the cluster file at `path`; [`Self::reload`] reads it again.
     ///
     /// # Errors
     /// Returns an error naming the file and what is wrong in it.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let invalid = |reason: String| RegistryError::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
-        let file: ClusterFile = serde_json::from_str(&text).map_err(|error| {
-            invalid(format!(
-                "{error}; expected {{\"clusters\": [{{\"name\": \"dev\", \"default\": true, \"kubeconfig\": \"/path\"}}]}}"
-            ))
-        })?;
-        Self::new(file.clusters).map_err(invalid)
+        Ok(Self {
+            clusters: Arc::new(RwLock::new(Arc::new(read_cluster_file(path)?))),
+            file: Some(path.to_owned()),
+        })
     }
 
     /// Builds a registry from clusters; the one marked default (or else the first) becomes the default.
     ///
     /// # Errors
     /// Returns what is wrong: no clusters, a bad or repeated name, several defaults.
-    pub fn new(mut clusters: Vec<ClusterConfig>) -> Result<Self, String> {
-        if clusters.is_empty() {
-            return Err("it lists no clusters".into());
-        }
-        for (index, cluster) in clusters.iter().enumerate() {
-            if !valid_name(&cluster.name) {
-                return Err(format!(
-                    "clusters[{index}].name {:?} must be 2 to 63 lowercase letters, digits and dashes, starting with a letter",
-                    cluster.name
-                ));
-            }
-            if clusters[..index].iter().any(|other| other.name == cluster.name) {
-                return Err(format!("clusters[{index}].name {:?} appears twice", cluster.name));
-            }
-        }
-        match clusters.iter().filter(|cluster| cluster.default).count() {
-            0 => clusters[0].default = true,
-            1 => {}
-            _ => return Err("more than one cluster is marked default".into()),
-        }
-        clusters.sort_by_key(|cluster| !cluster.default);
+    pub fn new(clusters: Vec<ClusterConfig>) -> Result<Self, String> {
         Ok(Self {
-            clusters: Arc::new(clusters),
+            clusters: Arc::new(RwLock::new(Arc::new(checked(clusters)?))),
+            file: None,
         })
     }
 
     /// The registry of `cube up`: one local cluster, `local`, where work runs as processes on this machine.
     pub fn embedded() -> Self {
+        let local = ClusterConfig {
+            name: "local".into(),
+            default: true,
+            kubeconfig: None,
+            in_cluster: false,
+            pipeline_namespace: pipeline(),
+            notebook_namespace: jupyter(),
+            service_namespace: service(),
+            service_domain: cluster_local(),
+            external_host: String::new(),
+        };
         Self {
-            clusters: Arc::new(vec![ClusterConfig {
-                name: "local".into(),
-                default: true,
-                kubeconfig: None,
-                in_cluster: false,
-                pipeline_namespace: pipeline(),
-                notebook_namespace: jupyter(),
-                service_namespace: service(),
-                service_domain: cluster_local(),
-                external_host: String::new(),
-            }]),
+            clusters: Arc::new(RwLock::new(Arc::new(vec![local]))),
+            file: None,
         }
     }
 
+    /// Reads the cluster file again and, when it is valid, replaces the registered clusters with its clusters;
+    /// when it is not, the registry is left as it was. A registry not read from a file is left as it is.
+    ///
+    /// # Errors
+    /// Returns an error naming the file and what is wrong in it.
+    pub fn reload(&self) -> Result<(), RegistryError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let clusters = read_cluster_file(path)?;
+        if let Ok(mut current) = self.clusters.write() {
+            *current = Arc::new(clusters);
+        }
+        Ok(())
+    }
+
     /// Returns the cluster called `name`.
-    pub fn get(&self, name: &str) -> Option<&ClusterConfig> {
-        self.clusters.iter().find(|cluster| cluster.name == name)
+    pub fn get(&self, name: &str) -> Option<ClusterConfig> {
+        self.clusters().iter().find(|cluster| cluster.name == name).cloned()
     }
 
     /// Returns every cluster, the default first.
-    pub fn clusters(&self) -> &[ClusterConfig] {
-        &self.clusters
+    pub fn clusters(&self) -> Arc<Vec<ClusterConfig>> {
+        self.clusters
+            .read()
+            .map(|clusters| clusters.clone())
+            .unwrap_or_default()
+    }
+
+    /// Returns the name of the default cluster.
+    pub fn default_cluster(&self) -> String {
+        self.clusters()
+            .first()
+            .map(|cluster| cluster.name.clone())
+            .unwrap_or_default()
     }
 
     /// Returns the names of every cluster, the default first.
-    pub fn names(&self) -> Vec<&str> {
-        self.clusters.iter().map(|cluster| cluster.name.as_str()).collect()
+    pub fn names(&self) -> Vec<String> {
+        self.clusters().iter().map(|cluster| cluster.name.clone()).collect()
     }
 }
 
@@ -262,6 +320,17 @@ fn message(cluster: &ClusterConfig, health: Result<String, String>) -> Cluster {
     }
 }
 
+/// Reads the cluster file again and makes the inventory follow it.
+///
+/// # Errors
+/// Returns why the file was refused; nothing changes then.
+pub async fn reload(registry: &ClusterRegistry, fleet: &Fleet) -> Result<(), RegistryError> {
+    registry.reload()?;
+    fleet.reload(registry).await;
+    tracing::info!(clusters = ?registry.names(), "reloaded the cluster file");
+    Ok(())
+}
+
 /// Serves `ClusterService` and `NodeService`.
 #[derive(Clone)]
 struct Clusters {
@@ -271,7 +340,7 @@ struct Clusters {
 
 impl Clusters {
     /// The registered cluster named in `field` as `clusters/{cluster}`.
-    fn cluster(&self, field: &str, name: &str) -> Result<&ClusterConfig, ApiError> {
+    fn cluster(&self, field: &str, name: &str) -> Result<ClusterConfig, ApiError> {
         let id = name
             .strip_prefix("clusters/")
             .ok_or_else(|| ApiError::invalid(field, format!("expected clusters/{{cluster}}, got {name:?}")))?;
@@ -281,8 +350,21 @@ impl Clusters {
         })
     }
 
+    /// Every registered cluster with its health.
+    async fn list(&self) -> ListClustersResponse {
+        let clusters = self.registry.clusters();
+        let healths = futures::future::join_all(clusters.iter().map(|cluster| self.fleet.health(&cluster.name))).await;
+        ListClustersResponse {
+            clusters: clusters
+                .iter()
+                .zip(healths)
+                .map(|(cluster, health)| message(cluster, health))
+                .collect(),
+        }
+    }
+
     /// The nodes of a cluster, or why there are none to show.
-    fn nodes(&self, cluster: &ClusterConfig) -> Result<Vec<NodeView>, ApiError> {
+    fn nodes(&self, cluster: &ClusterConfig) -> Result<Arc<Vec<NodeView>>, ApiError> {
         self.fleet
             .nodes(&cluster.name)
             .map_err(|error| ApiError::FailedPrecondition {
@@ -329,29 +411,34 @@ impl ClusterService for Clusters {
         request: Request<ListClustersRequest>,
     ) -> Result<Response<ListClustersResponse>, Status> {
         Principal::of(&request).map_err(|error| error.status(DOMAIN))?;
-        let healths = futures::future::join_all(
-            self.registry
-                .clusters()
-                .iter()
-                .map(|cluster| self.fleet.health(&cluster.name)),
-        )
-        .await;
-        Ok(Response::new(ListClustersResponse {
-            clusters: self
-                .registry
-                .clusters()
-                .iter()
-                .zip(healths)
-                .map(|(cluster, health)| message(cluster, health))
-                .collect(),
-        }))
+        Ok(Response::new(self.list().await))
+    }
+
+    async fn reload_clusters(
+        &self,
+        request: Request<ReloadClustersRequest>,
+    ) -> Result<Response<ListClustersResponse>, Status> {
+        let reload = async {
+            let caller = Principal::of(&request)?;
+            if !caller.is_admin() {
+                return Err(ApiError::PermissionDenied {
+                    permission: "clusters.reload".into(),
+                });
+            }
+            reload(&self.registry, &self.fleet)
+                .await
+                .map_err(|error| ApiError::invalid("clusters_file", error.to_string()))?;
+            Ok(self.list().await)
+        };
+        reload.await.map(Response::new).map_err(|error| error.status(DOMAIN))
     }
 
     async fn get_cluster(&self, request: Request<GetClusterRequest>) -> Result<Response<Cluster>, Status> {
         let get = async {
             Principal::of(&request)?;
             let cluster = self.cluster("name", &request.get_ref().name)?;
-            Ok::<_, ApiError>(message(cluster, self.fleet.health(&cluster.name).await))
+            let health = self.fleet.health(&cluster.name).await;
+            Ok::<_, ApiError>(message(&cluster, health))
         };
         get.await.map(Response::new).map_err(|error| error.status(DOMAIN))
     }
@@ -365,11 +452,11 @@ impl NodeService for Clusters {
             let body = request.get_ref();
             let cluster = self.cluster("parent", &body.parent)?;
             let mut nodes = Vec::new();
-            for node in self.nodes(cluster)? {
+            for node in self.nodes(&cluster)?.iter() {
                 let selected = selector_matches(&body.label_selector, &node.labels)
                     .map_err(|message| ApiError::invalid("label_selector", message))?;
                 if selected && (body.resource_group.is_empty() || node.resource_group == body.resource_group) {
-                    nodes.push(node_message(&cluster.name, &node));
+                    nodes.push(node_message(&cluster.name, node));
                 }
             }
             Ok::<_, ApiError>(ListNodesResponse { nodes })
@@ -385,7 +472,7 @@ impl NodeService for Clusters {
             let mut allocatable = Amounts::default();
             let mut requested = Amounts::default();
             let mut count = 0;
-            for node in self.nodes(cluster)? {
+            for node in self.nodes(&cluster)?.iter() {
                 let counted = node.ready
                     && !node.unschedulable
                     && (body.resource_group.is_empty() || node.resource_group == body.resource_group);
@@ -416,13 +503,19 @@ pub struct Peers {
     pub projects: Channel,
 }
 
-/// A started scheduler: its server, and the revocation feed to keep while serving.
+/// A started scheduler: its server, the revocation feed to keep while serving, and its clusters.
 #[derive(Debug)]
 pub struct Scheduler {
     /// The gRPC server.
     pub server: Server,
     /// Keep alive while serving.
     pub feed: RevocationFeed,
+    /// The registered clusters.
+    pub registry: ClusterRegistry,
+    /// Their inventory.
+    pub fleet: Arc<Fleet>,
+    /// The scheduler's own background work (reconciling reservations, balancing), stopped when dropped.
+    pub background: Vec<Background>,
 }
 
 impl Scheduler {
@@ -434,33 +527,42 @@ impl Scheduler {
         registry: ClusterRegistry,
         peers: Peers,
         bus: &Arc<dyn EventBus>,
-        placement: PlacementConfig,
+        options: Options,
         db: sea_orm::DatabaseConnection,
     ) -> Result<Self, cube_bus::BusError> {
+        let Options { placement, admission } = options;
         let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", peers.auth, bus, &[]).await?;
         let mut gpu_resources: Vec<String> = placement.gpu_vendors.values().cloned().collect();
         gpu_resources.push(placement.gpu_resource.clone());
         gpu_resources.sort();
         gpu_resources.dedup();
         let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions { gpu_resources }).await);
-        let admissions = admission::Admissions {
-            db,
-            projects: peers.projects.clone(),
-        };
+        let admissions =
+            admission::Admissions::new(db, peers.projects.clone(), registry.clone(), fleet.clone(), admission);
+        let background: Vec<Background> = admissions.reconcile().into_iter().collect();
         let placer = place::Placer {
             registry: registry.clone(),
             fleet: fleet.clone(),
             projects: peers.projects,
             config: Arc::new(placement),
         };
-        let clusters = Clusters { registry, fleet };
+        let clusters = Clusters {
+            registry: registry.clone(),
+            fleet: fleet.clone(),
+        };
         let server = Server::new("scheduler", "cube.scheduler.v1")
             .authenticate(gate)
             .add_service(ClusterServiceServer::new(clusters.clone()))
             .add_service(NodeServiceServer::new(clusters))
             .add_service(PlacementServiceServer::new(placer))
             .add_service(AdmissionServiceServer::new(admissions));
-        Ok(Self { server, feed })
+        Ok(Self {
+            server,
+            feed,
+            registry,
+            fleet,
+            background,
+        })
     }
 }
 
@@ -504,8 +606,27 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Resu
     let db = cube_kit::db::connect::<model::Migrator>(&args.database.database_url, args.database.migrate)
         .await
         .map_err(|error| ServeError::Url(error.to_string()))?;
-    let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, placement, db).await?;
+    let options = Options {
+        placement,
+        admission: args.admission.options(),
+    };
+    let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, options, db).await?;
     let _feed = scheduler.feed;
+    let _background = scheduler.background;
+    let _reloads = reload_on_sighup(scheduler.registry, scheduler.fleet).map_err(ServeError::Url)?;
     cube_kit::cli::serve(scheduler.server, serve).await?;
     Ok(())
+}
+
+/// Reloads the cluster file on every SIGHUP until the returned task is dropped.
+fn reload_on_sighup(registry: ClusterRegistry, fleet: Arc<Fleet>) -> Result<Background, String> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| format!("listening for SIGHUP: {error}"))?;
+    Ok(Background::spawn(async move {
+        while hangups.recv().await.is_some() {
+            if let Err(error) = reload(&registry, &fleet).await {
+                tracing::error!(%error, "SIGHUP: the cluster file was not reloaded");
+            }
+        }
+    }))
 }

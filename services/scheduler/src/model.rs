@@ -1,4 +1,4 @@
-//! The scheduler's tables: what each quota has reserved, and each workload's admission.
+//! The scheduler's tables: what each quota has reserved, each workload's admission, and the balancer's moves.
 
 use sea_orm::{ConnectionTrait, Schema};
 use sea_orm_migration::prelude::*;
@@ -77,6 +77,43 @@ pub mod reservation {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// Nodes the balancer moved between resource groups.
+pub mod node_move {
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `node_moves`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "node_moves")]
+    pub struct Model {
+        /// The move's id (a UUID v7, so ids sort by time).
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// The cluster.
+        pub cluster: String,
+        /// The node.
+        pub node: String,
+        /// `cpu` or `gpu`.
+        pub class: String,
+        /// The group it left.
+        pub from_group: String,
+        /// The group it joined.
+        pub to_group: String,
+        /// Why, for people.
+        #[sea_orm(column_type = "Text")]
+        pub reason: String,
+        /// The replica that made it.
+        pub replica: String,
+        /// When, Unix ms.
+        pub created_ms: i64,
+    }
+
+    /// No relations are navigated.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// The scheduler's migrations.
 #[derive(Debug)]
 pub struct Migrator;
@@ -84,7 +121,7 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTables)]
+        vec![Box::new(CreateTables), Box::new(CreateMoves)]
     }
 }
 
@@ -114,6 +151,39 @@ impl MigrationTrait for CreateTables {
                     .name("idx_reservations_project")
                     .table(Alias::new("reservations"))
                     .col(Alias::new("project"))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+struct CreateMoves;
+
+impl MigrationName for CreateMoves {
+    fn name(&self) -> &str {
+        "m20261123_000002_create_node_moves"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateMoves {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let schema = Schema::new(manager.get_database_backend());
+        manager
+            .get_connection()
+            .execute(&schema.create_table_from_entity(node_move::Entity))
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_node_moves_cluster")
+                    .table(Alias::new("node_moves"))
+                    .col(Alias::new("cluster"))
+                    .col(Alias::new("created_ms"))
                     .to_owned(),
             )
             .await

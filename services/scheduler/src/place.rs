@@ -132,11 +132,7 @@ impl Placer {
             }
         };
         let cluster = if settings.cluster.is_empty() {
-            self.registry
-                .clusters()
-                .first()
-                .map(|cluster| cluster.name.clone())
-                .unwrap_or_default()
+            self.registry.default_cluster()
         } else {
             settings.cluster.clone()
         };

@@ -123,8 +123,9 @@ async fn the_inventory_follows_nodes_labels_and_bound_pods_within_a_second() {
         fleet
             .nodes("test")
             .expect("nodes")
-            .into_iter()
+            .iter()
             .filter(|node| node.labels.get("cube-test-run") == Some(&run))
+            .cloned()
             .collect()
     };
     eventually("both nodes, ready, with their allocatable", FOLLOW, || async {

@@ -15,6 +15,7 @@ pub mod page;
 pub mod redis;
 pub mod server;
 pub mod shutdown;
+pub mod task;
 pub mod telemetry;
 
 pub use channel::Channel;

@@ -163,7 +163,7 @@ pub async fn start_full(
             projects: projects_for_scheduler,
         },
         &bus,
-        cube_scheduler::placement::PlacementConfig::default(),
+        cube_scheduler::Options::default(),
         cube_kit::db::connect::<cube_scheduler::model::Migrator>("sqlite::memory:", true)
             .await
             .expect("the scheduler's database"),
