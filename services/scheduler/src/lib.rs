@@ -4,6 +4,7 @@
 pub mod admission;
 mod ask;
 pub mod balance;
+pub mod balancer;
 pub mod inventory;
 pub mod model;
 mod place;
@@ -25,8 +26,10 @@ use cube_proto::cube::scheduler::v1::{
 };
 
 use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionServiceServer;
+use cube_proto::cube::scheduler::v1::balance_service_server::BalanceServiceServer;
 use cube_proto::cube::scheduler::v1::placement_service_server::PlacementServiceServer;
 
+use crate::balancer::{BalanceSettings, Balancer};
 use crate::inventory::{Amounts, Fleet, InventoryOptions, NodeView, selector_matches};
 use crate::placement::PlacementConfig;
 use serde::Deserialize;
@@ -64,6 +67,10 @@ pub struct SchedulerArgs {
     /// Admission's settings.
     #[command(flatten)]
     pub admission: admission::AdmissionArgs,
+    /// The balancer's settings as JSON (`{"interval_seconds": 300, "threshold_points": 20, "minimums":
+    /// {"vision": 5}, …}`, see `BalanceSettings`); the defaults when unset.
+    #[arg(long = "balance-file", env = "CUBE_BALANCE_FILE")]
+    pub balance_file: Option<PathBuf>,
 }
 
 /// How the scheduler places, admits and balances; [`Default`] is `cube up`'s.
@@ -73,6 +80,8 @@ pub struct Options {
     pub placement: PlacementConfig,
     /// Admission's settings.
     pub admission: admission::AdmissionOptions,
+    /// The balancer's settings.
+    pub balance: BalanceSettings,
 }
 
 /// One cluster as the cluster file describes it.
@@ -530,16 +539,38 @@ impl Scheduler {
         options: Options,
         db: sea_orm::DatabaseConnection,
     ) -> Result<Self, cube_bus::BusError> {
-        let Options { placement, admission } = options;
+        let Options {
+            placement,
+            admission,
+            balance,
+        } = options;
         let (gate, feed): (Gate, RevocationFeed) = service_gate("scheduler", peers.auth, bus, &[]).await?;
         let mut gpu_resources: Vec<String> = placement.gpu_vendors.values().cloned().collect();
         gpu_resources.push(placement.gpu_resource.clone());
         gpu_resources.sort();
         gpu_resources.dedup();
         let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions { gpu_resources }).await);
+        let moves_db = db.clone();
         let admissions =
             admission::Admissions::new(db, peers.projects.clone(), registry.clone(), fleet.clone(), admission);
-        let background: Vec<Background> = admissions.reconcile().into_iter().collect();
+        let replica = format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "scheduler".into()),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let balancer = Arc::new(Balancer::new(
+            registry.clone(),
+            fleet.clone(),
+            moves_db,
+            bus.clone(),
+            balance,
+            replica,
+        ));
+        let background: Vec<Background> = admissions
+            .reconcile()
+            .into_iter()
+            .chain(balancer.every_round())
+            .collect();
         let placer = place::Placer {
             registry: registry.clone(),
             fleet: fleet.clone(),
@@ -555,7 +586,8 @@ impl Scheduler {
             .add_service(ClusterServiceServer::new(clusters.clone()))
             .add_service(NodeServiceServer::new(clusters))
             .add_service(PlacementServiceServer::new(placer))
-            .add_service(AdmissionServiceServer::new(admissions));
+            .add_service(AdmissionServiceServer::new(admissions))
+            .add_service(BalanceServiceServer::new(balancer::Balancing(balancer)));
         Ok(Self {
             server,
             feed,
@@ -606,9 +638,23 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Resu
     let db = cube_kit::db::connect::<model::Migrator>(&args.database.database_url, args.database.migrate)
         .await
         .map_err(|error| ServeError::Url(error.to_string()))?;
+    let balance = match &args.balance_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| ServeError::Url(format!("reading --balance-file {}: {error}", path.display())))?;
+            let settings: BalanceSettings = serde_json::from_str(&text)
+                .map_err(|error| ServeError::Url(format!("--balance-file {}: {error}", path.display())))?;
+            settings
+                .check()
+                .map_err(|error| ServeError::Url(format!("--balance-file {}: {error}", path.display())))?;
+            settings
+        }
+        None => BalanceSettings::default(),
+    };
     let options = Options {
         placement,
         admission: args.admission.options(),
+        balance,
     };
     let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, options, db).await?;
     let _feed = scheduler.feed;
