@@ -208,3 +208,50 @@ async fn a_cluster_without_an_api_has_no_inventory_and_says_why() {
     assert!(health.contains("no Kubernetes API"), "{health}");
     assert!(fleet.nodes("elsewhere").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_cluster_file_adds_removes_and_keeps_clusters() {
+    let (path_a, path_b) = (require("CUBE_TEST_KUBECONFIG"), require("CUBE_TEST_KUBECONFIG_B"));
+    let dir = tempfile::tempdir().expect("a directory");
+    let file = dir.path().join("clusters.json");
+    let write = |clusters: serde_json::Value| {
+        std::fs::write(
+            &file,
+            serde_json::to_vec(&json!({ "clusters": clusters })).expect("json"),
+        )
+        .expect("writing");
+    };
+    write(json!([{"name": "alpha", "kubeconfig": path_a}]));
+    let registry = ClusterRegistry::load(&file).expect("the file");
+    let fleet = Fleet::connect(&registry, InventoryOptions::default()).await;
+    fleet
+        .ready("alpha", Duration::from_secs(30))
+        .await
+        .expect("alpha listed");
+    let alpha_generation = fleet.generation("alpha").expect("alpha watched");
+    assert!(fleet.nodes("bravo").is_err(), "bravo is not registered yet");
+
+    // Adding bravo: watched after the reload; alpha keeps its watches (its generation goes on, not from zero).
+    write(json!([{"name": "alpha", "kubeconfig": path_a}, {"name": "bravo", "kubeconfig": path_b, "default": true}]));
+    cube_scheduler::reload(&registry, &fleet).await.expect("a reload");
+    assert_eq!(registry.names(), ["bravo", "alpha"], "the default first");
+    fleet
+        .ready("bravo", Duration::from_secs(30))
+        .await
+        .expect("bravo listed");
+    assert!(fleet.generation("alpha").expect("alpha still watched") >= alpha_generation);
+
+    // A broken file changes nothing and says what is wrong.
+    write(json!([{"name": "Alpha!"}]));
+    let error = cube_scheduler::reload(&registry, &fleet).await.expect_err("refused");
+    assert!(error.to_string().contains("clusters[0].name"), "{error}");
+    assert_eq!(registry.names(), ["bravo", "alpha"]);
+    assert!(fleet.nodes("bravo").is_ok());
+
+    // Removing alpha stops watching it.
+    write(json!([{"name": "bravo", "kubeconfig": path_b}]));
+    cube_scheduler::reload(&registry, &fleet).await.expect("a reload");
+    assert_eq!(registry.names(), ["bravo"]);
+    let error = fleet.nodes("alpha").expect_err("alpha is gone");
+    assert!(error.to_string().contains("no cluster"), "{error}");
+}
