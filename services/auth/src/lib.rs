@@ -155,14 +155,8 @@ pub struct Auth {
 /// Background work that stops when dropped.
 #[derive(Debug)]
 pub struct Background {
-    relay: tokio::task::JoinHandle<()>,
+    _relay: cube_kit::task::Background,
     _feed: RevocationFeed,
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.relay.abort();
-    }
 }
 
 /// Auth's own answers to its verifier: keys from the keyring, API tokens from the database.
@@ -236,7 +230,7 @@ impl Auth {
         let feed = verifier
             .follow(&bus, &format!("auth-revocations-{}", credentials::random_hex::<8>()?))
             .await?;
-        let relay = tokio::spawn(core::relay_outbox(db, bus, outbox));
+        let relay = cube_kit::task::Background::spawn(core::relay_outbox(db, bus, outbox));
         let server = Server::new("auth", "cube.auth.v1")
             .authenticate(Gate::new(verifier, ANONYMOUS_METHODS))
             .add_service(
@@ -251,7 +245,10 @@ impl Auth {
         Ok(Self {
             server,
             bootstrap,
-            background: Background { relay, _feed: feed },
+            background: Background {
+                _relay: relay,
+                _feed: feed,
+            },
         })
     }
 }

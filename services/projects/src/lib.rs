@@ -97,16 +97,8 @@ pub struct Projects {
 /// Background work that stops when dropped.
 #[derive(Debug)]
 pub struct Background {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: Vec<cube_kit::task::Background>,
     _feed: RevocationFeed,
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
 }
 
 impl Projects {
@@ -141,7 +133,7 @@ impl Projects {
             .await?;
         let joining = {
             let core = core.clone();
-            tokio::spawn(async move {
+            cube_kit::task::Background::spawn(async move {
                 while let Some(delivery) = users.next().await {
                     let Ok(delivery) = delivery else { continue };
                     let Ok(event) = UserCreated::decode(delivery.payload.clone()) else {
@@ -166,7 +158,7 @@ impl Projects {
         };
         let forgetting = {
             let core = core.clone();
-            tokio::spawn(async move {
+            cube_kit::task::Background::spawn(async move {
                 while let Some(delivery) = changes.next().await {
                     let Ok(delivery) = delivery else { continue };
                     if let Ok(event) = MembersChanged::decode(delivery.payload.clone())
@@ -180,7 +172,7 @@ impl Projects {
         };
         let purging = {
             let core = core.clone();
-            tokio::spawn(async move {
+            cube_kit::task::Background::spawn(async move {
                 loop {
                     if let Err(error) = service::purge(&core).await {
                         tracing::warn!(%error, "purging deleted projects");
@@ -195,7 +187,7 @@ impl Projects {
         Ok(Self {
             server,
             background: Background {
-                tasks: vec![joining, forgetting, purging],
+                _tasks: vec![joining, forgetting, purging],
                 _feed: feed,
             },
         })
