@@ -195,22 +195,6 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
-/// Builds a client for a registered cluster: its kubeconfig, or the pod's service account.
-async fn client(cluster: &ClusterConfig) -> Result<Client, String> {
-    let config = if let Some(path) = &cluster.kubeconfig {
-        let kubeconfig = kube::config::Kubeconfig::read_from(path)
-            .map_err(|error| format!("reading the kubeconfig {}: {error}", path.display()))?;
-        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|error| format!("loading the kubeconfig {}: {error}", path.display()))?
-    } else if cluster.in_cluster {
-        kube::Config::incluster().map_err(|error| format!("in-cluster configuration: {error}"))?
-    } else {
-        return Err("no Kubernetes API (no kubeconfig, not in-cluster): work runs as local processes".into());
-    };
-    Client::try_from(config).map_err(|error| format!("building the client: {error}"))
-}
-
 /// Drives a reflector until the task is aborted, logging watch errors (the watcher retries by itself).
 /// Counts every change the reflector applies in `changes`.
 fn drive<K>(
@@ -243,7 +227,7 @@ where
 /// Connects to a cluster that has a Kubernetes API and starts watching its Nodes, its bound Pods and its waiting
 /// Pods; a cluster that cannot be connected to is kept, with the reason, and reported unhealthy.
 async fn member(cluster: &ClusterConfig) -> Member {
-    match client(cluster).await {
+    match cluster.client().await {
         Ok(client) => {
             let changes = Arc::new(AtomicU64::new(0));
             let (nodes, node_task) = drive(

@@ -116,6 +116,43 @@ pub struct ClusterConfig {
     pub external_host: String,
 }
 
+impl ClusterConfig {
+    /// A cluster with the default namespaces (`pipeline`, `jupyter`, `service`) and domain (`cluster.local`),
+    /// reached through `kubeconfig`; with none, a cluster with no Kubernetes API, like `cube up`'s `local`.
+    pub fn new(name: impl Into<String>, kubeconfig: Option<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            default: false,
+            kubeconfig,
+            in_cluster: false,
+            pipeline_namespace: pipeline(),
+            notebook_namespace: jupyter(),
+            service_namespace: service(),
+            service_domain: cluster_local(),
+            external_host: String::new(),
+        }
+    }
+
+    /// Connects a client to the cluster's API server: through its kubeconfig, or the pod's service account.
+    ///
+    /// # Errors
+    /// Returns why not, e.g. that the cluster has no Kubernetes API.
+    pub async fn client(&self) -> Result<kube::Client, String> {
+        let config = if let Some(path) = &self.kubeconfig {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|error| format!("reading the kubeconfig {}: {error}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|error| format!("loading the kubeconfig {}: {error}", path.display()))?
+        } else if self.in_cluster {
+            kube::Config::incluster().map_err(|error| format!("in-cluster configuration: {error}"))?
+        } else {
+            return Err("no Kubernetes API (no kubeconfig, not in-cluster): work runs as local processes".into());
+        };
+        kube::Client::try_from(config).map_err(|error| format!("building the client: {error}"))
+    }
+}
+
 fn pipeline() -> String {
     "pipeline".into()
 }
@@ -244,15 +281,8 @@ impl ClusterRegistry {
     /// The registry of `cube up`: one local cluster, `local`, where work runs as processes on this machine.
     pub fn embedded() -> Self {
         let local = ClusterConfig {
-            name: "local".into(),
             default: true,
-            kubeconfig: None,
-            in_cluster: false,
-            pipeline_namespace: pipeline(),
-            notebook_namespace: jupyter(),
-            service_namespace: service(),
-            service_domain: cluster_local(),
-            external_host: String::new(),
+            ..ClusterConfig::new("local", None)
         };
         Self {
             clusters: Arc::new(RwLock::new(Arc::new(vec![local]))),

@@ -27,25 +27,11 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn client(path: &str) -> Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-        .await
-        .expect("kube config");
-    Client::try_from(config).expect("client")
+    cluster("any", path).client().await.expect("a client")
 }
 
 fn cluster(name: &str, kubeconfig: &str) -> ClusterConfig {
-    ClusterConfig {
-        name: name.into(),
-        default: false,
-        kubeconfig: Some(kubeconfig.into()),
-        in_cluster: false,
-        pipeline_namespace: "pipeline".into(),
-        notebook_namespace: "jupyter".into(),
-        service_namespace: "service".into(),
-        service_domain: "cluster.local".into(),
-        external_host: String::new(),
-    }
+    ClusterConfig::new(name, Some(kubeconfig.into()))
 }
 
 /// One test's share of one cluster: its nodes and its namespace (pods and the lease), deleted however the test

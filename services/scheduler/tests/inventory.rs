@@ -18,11 +18,10 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn client(path: &str) -> Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+    ClusterConfig::new("any", Some(path.into()))
+        .client()
         .await
-        .expect("kube config");
-    Client::try_from(config).expect("client")
+        .expect("a client")
 }
 
 /// Deletes the test's nodes and namespace however the test ends.
@@ -94,18 +93,7 @@ async fn the_inventory_follows_nodes_labels_and_bound_pods_within_a_second() {
         nodes: Vec::new(),
         namespace: None,
     };
-    let registry = ClusterRegistry::new(vec![ClusterConfig {
-        name: "test".into(),
-        default: true,
-        kubeconfig: Some(path.into()),
-        in_cluster: false,
-        pipeline_namespace: "pipeline".into(),
-        notebook_namespace: "jupyter".into(),
-        service_namespace: "service".into(),
-        service_domain: "cluster.local".into(),
-        external_host: String::new(),
-    }])
-    .expect("registry");
+    let registry = ClusterRegistry::new(vec![ClusterConfig::new("test", Some(path.clone().into()))]).expect("registry");
     let fleet = Fleet::connect(&registry, InventoryOptions::default()).await;
     fleet
         .ready("test", Duration::from_secs(30))

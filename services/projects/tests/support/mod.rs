@@ -65,15 +65,8 @@ pub async fn serve(server: cube_kit::Server) -> Running {
 /// The clusters the test scheduler knows: `dev` (the default) and `gpu`.
 pub fn registry() -> ClusterRegistry {
     let cluster = |name: &str, default: bool| ClusterConfig {
-        name: name.into(),
         default,
-        kubeconfig: None,
-        in_cluster: false,
-        pipeline_namespace: "pipeline".into(),
-        notebook_namespace: "jupyter".into(),
-        service_namespace: "service".into(),
-        service_domain: "cluster.local".into(),
-        external_host: String::new(),
+        ..ClusterConfig::new(name, None)
     };
     ClusterRegistry::new(vec![cluster("dev", true), cluster("gpu", false)]).expect("registry")
 }
