@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod grpc_web;
+pub mod platform;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,321 @@
+//! The platform as the scheduler's tests and benchmarks run it: auth, projects and the scheduler in this process on
+//! loopback ports, the scheduler watching a real kube-apiserver of the test environment; and guards for the fake
+//! nodes and namespaces the tests make there.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cube_auth::{Auth, AuthArgs};
+use cube_bus::{BusOptions, EventBus, MemoryBus};
+use cube_kit::Channel;
+use cube_kit::config::DatabaseArgs;
+use cube_projects::Projects;
+use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
+use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
+use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
+use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
+use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Quota, Settings};
+use cube_scheduler::balancer::BalanceSettings;
+use cube_scheduler::{ClusterConfig, ClusterRegistry, Options, Scheduler};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::{Running, connect, start_server};
+
+/// The password of the platform's `admin`.
+pub const ADMIN_PASSWORD: &str = "platform admin password";
+
+/// `message` with `token` as its bearer token.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("metadata"));
+    request
+}
+
+/// A client of the API server a kubeconfig reaches.
+pub async fn kube_client(path: &str) -> Client {
+    ClusterConfig::new("test", Some(path.into()))
+        .client()
+        .await
+        .expect("a client of the test cluster")
+}
+
+/// Runs `cleanup` to completion on a runtime of its own: `Drop` cannot await, and it also runs while a panic unwinds.
+pub fn clean_up(cleanup: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(cleanup);
+    })
+    .join();
+}
+
+/// A fake node with `labels` and, besides CPU, memory and pods, the extended resources `devices` allocatable,
+/// Ready; deleted with the guard, also when making it fails halfway.
+pub struct FakeNode {
+    client: Client,
+    /// The node's name.
+    pub name: String,
+}
+
+impl FakeNode {
+    /// Creates the node.
+    pub async fn create(client: &Client, labels: serde_json::Value, devices: &[(&str, u32)]) -> Self {
+        let guard = Self {
+            client: client.clone(),
+            name: format!("place-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        };
+        let name = &guard.name;
+        let nodes = Api::<Node>::all(client.clone());
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("node");
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("creating a node");
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut allocatable = json!({"cpu": "32", "memory": "128Gi", "pods": "110"});
+        for (resource, amount) in devices {
+            allocatable[*resource] = json!(amount.to_string());
+        }
+        let status = json!({"status": {
+            "allocatable": allocatable,
+            "capacity": allocatable,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
+        }});
+        nodes
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("node status");
+        // New nodes are tainted not-ready until a kubelet reports; the test plays the kubelet.
+        nodes
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"taints": null}})),
+            )
+            .await
+            .expect("untainting the node");
+        guard
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        let nodes = Api::<Node>::all(self.client.clone());
+        let name = self.name.clone();
+        clean_up(async move {
+            let _ = nodes.delete(&name, &DeleteParams::default()).await;
+        });
+    }
+}
+
+/// A namespace for a test's pods; deleted with the guard, its pods first and at once (no kubelet of a fake node
+/// would ever confirm that they stopped).
+pub struct TestNamespace {
+    client: Client,
+    /// The namespace's name.
+    pub name: String,
+}
+
+impl TestNamespace {
+    /// Creates the node.
+    pub async fn create(client: &Client, name: String) -> Self {
+        let guard = Self {
+            client: client.clone(),
+            name,
+        };
+        let namespace: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": guard.name}})).expect("namespace");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("creating a namespace");
+        guard
+    }
+
+    /// The namespace's pods.
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (pods, namespaces) = (self.pods(), Api::<Namespace>::all(self.client.clone()));
+        let name = self.name.clone();
+        clean_up(async move {
+            let _ = pods
+                .delete_collection(&DeleteParams::default().grace_period(0), &ListParams::default())
+                .await;
+            let _ = namespaces.delete(&name, &DeleteParams::default()).await;
+        });
+    }
+}
+
+/// Auth, projects and the scheduler, running, with signed-in users.
+pub struct Platform {
+    /// The scheduler.
+    pub scheduler: Running,
+    /// The projects service.
+    pub projects: Running,
+    /// The access token of `admin`.
+    pub admin: String,
+    /// The access token of lena, a plain user.
+    pub token: String,
+    /// The access token of omar, another plain user.
+    pub stranger: String,
+    _keep: (
+        Running,
+        cube_auth::Background,
+        (cube_kit::identity::RevocationFeed, Vec<cube_kit::task::Background>),
+        cube_projects::Background,
+    ),
+    _data: tempfile::TempDir,
+}
+
+/// The platform over the cluster `kubeconfig` reaches (registered as `kube`), with [`test_options`].
+pub async fn platform(kubeconfig: &str) -> Platform {
+    platform_with(kubeconfig, test_options()).await
+}
+
+/// The scheduler's options in these tests: no balancing rounds, which would relabel the nodes of other tests
+/// sharing the cluster.
+pub fn test_options() -> Options {
+    Options {
+        balance: BalanceSettings {
+            interval_seconds: 0,
+            ..BalanceSettings::default()
+        },
+        ..Options::default()
+    }
+}
+
+/// The platform with the scheduler started with `options`.
+pub async fn platform_with(kubeconfig: &str, options: Options) -> Platform {
+    let data = tempfile::tempdir().expect("tempdir");
+    let scheduler_db = format!("sqlite://{}", data.path().join("scheduler.db").display());
+    platform_on(kubeconfig, &scheduler_db, data, options).await
+}
+
+/// The platform with the scheduler's admissions stored at `scheduler_db`.
+pub async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::TempDir, options: Options) -> Platform {
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+    let auth = Auth::start(
+        &AuthArgs::embedded(
+            format!("sqlite://{}", data.path().join("auth.db").display()),
+            Some(ADMIN_PASSWORD.into()),
+        )
+        .expect("flags"),
+        bus.clone(),
+    )
+    .await
+    .expect("auth");
+    let auth_background = auth.background;
+    let auth = start_server(auth.server).await;
+    let auth_channel = Channel::remote(&auth.url()).expect("url");
+    let registry = ClusterRegistry::new(vec![ClusterConfig::new("kube", Some(kubeconfig.into()))]).expect("registry");
+    let (projects_for_scheduler, projects_late) = Channel::late();
+    let scheduler = Scheduler::start(
+        registry,
+        cube_scheduler::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_for_scheduler,
+        },
+        &bus,
+        options,
+        cube_kit::db::connect::<cube_scheduler::model::Migrator>(scheduler_db, true)
+            .await
+            .expect("the scheduler's database"),
+    )
+    .await
+    .expect("scheduler");
+    let scheduler_keep = (scheduler.feed, scheduler.background);
+    let scheduler = start_server(scheduler.server).await;
+    let projects = Projects::start(
+        &DatabaseArgs {
+            database_url: format!("sqlite://{}", data.path().join("projects.db").display()),
+            migrate: true,
+        },
+        cube_projects::Peers {
+            auth: auth_channel,
+            scheduler: Channel::remote(&scheduler.url()).expect("url"),
+            workloads: Vec::new(),
+        },
+        bus,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("projects");
+    let projects_background = projects.background;
+    let projects = start_server(projects.server).await;
+    projects_late.bind(Channel::remote(&projects.url()).expect("url"));
+
+    let connection = connect(&auth).await;
+    let login = |username: &'static str, password: &'static str| {
+        let connection = connection.clone();
+        async move {
+            AuthServiceClient::new(connection)
+                .login(LoginRequest {
+                    username: username.into(),
+                    password: password.into(),
+                })
+                .await
+                .expect("login")
+                .into_inner()
+                .access_token
+        }
+    };
+    let admin = login("admin", ADMIN_PASSWORD).await;
+    for user in ["lena", "omar"] {
+        UserServiceClient::new(connection.clone())
+            .create_user(authed(
+                CreateUserRequest {
+                    user: Some(User {
+                        email: format!("{user}@example.com"),
+                        ..User::default()
+                    }),
+                    user_id: user.into(),
+                    password: format!("{user} long password"),
+                },
+                &admin,
+            ))
+            .await
+            .expect("creating a user");
+    }
+    Platform {
+        scheduler,
+        projects,
+        token: login("lena", "lena long password").await,
+        stranger: login("omar", "omar long password").await,
+        admin,
+        _keep: (auth, auth_background, scheduler_keep, projects_background),
+        _data: data,
+    }
+}
+
+/// Creates a project of type ORG as `platform.token`'s user (lena), who becomes its owner.
+pub async fn create_project(platform: &Platform, id: &str, settings: Settings, quota: Quota) {
+    ProjectServiceClient::new(connect(&platform.projects).await)
+        .create_project(authed(
+            CreateProjectRequest {
+                project: Some(Project {
+                    r#type: ProjectType::Org as i32,
+                    settings: Some(settings),
+                    quota: Some(quota),
+                    ..Project::default()
+                }),
+                project_id: id.into(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("creating a project");
+}
