@@ -3,234 +3,28 @@
 //! watches on the real kube-apiserver of the test environment, and admits them against quotas stored in its own
 //! database (SQLite, PostgreSQL, MariaDB).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cube_auth::{Auth, AuthArgs};
-use cube_bus::{BusOptions, EventBus, MemoryBus};
-use cube_integration_tests::{Running, connect, start_server};
-use cube_kit::Channel;
-use cube_kit::config::DatabaseArgs;
-use cube_projects::Projects;
-use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
-use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
-use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
+use cube_integration_tests::connect;
+use cube_integration_tests::platform::{
+    FakeNode, TestNamespace, authed, create_project, kube_client, platform, platform_on, platform_with, test_options,
+};
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
-use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Quota, Settings};
+use cube_proto::cube::projects::v1::{Quota, Settings};
 use cube_proto::cube::scheduler::v1::admission_service_client::AdmissionServiceClient;
 use cube_proto::cube::scheduler::v1::placement_service_client::PlacementServiceClient;
 use cube_proto::cube::scheduler::v1::{
     AdmissionState, AdmitRequest, ExplainPendingRequest, PlaceRequest, ReleaseRequest, WorkloadKind,
 };
-use cube_scheduler::{ClusterConfig, ClusterRegistry, Scheduler};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use cube_scheduler::Options;
+use cube_scheduler::placement::PlacementConfig;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::PostParams;
 use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt as _;
-
-const ADMIN_PASSWORD: &str = "placement admin password";
-
-fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("metadata"));
-    request
-}
-
-async fn kube_client(path: &str) -> Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-        .await
-        .expect("kube config");
-    Client::try_from(config).expect("client")
-}
-
-/// A fake GPU node with `labels`, `gpus` allocatable, Ready; deleted with the guard.
-struct FakeNode {
-    client: Client,
-    name: String,
-}
-
-impl FakeNode {
-    async fn create(client: &Client, labels: serde_json::Value, gpus: u32) -> Self {
-        let name = format!("place-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let nodes = Api::<Node>::all(client.clone());
-        let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("node");
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("creating a node");
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let status = json!({"status": {
-            "allocatable": {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": gpus.to_string(), "pods": "110"},
-            "capacity": {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": gpus.to_string(), "pods": "110"},
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test",
-                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
-        }});
-        nodes
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("node status");
-        // New nodes are tainted not-ready until a kubelet reports; the test plays the kubelet.
-        nodes
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"taints": null}})),
-            )
-            .await
-            .expect("untainting the node");
-        Self {
-            client: client.clone(),
-            name,
-        }
-    }
-}
-
-impl Drop for FakeNode {
-    fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let _ = Api::<Node>::all(client).delete(&name, &DeleteParams::default()).await;
-            });
-        })
-        .join();
-    }
-}
-
-struct Platform {
-    scheduler: Running,
-    projects: Running,
-    token: String,
-    stranger: String,
-    _keep: (
-        Running,
-        cube_auth::Background,
-        cube_kit::identity::RevocationFeed,
-        cube_projects::Background,
-    ),
-    _data: tempfile::TempDir,
-}
-
-async fn platform(kubeconfig: &str) -> Platform {
-    let data = tempfile::tempdir().expect("tempdir");
-    let scheduler_db = format!("sqlite://{}", data.path().join("scheduler.db").display());
-    platform_on(kubeconfig, &scheduler_db, data).await
-}
-
-/// The platform with the scheduler's admissions stored at `scheduler_db`.
-async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::TempDir) -> Platform {
-    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
-    let auth = Auth::start(
-        &AuthArgs::embedded(
-            format!("sqlite://{}", data.path().join("auth.db").display()),
-            Some(ADMIN_PASSWORD.into()),
-        )
-        .expect("flags"),
-        bus.clone(),
-    )
-    .await
-    .expect("auth");
-    let auth_background = auth.background;
-    let auth = start_server(auth.server).await;
-    let auth_channel = Channel::remote(&auth.url()).expect("url");
-    let registry = ClusterRegistry::new(vec![ClusterConfig {
-        name: "kube".into(),
-        default: true,
-        kubeconfig: Some(kubeconfig.into()),
-        in_cluster: false,
-        pipeline_namespace: "pipeline".into(),
-        notebook_namespace: "jupyter".into(),
-        service_namespace: "service".into(),
-        service_domain: "cluster.local".into(),
-        external_host: String::new(),
-    }])
-    .expect("registry");
-    let (projects_for_scheduler, projects_late) = Channel::late();
-    let scheduler = Scheduler::start(
-        registry,
-        cube_scheduler::Peers {
-            auth: auth_channel.clone(),
-            projects: projects_for_scheduler,
-        },
-        &bus,
-        cube_scheduler::Options::default(),
-        cube_kit::db::connect::<cube_scheduler::model::Migrator>(scheduler_db, true)
-            .await
-            .expect("the scheduler's database"),
-    )
-    .await
-    .expect("scheduler");
-    let scheduler_feed = scheduler.feed;
-    let scheduler = start_server(scheduler.server).await;
-    let projects = Projects::start(
-        &DatabaseArgs {
-            database_url: format!("sqlite://{}", data.path().join("projects.db").display()),
-            migrate: true,
-        },
-        cube_projects::Peers {
-            auth: auth_channel,
-            scheduler: Channel::remote(&scheduler.url()).expect("url"),
-            workloads: Vec::new(),
-        },
-        bus,
-        Duration::from_secs(2),
-    )
-    .await
-    .expect("projects");
-    let projects_background = projects.background;
-    let projects = start_server(projects.server).await;
-    projects_late.bind(Channel::remote(&projects.url()).expect("url"));
-
-    let connection = connect(&auth).await;
-    let login = |username: &'static str, password: &'static str| {
-        let connection = connection.clone();
-        async move {
-            AuthServiceClient::new(connection)
-                .login(LoginRequest {
-                    username: username.into(),
-                    password: password.into(),
-                })
-                .await
-                .expect("login")
-                .into_inner()
-                .access_token
-        }
-    };
-    let admin = login("admin", ADMIN_PASSWORD).await;
-    for user in ["lena", "omar"] {
-        UserServiceClient::new(connection.clone())
-            .create_user(authed(
-                CreateUserRequest {
-                    user: Some(User {
-                        email: format!("{user}@example.com"),
-                        ..User::default()
-                    }),
-                    user_id: user.into(),
-                    password: format!("{user} long password"),
-                },
-                &admin,
-            ))
-            .await
-            .expect("creating a user");
-    }
-    Platform {
-        scheduler,
-        projects,
-        token: login("lena", "lena long password").await,
-        stranger: login("omar", "omar long password").await,
-        _keep: (auth, auth_background, scheduler_feed, projects_background),
-        _data: data,
-    }
-}
 
 fn request(gpu: &str) -> PlaceRequest {
     PlaceRequest {
@@ -240,7 +34,7 @@ fn request(gpu: &str) -> PlaceRequest {
         memory: "8G".into(),
         gpu: gpu.into(),
         rdma: 0,
-        replica_label: String::new(),
+        ..PlaceRequest::default()
     }
 }
 
@@ -255,7 +49,7 @@ async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run() {
     let _node = FakeNode::create(
         &client,
         json!({"gpu": "true", "train": "true", "org": group, "gpu-type": gpu_type}),
-        4,
+        &[("nvidia.com/gpu", 4)],
     )
     .await;
     let platform = platform(&kubeconfig).await;
@@ -353,7 +147,7 @@ fn pod_from(name: &str, placement: &cube_proto::cube::scheduler::v1::Placement) 
             .collect()
     };
     serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": placement.pod_labels},
+        "metadata": {"name": name, "labels": placement.pod_labels, "annotations": placement.pod_annotations},
         "spec": {
             "nodeSelector": placement.node_selector,
             "affinity": {
@@ -367,119 +161,349 @@ fn pod_from(name: &str, placement: &cube_proto::cube::scheduler::v1::Placement) 
     .expect("pod")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
-    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let client = kube_client(&kubeconfig).await;
-    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let group = format!("bind-{suffix}");
-    let gpu_type = format!("B{}", suffix.to_uppercase());
-    let other_type = format!("O{}", suffix.to_uppercase());
-    // One node per class and kind in our resource group, plus decoys that differ in one label each.
-    let cpu_train = FakeNode::create(&client, json!({"cpu": "true", "train": "true", "org": group}), 0).await;
-    let cpu_notebook = FakeNode::create(&client, json!({"cpu": "true", "notebook": "true", "org": group}), 0).await;
-    let gpu_typed = FakeNode::create(
-        &client,
-        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": gpu_type}),
-        2,
-    )
-    .await;
-    let _gpu_other = FakeNode::create(
-        &client,
-        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": other_type}),
-        2,
-    )
-    .await;
-    let vgpu = FakeNode::create(&client, json!({"vgpu": "true", "train": "true", "org": group}), 0).await;
-    let _other_group = FakeNode::create(
-        &client,
-        json!({"cpu": "true", "train": "true", "notebook": "true", "org": format!("{group}-x")}),
-        0,
-    )
-    .await;
+/// A fake node's labels and extended resources.
+type NodeSpec = (serde_json::Value, Vec<(&'static str, u32)>);
 
-    let platform = platform(&kubeconfig).await;
-    create_project(
-        &platform,
-        "vision",
-        Settings {
-            resource_group: group.clone(),
-            ..Settings::default()
-        },
-        Quota::default(),
-    )
-    .await;
-    let placer = PlacementServiceClient::new(connect(&platform.scheduler).await);
-    let namespace = format!("bind-{suffix}");
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-
-    // (row, kind, gpu string, the node it must land on)
-    let rows = [
-        ("cpu train", WorkloadKind::Train, String::new(), &cpu_train.name),
-        (
-            "cpu notebook",
-            WorkloadKind::Notebook,
-            String::new(),
-            &cpu_notebook.name,
-        ),
-        (
-            "typed gpu",
-            WorkloadKind::Train,
-            format!("1({gpu_type})"),
-            &gpu_typed.name,
-        ),
-        ("vgpu share", WorkloadKind::Train, "0.5".to_owned(), &vgpu.name),
-    ];
-    for (index, (row, kind, gpu, expected)) in rows.iter().enumerate() {
-        let mut wanted = request(gpu);
-        wanted.kind = *kind as i32;
-        wanted.cpu = "1".into();
-        wanted.memory = "1G".into();
-        let placement = cube_testkit::eventually(&format!("a placement for {row}"), Duration::from_secs(10), || {
-            let mut placer = placer.clone();
-            let request = authed(wanted.clone(), &platform.token);
-            async move { placer.place(request).await.ok() }
-        })
-        .await
-        .into_inner();
-        let name = format!("pod-{index}");
-        pods.create(&PostParams::default(), &pod_from(&name, &placement))
-            .await
-            .expect("creating the pod");
-        let bound = cube_testkit::eventually(&format!("the {row} pod bound"), Duration::from_secs(30), || {
-            let pods = pods.clone();
-            let name = name.clone();
-            async move { pods.get(&name).await.ok()?.spec?.node_name }
-        })
-        .await;
-        assert_eq!(&bound, *expected, "{row}: bound to the wrong node");
-    }
-    let _ = Api::<Namespace>::all(client)
-        .delete(&namespace, &DeleteParams::default())
-        .await;
+fn node(labels: serde_json::Value, devices: &[(&'static str, u32)]) -> NodeSpec {
+    (labels, devices.to_vec())
 }
 
-async fn create_project(platform: &Platform, id: &str, settings: Settings, quota: Quota) {
-    ProjectServiceClient::new(connect(&platform.projects).await)
-        .create_project(authed(
-            CreateProjectRequest {
-                project: Some(Project {
-                    r#type: ProjectType::Org as i32,
-                    settings: Some(settings),
-                    quota: Some(quota),
-                    ..Project::default()
-                }),
-                project_id: id.into(),
-            },
-            &platform.token,
-        ))
-        .await
-        .expect("creating a project");
+const NVIDIA: &[(&str, u32)] = &[("nvidia.com/gpu", 1)];
+const AMD: &[(&str, u32)] = &[("amd.com/gpu", 1)];
+
+/// A row of the placement table as the real kube-scheduler binds it.
+struct BindRow {
+    name: &'static str,
+    project: &'static str,
+    kind: WorkloadKind,
+    gpu: String,
+    rdma: i32,
+    /// The node the pod must be bound to: exactly the labels the placement selects and the devices it requests.
+    node: NodeSpec,
+    /// Nodes that differ from it in one label or lack one resource the pod requests.
+    decoys: Vec<NodeSpec>,
+}
+
+/// A row of project `vision`'s, without RDMA.
+fn bind_row(name: &'static str, kind: WorkloadKind, gpu: &str, node: NodeSpec, decoys: Vec<NodeSpec>) -> BindRow {
+    BindRow {
+        name,
+        project: "vision",
+        kind,
+        gpu: gpu.to_owned(),
+        rdma: 0,
+        node,
+        decoys,
+    }
+}
+
+/// Project settings with a resource group (empty for none) and an extra node selector.
+fn placement_settings(resource_group: &str, node_selector: &[(&str, &str)]) -> Settings {
+    Settings {
+        resource_group: resource_group.to_owned(),
+        node_selector: node_selector
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect(),
+        ..Settings::default()
+    }
+}
+
+/// Places `wanted`, asking again while the scheduler's inventory has not seen the fake nodes yet.
+async fn placed(
+    placer: &PlacementServiceClient<tonic::transport::Channel>,
+    token: &str,
+    row: &str,
+    wanted: &PlaceRequest,
+) -> cube_proto::cube::scheduler::v1::Placement {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match placer.clone().place(authed(wanted.clone(), token)).await {
+            Ok(placement) => return placement.into_inner(),
+            Err(status) if status.code() == Code::FailedPrecondition && tokio::time::Instant::now() < deadline => {}
+            Err(status) => panic!("{row}: placing failed: {status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The node the kube-scheduler binds pod `name` to; if it does not within 30 s, panics with the pod's conditions.
+async fn bound_node(pods: &Api<Pod>, name: &str, row: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pod = pods.get(name).await.expect("reading the pod");
+        if let Some(node) = pod.spec.as_ref().and_then(|spec| spec.node_name.clone()) {
+            return node;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let conditions = pod.status.and_then(|status| status.conditions).unwrap_or_default();
+            panic!("{row}: the pod is not bound after 30s: {conditions:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates every row's node and decoys and the `projects`, then, for each row, checks that Place selects exactly
+/// the node's labels and requests exactly its devices, and that the real kube-scheduler binds the pod built from
+/// the placement to that node and to no decoy. The scheduler knows a second GPU vendor and an RDMA resource.
+async fn bind_rows(suffix: &str, projects: Vec<(&'static str, Settings)>, rows: Vec<BindRow>) {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let client = kube_client(&kubeconfig).await;
+    let options = Options {
+        placement: PlacementConfig {
+            gpu_vendors: [
+                ("gpu".to_owned(), "nvidia.com/gpu".to_owned()),
+                ("nvidia".to_owned(), "nvidia.com/gpu".to_owned()),
+                ("amd".to_owned(), "amd.com/gpu".to_owned()),
+            ]
+            .into(),
+            rdma_resource: Some("rdma/hca".into()),
+            ..PlacementConfig::default()
+        },
+        ..test_options()
+    };
+    // Every node exists, Ready, before the first pod; the platform starts meanwhile.
+    let create = |(labels, devices): &NodeSpec| {
+        let (client, labels, devices) = (&client, labels.clone(), devices.clone());
+        async move { FakeNode::create(client, labels, &devices).await }
+    };
+    let (nodes, platform) = tokio::join!(
+        futures::future::join_all(rows.iter().map(|row| futures::future::join(
+            create(&row.node),
+            futures::future::join_all(row.decoys.iter().map(create))
+        ))),
+        platform_with(&kubeconfig, options),
+    );
+    futures::future::join_all(
+        projects
+            .into_iter()
+            .map(|(id, settings)| create_project(&platform, id, settings, Quota::default())),
+    )
+    .await;
+    let namespace = TestNamespace::create(&client, format!("bind-{suffix}")).await;
+    let placer = PlacementServiceClient::new(connect(&platform.scheduler).await);
+
+    let (placer, pods, token) = (&placer, &namespace.pods(), platform.token.as_str());
+    futures::future::join_all(rows.iter().zip(&nodes).enumerate().map(
+        |(index, (row, (matching, decoys)))| async move {
+            let wanted = PlaceRequest {
+                project: format!("projects/{}", row.project),
+                kind: row.kind as i32,
+                cpu: "1".into(),
+                memory: "1G".into(),
+                rdma: row.rdma,
+                ..request(&row.gpu)
+            };
+            let placement = placed(placer, token, row.name, &wanted).await;
+            let (labels, devices) = &row.node;
+            let selector = serde_json::to_value(&placement.node_selector).expect("selector");
+            assert_eq!(&selector, labels, "{}: the node selector", row.name);
+            let requested: BTreeMap<String, String> = placement
+                .requests
+                .clone()
+                .into_iter()
+                .filter(|(resource, _)| !matches!(resource.as_str(), "cpu" | "memory"))
+                .collect();
+            let offered: BTreeMap<String, String> = devices
+                .iter()
+                .map(|(resource, amount)| ((*resource).to_owned(), amount.to_string()))
+                .collect();
+            assert_eq!(requested, offered, "{}: the extended resources requested", row.name);
+
+            let name = format!("pod-{index}");
+            pods.create(&PostParams::default(), &pod_from(&name, &placement))
+                .await
+                .expect("creating the pod");
+            let bound = bound_node(pods, &name, row.name).await;
+            assert!(
+                !decoys.iter().any(|decoy| decoy.name == bound),
+                "{}: bound to a decoy, {bound}",
+                row.name
+            );
+            assert_eq!(bound, matching.name, "{}: bound to the wrong node", row.name);
+        },
+    ))
+    .await;
+}
+
+/// A suffix that makes resource groups, GPU types and label values no other test uses.
+fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// Every row of the placement table that a node can satisfy binds to the one node matching it, never to decoys
+/// that differ in one label or lack one requested resource. Every row's node is a decoy for the other rows too:
+/// they differ in class, kind, GPU type or resource group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
+    use WorkloadKind::{Notebook, Service, Train};
+    let suffix = unique_suffix();
+    let group = format!("bind-{suffix}");
+    let elsewhere = format!("{group}-x");
+    let ssd_group = format!("{group}-ssd");
+    let gpu_type = |prefix: &str| format!("{prefix}{}", suffix.to_uppercase());
+    let (typed, other_type, v100, a100) = (gpu_type("B"), gpu_type("O"), gpu_type("V"), gpu_type("A"));
+    // Isolates the `public` row from other tests' public nodes.
+    let run_label = "cube-test-run";
+    let rows = vec![
+        bind_row(
+            "cpu train",
+            Train,
+            "",
+            node(json!({"cpu": "true", "train": "true", "org": group}), &[]),
+            vec![node(json!({"cpu": "true", "train": "true", "org": elsewhere}), &[])],
+        ),
+        bind_row(
+            "cpu notebook",
+            Notebook,
+            "",
+            node(json!({"cpu": "true", "notebook": "true", "org": group}), &[]),
+            vec![node(json!({"cpu": "true", "notebook": "true", "org": elsewhere}), &[])],
+        ),
+        bind_row(
+            "cpu service",
+            Service,
+            "",
+            node(json!({"cpu": "true", "service": "true", "org": group}), &[]),
+            vec![
+                node(json!({"cpu": "true", "service": "true", "org": elsewhere}), &[]),
+                node(json!({"vgpu": "true", "service": "true", "org": group}), &[]),
+            ],
+        ),
+        bind_row(
+            "typed gpu",
+            Train,
+            &format!("1({typed})"),
+            node(
+                json!({"gpu": "true", "train": "true", "org": group, "gpu-type": typed}),
+                NVIDIA,
+            ),
+            vec![node(
+                json!({"gpu": "true", "train": "true", "org": group, "gpu-type": other_type}),
+                NVIDIA,
+            )],
+        ),
+        bind_row(
+            "vgpu share",
+            Train,
+            "0.5",
+            node(json!({"vgpu": "true", "train": "true", "org": group}), &[]),
+            vec![node(json!({"vgpu": "true", "train": "true", "org": elsewhere}), &[])],
+        ),
+        bind_row(
+            "gpu vendor and type",
+            Train,
+            &format!("1(nvidia,{v100})"),
+            node(
+                json!({"gpu": "true", "train": "true", "org": group, "gpu-type": v100}),
+                NVIDIA,
+            ),
+            vec![
+                node(
+                    json!({"gpu": "true", "train": "true", "org": group, "gpu-type": v100}),
+                    AMD,
+                ),
+                node(
+                    json!({"gpu": "true", "notebook": "true", "org": group, "gpu-type": v100}),
+                    NVIDIA,
+                ),
+            ],
+        ),
+        BindRow {
+            rdma: 1,
+            ..bind_row(
+                "rdma",
+                Train,
+                &format!("1({a100})"),
+                node(
+                    json!({"gpu": "true", "train": "true", "org": group, "gpu-type": a100, "rdma": "true"}),
+                    &[("nvidia.com/gpu", 1), ("rdma/hca", 1)],
+                ),
+                vec![
+                    node(
+                        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": a100, "rdma": "true"}),
+                        NVIDIA,
+                    ),
+                    node(
+                        json!({"gpu": "true", "train": "true", "org": group, "gpu-type": a100}),
+                        &[("nvidia.com/gpu", 1), ("rdma/hca", 1)],
+                    ),
+                ],
+            )
+        },
+        BindRow {
+            project: "ssd",
+            ..bind_row(
+                "project node selector",
+                Train,
+                "",
+                node(
+                    json!({"cpu": "true", "train": "true", "org": ssd_group, "disk": "ssd"}),
+                    &[],
+                ),
+                vec![
+                    node(
+                        json!({"cpu": "true", "train": "true", "org": ssd_group, "disk": "hdd"}),
+                        &[],
+                    ),
+                    node(json!({"cpu": "true", "train": "true", "org": ssd_group}), &[]),
+                ],
+            )
+        },
+        BindRow {
+            project: "commons",
+            ..bind_row(
+                "org default public",
+                Train,
+                "",
+                node(
+                    json!({"cpu": "true", "train": "true", "org": "public", run_label: suffix}),
+                    &[],
+                ),
+                vec![
+                    node(
+                        json!({"cpu": "true", "train": "true", "org": elsewhere, run_label: suffix}),
+                        &[],
+                    ),
+                    node(json!({"cpu": "true", "train": "true", run_label: suffix}), &[]),
+                ],
+            )
+        },
+    ];
+    let projects = vec![
+        ("vision", placement_settings(&group, &[])),
+        ("ssd", placement_settings(&ssd_group, &[("disk", "ssd")])),
+        ("commons", placement_settings("", &[(run_label, &suffix)])),
+    ];
+    bind_rows(&suffix, projects, rows).await;
+}
+
+/// A GPU vendor other than the default one binds to nodes offering its resource, not the default vendor's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_scheduler_binds_a_second_gpu_vendors_pods_to_its_nodes_only() {
+    let suffix = unique_suffix();
+    let group = format!("bind-{suffix}");
+    let mi250 = format!("M{}", suffix.to_uppercase());
+    let row = bind_row(
+        "a second gpu vendor",
+        WorkloadKind::Train,
+        &format!("1(amd,{mi250})"),
+        node(
+            json!({"gpu": "true", "train": "true", "org": group, "gpu-type": mi250}),
+            AMD,
+        ),
+        vec![
+            node(
+                json!({"gpu": "true", "train": "true", "org": group, "gpu-type": mi250}),
+                NVIDIA,
+            ),
+            node(
+                json!({"gpu": "true", "train": "true", "org": format!("{group}-x"), "gpu-type": mi250}),
+                AMD,
+            ),
+        ],
+    );
+    bind_rows(&suffix, vec![("vision", placement_settings(&group, &[]))], vec![row]).await;
 }
 
 fn admit(project: &str, workload: &str, cpu: &str, gpu: &str) -> AdmitRequest {
@@ -496,7 +520,13 @@ fn admit(project: &str, workload: &str, cpu: &str, gpu: &str) -> AdmitRequest {
 /// 200 admissions race for a 50-GPU project quota, then a member's CPU quota blocks its own workloads.
 async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let platform = platform_on(&kubeconfig, &scheduler_db, tempfile::tempdir().expect("tempdir")).await;
+    let platform = platform_on(
+        &kubeconfig,
+        &scheduler_db,
+        tempfile::tempdir().expect("tempdir"),
+        test_options(),
+    )
+    .await;
     create_project(
         &platform,
         "vision",

@@ -835,7 +835,7 @@ impl Projects {
                 cpu: Some(used.cpu),
                 memory_bytes: Some(used.memory_bytes),
                 gpu: Some(used.gpu),
-                gpu_by_type: std::collections::HashMap::new(),
+                gpu_by_type: used.gpu_by_type,
                 notebooks: Some(used.notebooks),
                 services: Some(used.services),
                 runs: Some(used.runs),

@@ -30,7 +30,7 @@ pub struct Amounts {
     pub memory_bytes: i64,
     /// Whole GPUs, of every GPU resource name.
     pub gpus: i64,
-    /// Other extended resources, by name.
+    /// Every extended resource by name, each GPU resource included.
     pub other: BTreeMap<String, i64>,
 }
 
@@ -505,8 +505,11 @@ impl Fleet {
                 "cpu" => amounts.cpu_millis += quantity_millis(&quantity.0).unwrap_or(0),
                 "memory" => amounts.memory_bytes += quantity_millis(&quantity.0).unwrap_or(0) / 1000,
                 "pods" | "ephemeral-storage" => {}
+                // GPUs of every vendor count in `gpus`, and each vendor's own in `other`.
                 gpu if self.options.gpu_resources.iter().any(|known| known == gpu) => {
-                    amounts.gpus += quantity_millis(&quantity.0).unwrap_or(0) / 1000;
+                    let count = quantity_millis(&quantity.0).unwrap_or(0) / 1000;
+                    amounts.gpus += count;
+                    *amounts.other.entry(gpu.to_owned()).or_default() += count;
                 }
                 other if other.contains('/') => {
                     *amounts.other.entry(other.to_owned()).or_default() +=

@@ -581,8 +581,16 @@ impl Scheduler {
         gpu_resources.dedup();
         let fleet = Arc::new(Fleet::connect(&registry, InventoryOptions { gpu_resources }).await);
         let moves_db = db.clone();
-        let admissions =
-            admission::Admissions::new(db, peers.projects.clone(), registry.clone(), fleet.clone(), admission);
+        let admissions = admission::Admissions::new(
+            db,
+            peers.projects.clone(),
+            registry.clone(),
+            fleet.clone(),
+            bus.clone(),
+            &placement,
+            admission,
+        )
+        .await?;
         let replica = format!(
             "{}-{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "scheduler".into()),
@@ -604,7 +612,7 @@ impl Scheduler {
         let placer = place::Placer {
             registry: registry.clone(),
             fleet: fleet.clone(),
-            projects: peers.projects,
+            shared: admissions.shared(),
             config: Arc::new(placement),
         };
         let clusters = Clusters {

@@ -11,7 +11,8 @@ pub mod usage {
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "quota_usage")]
     pub struct Model {
-        /// `projects/{project}` or `projects/{project}/members/u-{username}`.
+        /// `projects/{project}` or `projects/{project}/members/u-{username}`; with `#gpu-type={TYPE}` appended,
+        /// what the scope's workloads using GPUs of that type reserve (only its GPUs are limited).
         #[sea_orm(primary_key, auto_increment = false)]
         pub scope: String,
         /// Reserved CPU, millicores.
@@ -58,6 +59,8 @@ pub mod reservation {
         pub memory_bytes: i64,
         /// Reserved GPUs, thousandths.
         pub gpu_millis: i64,
+        /// The GPU type the GPUs count against (`T4`); empty when the GPU string names none.
+        pub gpu_type: String,
         /// `admitted` or `queued`.
         pub state: String,
         /// Why it is queued.
@@ -121,7 +124,7 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTables), Box::new(CreateMoves)]
+        vec![Box::new(CreateTables), Box::new(CreateMoves), Box::new(AddGpuType)]
     }
 }
 
@@ -187,5 +190,94 @@ impl MigrationTrait for CreateMoves {
                     .to_owned(),
             )
             .await
+    }
+}
+
+struct AddGpuType;
+
+impl MigrationName for AddGpuType {
+    fn name(&self) -> &str {
+        "m20261124_000003_reservation_gpu_type"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for AddGpuType {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The first migration creates `reservations` from the entity as it is now, so on a new database the
+        // column is already there; reservations made before GPU types counted hold none.
+        if manager.has_column("reservations", "gpu_type").await? {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Alias::new("reservations"))
+                    .add_column(
+                        ColumnDef::new(Alias::new("gpu_type"))
+                            .string_len(63)
+                            .not_null()
+                            .default(""),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait as _, EntityTrait as _, IntoActiveModel as _};
+    use sea_orm_migration::MigratorTrait as _;
+
+    use super::*;
+
+    /// A private in-memory database on one connection that stays open, as `cube up` opens it.
+    async fn memory() -> sea_orm::DatabaseConnection {
+        cube_kit::db::connect::<Migrator>("sqlite::memory:", false)
+            .await
+            .unwrap_or_else(|error| panic!("an in-memory database: {error}"))
+    }
+
+    #[tokio::test]
+    async fn the_gpu_type_column_is_added_to_reservations_made_before_it() -> Result<(), DbErr> {
+        let db = memory().await;
+        Migrator::up(&db, Some(2)).await?;
+        // The first migration creates the table as the entity is now; take the column away as it was then.
+        db.execute_unprepared("ALTER TABLE reservations DROP COLUMN gpu_type")
+            .await?;
+        Migrator::up(&db, None).await?;
+        let row = reservation::Model {
+            workload: "projects/p/runs/r".into(),
+            project: "p".into(),
+            username: "lena".into(),
+            kind: "train".into(),
+            cpu_millis: 1000,
+            memory_bytes: 0,
+            gpu_millis: 1000,
+            gpu_type: "T4".into(),
+            state: "admitted".into(),
+            reason: String::new(),
+            blockers: "[]".into(),
+            created_ms: 0,
+        };
+        reservation::Entity::insert(row.clone().into_active_model())
+            .exec_without_returning(&db)
+            .await?;
+        let read = reservation::Entity::find_by_id(row.workload.clone()).one(&db).await?;
+        assert_eq!(read, Some(row));
+        // On a new database the column is there from the start, and the migration changes nothing.
+        let fresh = memory().await;
+        Migrator::up(&fresh, None).await?;
+        assert!(
+            SchemaManager::new(&fresh)
+                .has_column("reservations", "gpu_type")
+                .await?
+        );
+        Ok(())
     }
 }

@@ -1,23 +1,27 @@
 //! `cube.scheduler.v1.PlacementService`: a workload's placement from its project's settings (asked of the
-//! projects service with the caller's token) and its resource strings, judged against the cluster's nodes.
+//! projects service with the caller's token, through the cache admission shares) and its resource strings,
+//! judged against the cluster's nodes. The nodes' shapes and the verdicts are kept until the nodes' labels or
+//! allocatable amounts change, so a placement is not judged against thousands of nodes on every call; the nodes
+//! are looked at again at most every [`RECHECK`], so bursts of node updates (a node controller marking thousands
+//! of nodes at once) do not make every call recompute them.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use cube_kit::identity::{Principal, forward_token};
-use cube_kit::{ApiError, Channel, FieldViolation};
-use cube_proto::cube::projects::v1::GetProjectRequest;
-use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
+use cube_kit::identity::Principal;
+use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::scheduler::v1::placement_service_server::PlacementService;
 use cube_proto::cube::scheduler::v1::{
     AffinityTerm, PlaceRequest, Placement as PlacementMessage, Toleration as TolerationMessage,
 };
 use tonic::{Request, Response, Status};
 
-use crate::inventory::{Fleet, NodeView};
+use crate::inventory::{Fleet, NodeView, WORKLOAD_ANNOTATION};
 use crate::placement::{
-    NodeShape, PlacementConfig, ProjectPlacement, Resources, WeightedPodAffinityTerm, Workload, WorkloadKind, place,
-    why_unplaceable,
+    NodeShape, Placement, PlacementConfig, ProjectPlacement, Resources, WeightedPodAffinityTerm, Workload,
+    WorkloadKind, place, why_unplaceable,
 };
 use crate::{ClusterRegistry, DOMAIN};
 
@@ -26,12 +30,14 @@ use crate::{ClusterRegistry, DOMAIN};
 pub(crate) struct Placer {
     pub(crate) registry: ClusterRegistry,
     pub(crate) fleet: Arc<Fleet>,
-    pub(crate) projects: Channel,
+    /// The project cache and verdicts, shared with admission.
+    pub(crate) shared: Arc<crate::ask::Shared>,
     pub(crate) config: Arc<PlacementConfig>,
 }
 
-/// The node a placement is judged against: its labels, and what it offers in the placement's units.
-fn shape(node: &NodeView, config: &PlacementConfig) -> NodeShape {
+/// The node a placement is judged against: its labels, and what it offers in the placement's units, each GPU
+/// vendor's resource under its own name (the inventory lists every extended resource in `other`).
+fn shape(node: &NodeView) -> NodeShape {
     let mut allocatable = BTreeMap::new();
     allocatable.insert(
         "cpu".to_owned(),
@@ -41,16 +47,142 @@ fn shape(node: &NodeView, config: &PlacementConfig) -> NodeShape {
         "memory".to_owned(),
         u64::try_from(node.allocatable.memory_bytes).unwrap_or(0),
     );
-    allocatable.insert(
-        config.gpu_resource.clone(),
-        u64::try_from(node.allocatable.gpus).unwrap_or(0),
-    );
     for (resource, amount) in &node.allocatable.other {
         allocatable.insert(resource.clone(), u64::try_from(*amount).unwrap_or(0));
     }
     NodeShape {
         labels: node.labels.clone(),
         allocatable,
+    }
+}
+
+/// A verdict of [`why_unplaceable`] and what it was given.
+type Verdict = (BTreeMap<String, String>, BTreeMap<String, u64>, Option<String>);
+
+/// One cluster's node shapes and the verdicts reached against them.
+#[derive(Debug, Default)]
+struct ClusterVerdicts {
+    /// The inventory generation the shapes were last checked at, and when.
+    generation: Option<u64>,
+    checked: Option<Instant>,
+    /// A hash of every node's name, labels and allocatable amounts: what a verdict depends on.
+    fingerprint: Option<u64>,
+    shapes: Arc<Vec<NodeShape>>,
+    /// Verdicts by a hash of node selector and requests.
+    verdicts: HashMap<u64, Vec<Verdict>>,
+}
+
+/// How old the node shapes a placement is judged against may be at most, when the inventory has changed since.
+pub(crate) const RECHECK: Duration = Duration::from_secs(1);
+
+/// The most verdicts kept per cluster; past it they start over.
+const MAX_VERDICTS: usize = 10_000;
+
+/// Placement's node shapes and verdicts per cluster, kept while the nodes' labels and allocatable amounts stay
+/// the same (pods coming and going change neither).
+#[derive(Debug, Default)]
+pub(crate) struct Verdicts {
+    clusters: Mutex<HashMap<String, ClusterVerdicts>>,
+}
+
+fn nodes_fingerprint(nodes: &[NodeView]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    nodes.len().hash(&mut hasher);
+    for node in nodes {
+        node.name.hash(&mut hasher);
+        node.labels.hash(&mut hasher);
+        node.allocatable.cpu_millis.hash(&mut hasher);
+        node.allocatable.memory_bytes.hash(&mut hasher);
+        node.allocatable.gpus.hash(&mut hasher);
+        node.allocatable.other.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn ask_hash(selector: &BTreeMap<String, String>, requests: &BTreeMap<String, u64>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    selector.hash(&mut hasher);
+    requests.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Verdicts {
+    /// Says why no node of the placement's cluster could ever run it ([`why_unplaceable`]); `None` when one
+    /// could or when the cluster has no node inventory (the local cluster of `cube up`).
+    fn judge(&self, fleet: &Fleet, placement: &Placement) -> Option<String> {
+        let cluster = &placement.cluster;
+        let generation = fleet.generation(cluster).ok()?;
+        let key = ask_hash(&placement.node_selector, &placement.requests);
+        let lock = || self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+        let shapes = {
+            let mut clusters = lock();
+            match clusters.get_mut(cluster) {
+                Some(known)
+                    if known.generation == Some(generation)
+                        || known.checked.is_some_and(|checked| checked.elapsed() < RECHECK) =>
+                {
+                    let found = known.verdicts.get(&key).and_then(|verdicts| {
+                        verdicts.iter().find(|(selector, requests, _)| {
+                            *selector == placement.node_selector && *requests == placement.requests
+                        })
+                    });
+                    if let Some((_, _, verdict)) = found {
+                        return verdict.clone();
+                    }
+                    Some(known.shapes.clone())
+                }
+                // One call looks at the nodes again; the others meanwhile judge against the shapes as they were.
+                Some(known) => {
+                    known.checked = Some(Instant::now());
+                    None
+                }
+                None => None,
+            }
+        };
+        let shapes = match shapes {
+            Some(shapes) => shapes,
+            None => {
+                let nodes = fleet.nodes(cluster).ok()?;
+                let fingerprint = nodes_fingerprint(&nodes);
+                let unchanged = lock()
+                    .get(cluster)
+                    .is_some_and(|known| known.fingerprint == Some(fingerprint));
+                let shapes = (!unchanged).then(|| Arc::new(nodes.iter().map(shape).collect()));
+                let mut clusters = lock();
+                let known = clusters.entry(cluster.clone()).or_default();
+                if let Some(shapes) = shapes
+                    && known.fingerprint != Some(fingerprint)
+                {
+                    known.shapes = shapes;
+                    known.fingerprint = Some(fingerprint);
+                    known.verdicts.clear();
+                }
+                known.generation = Some(generation);
+                known.checked = Some(Instant::now());
+                known.shapes.clone()
+            }
+        };
+        let verdict = why_unplaceable(placement, &shapes);
+        let mut clusters = lock();
+        if let Some(known) = clusters.get_mut(cluster)
+            && Arc::ptr_eq(&known.shapes, &shapes)
+        {
+            if known.verdicts.len() >= MAX_VERDICTS {
+                known.verdicts.clear();
+            }
+            let same = known.verdicts.entry(key).or_default();
+            if !same
+                .iter()
+                .any(|(selector, requests, _)| *selector == placement.node_selector && *requests == placement.requests)
+            {
+                same.push((
+                    placement.node_selector.clone(),
+                    placement.requests.clone(),
+                    verdict.clone(),
+                ));
+            }
+        }
+        verdict
     }
 }
 
@@ -67,9 +199,15 @@ fn terms(terms: &[WeightedPodAffinityTerm]) -> Vec<AffinityTerm> {
 
 impl Placer {
     async fn place(&self, request: Request<PlaceRequest>) -> Result<PlacementMessage, ApiError> {
-        Principal::of(&request)?;
+        let caller = Principal::of(&request)?;
         let body = request.get_ref();
         let mut violations = Vec::new();
+        if body.workload.len() > 250 {
+            violations.push(FieldViolation::new(
+                "workload",
+                "must be the workload's resource name as admitted (at most 250 bytes), or empty",
+            ));
+        }
         let ask = crate::ask::read(
             crate::ask::Fields {
                 project: &body.project,
@@ -106,31 +244,9 @@ impl Placer {
             gpu,
         } = ask;
 
-        let mut get = Request::new(GetProjectRequest {
-            name: format!("projects/{project}"),
-        });
-        forward_token(&request, &mut get)?;
-        let found = ProjectServiceClient::new(self.projects.clone()).get_project(get).await;
-        let settings = match found {
-            Ok(response) => response.into_inner().settings.unwrap_or_default(),
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return Err(ApiError::NotFound {
-                    kind: "project",
-                    name: format!("projects/{project}"),
-                });
-            }
-            Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                return Err(ApiError::Unauthenticated {
-                    message: status.message().to_owned(),
-                });
-            }
-            Err(status) => {
-                return Err(ApiError::Unavailable {
-                    service: "projects".into(),
-                    source: Box::new(status),
-                });
-            }
-        };
+        let shared = &self.shared;
+        let view = shared.projects.view(&request, &caller, &project).await?;
+        let settings = &view.settings;
         let cluster = if settings.cluster.is_empty() {
             self.registry.default_cluster()
         } else {
@@ -155,11 +271,12 @@ impl Placer {
         let placement = place(&workload, &project_placement, &self.config)
             .map_err(|error| ApiError::invalid(error.field(), error.to_string()))?;
         // A cluster with a node inventory judges the placement; the local cluster of `cube up` has none.
-        if let Ok(nodes) = self.fleet.nodes(&cluster) {
-            let shapes: Vec<NodeShape> = nodes.iter().map(|node| shape(node, &self.config)).collect();
-            if let Some(reason) = why_unplaceable(&placement, &shapes) {
-                return Err(ApiError::FailedPrecondition { message: reason });
-            }
+        if let Some(reason) = shared.verdicts.judge(&self.fleet, &placement) {
+            return Err(ApiError::FailedPrecondition { message: reason });
+        }
+        let mut pod_annotations = HashMap::new();
+        if !body.workload.is_empty() {
+            pod_annotations.insert(WORKLOAD_ANNOTATION.to_owned(), body.workload.clone());
         }
         Ok(PlacementMessage {
             cluster: format!("clusters/{}", placement.cluster),
@@ -180,6 +297,7 @@ impl Placer {
                     effect: toleration.effect.clone().unwrap_or_default(),
                 })
                 .collect(),
+            pod_annotations,
         })
     }
 }
