@@ -287,13 +287,16 @@ impl Fleet {
         fleet
     }
 
-    /// Follows the registry: connects to clusters that are new or whose configuration changed, and stops
-    /// watching clusters that are gone. Clusters whose configuration is unchanged keep their watches.
+    /// Follows the registry: connects to clusters that are new or reached differently now (another kubeconfig,
+    /// or in-cluster), and stops watching clusters that are gone. The others keep their watches.
     pub async fn reload(&self, registry: &ClusterRegistry) {
         let current: BTreeMap<String, Arc<Member>> = self.clusters.read().map(|c| c.clone()).unwrap_or_default();
         let mut next = BTreeMap::new();
         for cluster in registry.clusters().iter() {
-            let kept = current.get(&cluster.name).filter(|member| member.config == *cluster);
+            // Only how the cluster is reached matters to its watches; a new default or namespace keeps them.
+            let kept = current.get(&cluster.name).filter(|member| {
+                member.config.kubeconfig == cluster.kubeconfig && member.config.in_cluster == cluster.in_cluster
+            });
             let member = match kept {
                 Some(member) => member.clone(),
                 None => Arc::new(member(cluster).await),
