@@ -63,7 +63,7 @@ impl ApiTokens {
                 "must be 1 to 100 characters, without control characters",
             ));
         }
-        let now = crate::now_ms();
+        let now = cube_kit::time::now_ms();
         let expire_ms = token.expire_time.as_ref().map(timestamp_ms);
         if expire_ms.is_some_and(|expire| expire <= now) {
             violations.push(cube_kit::FieldViolation::new(
@@ -201,7 +201,7 @@ impl ApiTokens {
         if row.revoked_ms.is_some() {
             return Ok(());
         }
-        let now = crate::now_ms();
+        let now = cube_kit::time::now_ms();
         api_token::Entity::update_many()
             .col_expr(api_token::Column::RevokedMs, Expr::value(now))
             .filter(api_token::Column::Id.eq(row.id.clone()))
@@ -250,7 +250,7 @@ pub(crate) fn introspect<'a>(core: &'a Core, token: &'a str) -> BoxFuture<'a, Re
             .await
             .map_err(db_error)?
             .ok_or_else(refused)?;
-        let now = crate::now_ms();
+        let now = cube_kit::time::now_ms();
         let live = row.revoked_ms.is_none() && row.expire_ms.is_none_or(|expire| expire > now);
         if !credentials::same_digest(&credentials::digest(token), &row.secret_hash) || !live {
             return Err(refused());

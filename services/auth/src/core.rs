@@ -99,10 +99,7 @@ pub(crate) fn status(error: ApiError) -> tonic::Status {
     error.status(DOMAIN)
 }
 
-/// The current time in Unix milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    crate::now_ms()
-}
+pub(crate) use cube_kit::time::{now_ms, timestamp, timestamp_ms};
 
 pub(crate) fn db_error(error: sea_orm::DbErr) -> ApiError {
     ApiError::internal(error)
@@ -195,17 +192,6 @@ pub(crate) fn check_password(field: &str, password: &str, min: usize) -> Result<
         ));
     }
     Ok(())
-}
-
-pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-pub(crate) fn timestamp_ms(time: &prost_types::Timestamp) -> i64 {
-    time.seconds.saturating_mul(1000) + i64::from(time.nanos) / 1_000_000
 }
 
 /// Parses a JSON array of strings stored in a text column.

@@ -169,7 +169,7 @@ impl Keyring {
         signing_key::Entity::insert(signing_key::ActiveModel {
             kid: Set(key.kid().to_owned()),
             pkcs8: Set(STANDARD.encode(key.pkcs8())),
-            created_ms: Set(crate::now_ms()),
+            created_ms: Set(cube_kit::time::now_ms()),
         })
         .exec(db)
         .await
@@ -193,7 +193,7 @@ impl Keyring {
     /// Returns the public keys of tokens that may still be live: the signing key and every key retired less than
     /// `lifetime_ms` ago.
     pub fn published(&self, lifetime_ms: i64) -> Vec<PublicKey> {
-        let now = crate::now_ms();
+        let now = cube_kit::time::now_ms();
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let mut published = Vec::new();
         let mut retired_at = None;

@@ -51,13 +51,6 @@ pub const ANONYMOUS_METHODS: &[&str] = &[
 /// are refused by name rather than by the transport.
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
-/// Returns the current time in Unix milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The auth service's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuthArgs {
@@ -265,7 +258,7 @@ async fn bootstrap_admin(core: &Core, password: Option<String>) -> Result<Option
     let password = password.or_else(|| generated.clone()).unwrap_or_default();
     core::check_password("admin-password", &password, core::MIN_NEW_PASSWORD_BYTES)?;
     let hash = credentials::hash_password(password).await?;
-    let now = now_ms();
+    let now = cube_kit::time::now_ms();
     let txn = core.db.begin().await.map_err(core::db_error)?;
     user::Entity::insert(sea_orm::IntoActiveModel::into_active_model(user::Model {
         username: "admin".into(),

@@ -84,7 +84,7 @@ fn check_text(field: &str, text: &str, max: usize, violations: &mut Vec<cube_kit
 
 /// Creates the built-in roles when they are missing.
 pub(crate) async fn ensure_builtin_roles(db: &impl ConnectionTrait) -> Result<(), ApiError> {
-    let now = crate::now_ms();
+    let now = cube_kit::time::now_ms();
     let builtins = [
         (
             ADMIN_ROLE,
@@ -137,7 +137,7 @@ pub(crate) async fn bind_user(
         role: role.to_owned(),
         subject_kind: "user".into(),
         subject: username.to_owned(),
-        created_ms: crate::now_ms(),
+        created_ms: cube_kit::time::now_ms(),
     };
     role_binding::Entity::insert(row.clone().into_active_model())
         .exec(db)
@@ -173,7 +173,7 @@ impl Roles {
         if !violations.is_empty() {
             return Err(ApiError::InvalidArgument(violations));
         }
-        let now = crate::now_ms();
+        let now = cube_kit::time::now_ms();
         let row = role::Model {
             id: role_id.clone(),
             title: role.title,
@@ -301,7 +301,7 @@ impl Roles {
         if paths.iter().any(|p| p == "permissions") {
             active.permissions = Set(store_permissions(&permissions));
         }
-        active.updated_ms = Set(crate::now_ms());
+        active.updated_ms = Set(cube_kit::time::now_ms());
         let updated = active.update(&txn).await.map_err(db_error)?;
         audit(
             &txn,
@@ -429,7 +429,7 @@ impl Roles {
             role: id.clone(),
             subject_kind: kind.to_owned(),
             subject: subject.clone(),
-            created_ms: crate::now_ms(),
+            created_ms: cube_kit::time::now_ms(),
         };
         role_binding::Entity::insert(row.clone().into_active_model())
             .exec(&txn)

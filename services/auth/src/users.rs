@@ -85,7 +85,7 @@ impl Users {
             return Err(ApiError::InvalidArgument(violations));
         }
         let hash = credentials::hash_password(password).await?;
-        let now = crate::now_ms();
+        let now = cube_kit::time::now_ms();
         let txn = core.db.begin().await.map_err(db_error)?;
         if user::Entity::find_by_id(user_id.clone())
             .one(&txn)
@@ -266,7 +266,7 @@ impl Users {
         if paths.iter().any(|p| p == "active") {
             active.active = Set(user.active);
         }
-        active.updated_ms = Set(crate::now_ms());
+        active.updated_ms = Set(cube_kit::time::now_ms());
         let updated = active.update(&txn).await.map_err(db_error)?;
         let mut revocations = Vec::new();
         if deactivating {
@@ -421,7 +421,7 @@ impl Users {
         let txn = core.db.begin().await.map_err(db_error)?;
         let mut active = row.into_active_model();
         active.password_hash = Set(Some(hash));
-        active.updated_ms = Set(crate::now_ms());
+        active.updated_ms = Set(cube_kit::time::now_ms());
         active.update(&txn).await.map_err(db_error)?;
         let keep = match &caller.credential {
             Credential::AccessToken { session, .. } if own => Some(session.clone()),

@@ -35,19 +35,7 @@ pub(crate) fn db_error(error: sea_orm::DbErr) -> ApiError {
     ApiError::internal(error)
 }
 
-/// The current time in Unix milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-}
-
-pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
+pub(crate) use cube_kit::time::{now_ms, timestamp};
 
 /// The role stored in a member row.
 pub(crate) fn role_of(text: &str) -> Role {

@@ -18,6 +18,7 @@ use cube_bus::EventBus;
 use cube_kit::config::parse_duration;
 use cube_kit::identity::Principal;
 use cube_kit::task::Background;
+use cube_kit::time::unix_ms;
 use cube_kit::{ApiError, Channel, FieldViolation};
 use cube_proto::cube::projects::v1::{MembersChanged, Quota};
 use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionService;
@@ -235,11 +236,6 @@ fn db_error(error: DbErr) -> ApiError {
     ApiError::internal(error)
 }
 
-fn unix_ms(time: SystemTime) -> i64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn empty_usage(scope: &str) -> usage::Model {
     usage::Model {
         scope: scope.to_owned(),
@@ -366,10 +362,7 @@ fn admission(row: &reservation::Model) -> Admission {
         workload: row.workload.clone(),
         state: state(row) as i32,
         reason: row.reason.clone(),
-        create_time: Some(prost_types::Timestamp {
-            seconds: row.created_ms.div_euclid(1000),
-            nanos: i32::try_from(row.created_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-        }),
+        create_time: Some(cube_kit::time::timestamp(row.created_ms)),
     }
 }
 
@@ -443,7 +436,7 @@ impl Admissions {
         let shared = Arc::new(Shared::new(projects, options.quota_cache_ttl));
         // Every replica keeps its own cache, so each has a group of its own.
         let instance = cube_kit::identity::jws::random_id(9)
-            .unwrap_or_else(|_| format!("{}-{}", std::process::id(), unix_ms(SystemTime::now())));
+            .unwrap_or_else(|_| format!("{}-{}", std::process::id(), cube_kit::time::now_ms()));
         let mut changes = bus
             .subscribe(MEMBERS_CHANGED, &format!("scheduler-quotas-{instance}"), &instance)
             .await?;
@@ -699,7 +692,7 @@ impl Admissions {
             state: "admitted".into(),
             reason: String::new(),
             blockers: "[]".into(),
-            created_ms: unix_ms(SystemTime::now()),
+            created_ms: cube_kit::time::now_ms(),
         };
         // A new workload is inserted straight away; one that has an admission already is read only then.
         let mut replacing = false;

@@ -14,6 +14,7 @@ use cube_kit::ApiError;
 use cube_kit::identity::Principal;
 use cube_kit::page;
 use cube_kit::task::Background;
+use cube_kit::time::{now_ms, timestamp};
 use cube_proto::cube::scheduler::v1::balance_service_server::BalanceService;
 use cube_proto::cube::scheduler::v1::{
     BalancePlan, ListNodeMovesRequest, ListNodeMovesResponse, NodeMove, PlanBalanceRequest, RunBalanceRequest,
@@ -212,12 +213,6 @@ fn pending_pod(pod: &WaitingPod, now: SystemTime) -> Option<PendingPod> {
         pending_for: pod.waited(now),
         insufficient_resources: pod.lacks_resources(),
     })
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn micro_now() -> MicroTime {
@@ -608,13 +603,6 @@ fn stored_message(row: &node_move::Model) -> NodeMove {
         replica: row.replica.clone(),
         create_time: Some(timestamp(row.created_ms)),
         ..NodeMove::default()
-    }
-}
-
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     }
 }
 

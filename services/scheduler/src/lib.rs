@@ -642,9 +642,9 @@ pub enum ServeError {
     /// The cluster file is unusable.
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// A URL is invalid.
+    /// A flag, or a file or service it names, is unusable.
     #[error("{0}")]
-    Url(String),
+    Config(String),
     /// The event bus failed.
     #[error("event bus: {0}")]
     Bus(#[from] cube_bus::BusError),
@@ -659,36 +659,20 @@ pub enum ServeError {
 /// Returns why it could not start or stopped serving.
 pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Result<(), ServeError> {
     let registry = ClusterRegistry::load(&args.clusters_file)?;
-    let placement = match &args.placement_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|error| ServeError::Url(format!("reading --placement-file {}: {error}", path.display())))?;
-            serde_json::from_str(&text)
-                .map_err(|error| ServeError::Url(format!("--placement-file {}: {error}", path.display())))?
-        }
-        None => PlacementConfig::default(),
-    };
-    let auth = Channel::remote(&args.auth.auth_url).map_err(|error| ServeError::Url(format!("--auth-url: {error}")))?;
+    let placement: PlacementConfig = settings_file("--placement-file", args.placement_file.as_deref())?;
+    let auth =
+        Channel::remote(&args.auth.auth_url).map_err(|error| ServeError::Config(format!("--auth-url: {error}")))?;
     let projects =
-        Channel::remote(&args.projects_url).map_err(|error| ServeError::Url(format!("--projects-url: {error}")))?;
+        Channel::remote(&args.projects_url).map_err(|error| ServeError::Config(format!("--projects-url: {error}")))?;
     let bus =
-        cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Url(error.to_string()))?;
+        cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Config(error.to_string()))?;
     let db = cube_kit::db::connect::<model::Migrator>(&args.database.database_url, args.database.migrate)
         .await
-        .map_err(|error| ServeError::Url(error.to_string()))?;
-    let balance = match &args.balance_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|error| ServeError::Url(format!("reading --balance-file {}: {error}", path.display())))?;
-            let settings: BalanceSettings = serde_json::from_str(&text)
-                .map_err(|error| ServeError::Url(format!("--balance-file {}: {error}", path.display())))?;
-            settings
-                .check()
-                .map_err(|error| ServeError::Url(format!("--balance-file {}: {error}", path.display())))?;
-            settings
-        }
-        None => BalanceSettings::default(),
-    };
+        .map_err(|error| ServeError::Config(error.to_string()))?;
+    let balance: BalanceSettings = settings_file("--balance-file", args.balance_file.as_deref())?;
+    balance
+        .check()
+        .map_err(|error| ServeError::Config(format!("--balance-file: {error}")))?;
     let options = Options {
         placement,
         admission: args.admission.options(),
@@ -697,9 +681,19 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Resu
     let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, options, db).await?;
     let _feed = scheduler.feed;
     let _background = scheduler.background;
-    let _reloads = reload_on_sighup(scheduler.registry, scheduler.fleet).map_err(ServeError::Url)?;
+    let _reloads = reload_on_sighup(scheduler.registry, scheduler.fleet).map_err(ServeError::Config)?;
     cube_kit::cli::serve(scheduler.server, serve).await?;
     Ok(())
+}
+
+/// The JSON settings file the flag `flag` names, or the defaults when it names none.
+fn settings_file<T: serde::de::DeserializeOwned + Default>(flag: &str, path: Option<&Path>) -> Result<T, ServeError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| ServeError::Config(format!("reading {flag} {}: {error}", path.display())))?;
+    serde_json::from_str(&text).map_err(|error| ServeError::Config(format!("{flag} {}: {error}", path.display())))
 }
 
 /// Reloads the cluster file on every SIGHUP until the returned task is dropped.
@@ -713,4 +707,27 @@ fn reload_on_sighup(registry: ClusterRegistry, fleet: Arc<Fleet>) -> Result<Back
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_files_are_read_or_refused_naming_the_flag() {
+        let none: BalanceSettings = settings_file("--balance-file", None).expect("defaults");
+        assert_eq!(none, BalanceSettings::default());
+        let dir = tempfile::tempdir().expect("a directory");
+        let path = dir.path().join("balance.json");
+        std::fs::write(&path, r#"{"threshold_points": 35, "minimums": {"vision": 5}}"#).expect("writing");
+        let read: BalanceSettings = settings_file("--balance-file", Some(&path)).expect("settings");
+        assert_eq!((read.threshold_points, read.policy().minimum("vision")), (35, 5));
+        std::fs::write(&path, r#"{"threshold": 35}"#).expect("writing");
+        let error = settings_file::<BalanceSettings>("--balance-file", Some(&path)).expect_err("unknown field");
+        assert!(error.to_string().starts_with("--balance-file"), "{error}");
+        assert!(error.to_string().contains("threshold"), "{error}");
+        let missing = dir.path().join("missing.json");
+        let error = settings_file::<PlacementConfig>("--placement-file", Some(&missing)).expect_err("no file");
+        assert!(error.to_string().starts_with("reading --placement-file"), "{error}");
+    }
 }

@@ -17,6 +17,7 @@ pub mod server;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;
+pub mod time;
 
 pub use channel::Channel;
 pub use error::{ApiError, FieldViolation};
