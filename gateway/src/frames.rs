@@ -36,17 +36,30 @@ enum Position {
     Message { remaining: usize, size: usize },
 }
 
+/// What a request body must hold besides well-formed frames.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Rules {
+    /// The called method takes exactly one request message (it is not client-streaming).
+    pub(crate) single_message: bool,
+    /// The request names a `grpc-encoding`, so messages may be compressed.
+    pub(crate) compressed: bool,
+}
+
 #[derive(Debug)]
 pub(crate) struct FrameChecker {
     limit: usize,
+    rules: Rules,
     position: Position,
+    messages: usize,
 }
 
 impl FrameChecker {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize, rules: Rules) -> Self {
         Self {
             limit,
+            rules,
             position: Position::Header { bytes: [0; 5], read: 0 },
+            messages: 0,
         }
     }
 
@@ -65,6 +78,17 @@ impl FrameChecker {
                                 "message flag {:#04x} is neither 0 (plain) nor 1 (compressed)",
                                 bytes[0]
                             )));
+                        }
+                        if bytes[0] == 1 && !self.rules.compressed {
+                            return Err(ApiError::MalformedRequest(
+                                "a message is marked compressed but the request names no grpc-encoding".into(),
+                            ));
+                        }
+                        self.messages += 1;
+                        if self.rules.single_message && self.messages > 1 {
+                            return Err(ApiError::MalformedRequest(
+                                "the method takes one request message, and the body holds more".into(),
+                            ));
                         }
                         let size = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
                         if size > self.limit {
@@ -92,14 +116,17 @@ impl FrameChecker {
         Ok(())
     }
 
-    /// Returns whether the checker stands between messages, where a body may end.
-    pub(crate) fn at_boundary(&self) -> bool {
-        matches!(self.position, Position::Header { read: 0, .. })
+    /// Returns whether the body may end here: between messages, and after the one message of a unary method.
+    pub(crate) fn may_end(&self) -> bool {
+        matches!(self.position, Position::Header { read: 0, .. }) && !(self.rules.single_message && self.messages == 0)
     }
 
-    /// Checks that the body did not end inside a message.
+    /// Checks that the body did not end inside a message, nor before the one message of a unary method.
     pub(crate) fn finish(&self) -> Result<(), ApiError> {
         match self.position {
+            Position::Header { read: 0, .. } if self.rules.single_message && self.messages == 0 => Err(
+                ApiError::MalformedRequest("the method takes one request message, and the body holds none".into()),
+            ),
             Position::Header { read: 0, .. } => Ok(()),
             Position::Header { read, .. } => Err(ApiError::MalformedRequest(format!(
                 "request body ends inside a message header ({read} of 5 bytes)"
@@ -125,10 +152,10 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> CheckedBody<B> {
-    pub(crate) fn new(inner: B, limit: usize, violation: Violation) -> Self {
+    pub(crate) fn new(inner: B, limit: usize, rules: Rules, violation: Violation) -> Self {
         Self {
             inner,
-            checker: FrameChecker::new(limit),
+            checker: FrameChecker::new(limit, rules),
             violation,
             failed: false,
         }
@@ -171,8 +198,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        // Inside a message, the sender must poll once more so that the truncation is seen and reported.
-        !self.failed && self.inner.is_end_stream() && self.checker.at_boundary()
+        // Inside a message, or before a unary method's message, the sender must poll once more so that the
+        // problem is seen and reported.
+        !self.failed && self.inner.is_end_stream() && self.checker.may_end()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -199,7 +227,7 @@ mod tests {
         stream.extend(frame(b""));
         stream.extend(frame(&[7; 300]));
         for chunk in [1, 2, 3, 5, 7, 64, 1000] {
-            let mut checker = FrameChecker::new(1024);
+            let mut checker = FrameChecker::new(1024, Rules::default());
             for piece in stream.chunks(chunk) {
                 checker.advance(piece).expect("valid");
             }
@@ -208,21 +236,65 @@ mod tests {
     }
 
     #[test]
+    fn unary_methods_take_exactly_one_message() {
+        let unary = Rules {
+            single_message: true,
+            ..Rules::default()
+        };
+        let checker = FrameChecker::new(1024, unary);
+        assert!(!checker.may_end(), "an empty body is not a unary request");
+        let err = checker.finish().expect_err("no message");
+        assert!(err.to_string().contains("holds none"), "{err}");
+
+        let mut checker = FrameChecker::new(1024, unary);
+        checker.advance(&frame(b"one")).expect("one message");
+        assert!(checker.may_end());
+        checker.finish().expect("one message is complete");
+        let err = checker.advance(&frame(b"two")).expect_err("a second message");
+        assert!(matches!(err, ApiError::MalformedRequest(_)), "{err}");
+        assert!(err.to_string().contains("holds more"), "{err}");
+
+        // An empty message is still a message.
+        let mut checker = FrameChecker::new(1024, unary);
+        checker.advance(&frame(b"")).expect("one empty message");
+        checker.finish().expect("complete");
+
+        let mut streaming = FrameChecker::new(1024, Rules::default());
+        streaming.finish().expect("a client stream may be empty");
+        for _ in 0..3 {
+            streaming.advance(&frame(b"x")).expect("a client stream may hold many");
+        }
+    }
+
+    #[test]
     fn truncation_oversize_and_bad_flags_are_caught() {
-        let mut checker = FrameChecker::new(1024);
+        let mut checker = FrameChecker::new(1024, Rules::default());
         checker.advance(&frame(b"hello")[..7]).expect("partial is fine so far");
         let err = checker.finish().expect_err("truncated");
         assert!(err.to_string().contains("2 of 5 bytes"), "{err}");
 
-        let mut checker = FrameChecker::new(4);
+        let mut checker = FrameChecker::new(4, Rules::default());
         let err = checker.advance(&frame(b"hello")).expect_err("too large");
         assert!(matches!(err, ApiError::MessageTooLarge { limit: 4, size: 5 }), "{err}");
 
-        let mut checker = FrameChecker::new(1024);
+        let mut checker = FrameChecker::new(1024, Rules::default());
         let err = checker.advance(&[9, 0, 0, 0, 1, 0]).expect_err("flag");
         assert!(err.to_string().contains("0x09"), "{err}");
 
-        let mut checker = FrameChecker::new(1024);
+        let mut checker = FrameChecker::new(1024, Rules::default());
+        let err = checker
+            .advance(&[1, 0, 0, 0, 1, 0])
+            .expect_err("compressed without an encoding");
+        assert!(err.to_string().contains("grpc-encoding"), "{err}");
+        let compressed = Rules {
+            compressed: true,
+            ..Rules::default()
+        };
+        FrameChecker::new(1024, compressed)
+            .advance(&[1, 0, 0, 0, 1, 0])
+            .expect("compressed with an encoding");
+
+        let mut checker = FrameChecker::new(1024, Rules::default());
         checker.advance(&[0, 0]).expect("half a header");
         assert!(checker.finish().is_err());
     }

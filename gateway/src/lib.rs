@@ -3,7 +3,9 @@
 //!
 //! The gateway serves its own health (`grpc.health.v1`, where a service name under a routed package is asked of
 //! that service) and a reflection service describing every Cube API. It checks what it forwards: framing, message
-//! size and `grpc-timeout`, answering problems with gRPC errors carrying `google.rpc` details.
+//! size, `grpc-timeout`, and that a method taking one request message gets exactly one, answering problems with
+//! gRPC errors carrying `google.rpc` details. Methods it knows from its descriptor sets are named in its metrics;
+//! calls to any other path share the label value `unknown`.
 
 mod edge;
 mod frames;
@@ -15,9 +17,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use cube_kit::config::ServerArgs;
-use cube_kit::metrics::RpcMetrics;
+use cube_kit::metrics::{MethodSet, RpcMetrics};
 use cube_kit::server::ServeError;
 use cube_kit::{Channel, Health};
+use cube_proto::methods::MethodInfo;
 use http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -187,7 +190,48 @@ impl Gateway {
         &self.health
     }
 
-    fn routes(self, request_timeout: Duration) -> Result<Routes, ServeError> {
+    /// Returns the methods the gateway forwards (those its descriptor sets declare in routed packages), by path.
+    fn forwarded_methods(&self) -> HashMap<String, MethodInfo> {
+        let mut methods = HashMap::new();
+        for set in &self.descriptor_sets {
+            match cube_proto::methods::methods(set) {
+                Ok(listed) => methods.extend(
+                    listed
+                        .into_iter()
+                        .filter(|method| {
+                            method
+                                .service
+                                .rsplit_once('.')
+                                .is_some_and(|(package, _)| self.upstreams.contains_key(package))
+                        })
+                        .map(|method| (method.path.clone(), method)),
+                ),
+                Err(error) => tracing::warn!(%error, "a descriptor set given to the gateway does not decode"),
+            }
+        }
+        methods
+    }
+
+    /// Returns the methods the gateway's metrics name: those it forwards, and its own health and reflection.
+    fn metric_methods(forwarded: &HashMap<String, MethodInfo>) -> MethodSet {
+        let own = MethodSet::of_services(
+            &[
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ],
+            &[
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+        );
+        let mut paths: Vec<String> = forwarded.keys().cloned().collect();
+        paths.extend(own.paths());
+        MethodSet::new(paths)
+    }
+
+    fn routes(self, request_timeout: Duration, methods: HashMap<String, MethodInfo>) -> Result<Routes, ServeError> {
         let mut v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
         let mut v1alpha = tonic_reflection::server::Builder::configure()
@@ -196,7 +240,7 @@ impl Gateway {
             v1 = v1.register_encoded_file_descriptor_set(set);
             v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
         }
-        let proxy = proxy::Proxy::new(self.upstreams, self.max_message_bytes, request_timeout);
+        let proxy = proxy::Proxy::new(self.upstreams, methods, self.max_message_bytes, request_timeout);
         let routes = Routes::default()
             .add_service(self.health.service())
             .add_service(v1.build_v1()?)
@@ -219,7 +263,9 @@ impl Gateway {
         let address = listener.local_addr().map_err(ServeError::from)?;
         let health = self.health.clone();
         let cors = cors_layer(self.cors_origins.clone());
-        let routes = self.routes(args.request_timeout)?;
+        let forwarded = self.forwarded_methods();
+        let metric_methods = Self::metric_methods(&forwarded);
+        let routes = self.routes(args.request_timeout, forwarded)?;
         let (incoming, cut) = cube_kit::server::incoming(listener);
         let routes = routes.prepare();
         let edge = edge::Edge {
@@ -231,7 +277,7 @@ impl Gateway {
         };
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
-            .layer(metrics.layer())
+            .layer(metrics.layer(metric_methods))
             .serve_with_incoming_shutdown(edge, incoming, cube_kit::server::closing(health.clone(), shutdown));
         tracing::info!(%address, "gateway serving grpc and grpc-web");
         cube_kit::server::drain("gateway", &health, server, args.shutdown_grace, cut).await?;

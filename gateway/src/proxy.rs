@@ -6,13 +6,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cube_kit::{ApiError, Channel};
+use cube_proto::methods::MethodInfo;
 use futures::future::BoxFuture;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use tonic::body::Body;
 use tower::{Service, ServiceExt};
 
-use crate::frames::{CheckedBody, Violation};
+use crate::frames::{CheckedBody, Rules, Violation};
 
 /// The `ErrorInfo` domain of errors the gateway itself returns.
 pub(crate) const DOMAIN: &str = "gateway.cube.dev";
@@ -31,6 +32,8 @@ const HOP_BY_HOP: [header::HeaderName; 6] = [
 #[derive(Clone)]
 pub(crate) struct Proxy {
     upstreams: Arc<HashMap<String, Channel>>,
+    /// The methods the descriptor sets declare in routed packages, by path.
+    methods: Arc<HashMap<String, MethodInfo>>,
     max_message_bytes: usize,
     request_timeout: Duration,
 }
@@ -38,11 +41,13 @@ pub(crate) struct Proxy {
 impl Proxy {
     pub(crate) fn new(
         upstreams: HashMap<String, Channel>,
+        methods: HashMap<String, MethodInfo>,
         max_message_bytes: usize,
         request_timeout: Duration,
     ) -> Self {
         Self {
             upstreams: Arc::new(upstreams),
+            methods: Arc::new(methods),
             max_message_bytes,
             request_timeout,
         }
@@ -61,6 +66,14 @@ impl Proxy {
             None => self.request_timeout,
         };
 
+        let rules = Rules {
+            // A method no descriptor declares is forwarded as it comes; its service answers for it.
+            single_message: self.methods.get(path).is_some_and(|method| !method.client_streaming),
+            compressed: request
+                .headers()
+                .get("grpc-encoding")
+                .is_some_and(|encoding| encoding != "identity"),
+        };
         let (mut parts, body) = request.into_parts();
         for name in &HOP_BY_HOP {
             parts.headers.remove(name);
@@ -68,7 +81,7 @@ impl Proxy {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
         forwarded_for(&mut parts);
         let violation = Violation::default();
-        let body = Body::new(CheckedBody::new(body, self.max_message_bytes, violation.clone()));
+        let body = Body::new(CheckedBody::new(body, self.max_message_bytes, rules, violation.clone()));
         let call = channel.oneshot(Request::from_parts(parts, body));
         let started = tokio::time::Instant::now();
         // tonic's own timer for the same `grpc-timeout` started when the request arrived, a moment before this

@@ -29,7 +29,7 @@ impl Mode {
 }
 
 /// The HTTP version a client speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Http {
     /// HTTP/1.1, as browsers use for grpc-web most often.
     One,

@@ -462,3 +462,138 @@ async fn reflection_describes_the_routed_apis() {
         );
     }
 }
+
+#[tokio::test]
+async fn unary_calls_take_exactly_one_request_message() {
+    let (_echo, gateway) = remote_setup(1 << 20).await;
+    for http in [Http::One, Http::Two] {
+        let mut client = GrpcWebClient::connect(gateway.address, http).await.expect("connect");
+        let two = [frame(&request("one")), frame(&request("two"))].concat();
+        for (what, body) in [("two messages", Bytes::from(two.clone())), ("no message", Bytes::new())] {
+            let reply = client.call(ECHO, Mode::Binary, body, &[]).await.expect("answered");
+            let status = reply.status();
+            assert_eq!(status.code(), Code::InvalidArgument, "{http:?} {what}: {status:?}");
+            let info = status.get_details_error_info().expect("error info");
+            assert_eq!(info.reason, "MALFORMED_REQUEST", "{what}");
+            assert_eq!(info.domain, "gateway.cube.dev", "{what}");
+            assert!(reply.messages.is_empty(), "{what}: the call was not answered");
+        }
+        // A client-streaming method takes any number, and the connection still serves.
+        let reply = client
+            .call(
+                "/cube.testing.v1.EchoService/Collect",
+                Mode::Binary,
+                Bytes::from(two),
+                &[],
+            )
+            .await
+            .expect("answered");
+        assert_eq!(reply.status().code(), Code::Ok, "{:?}", reply.status());
+        let collected = cube_integration_tests::echo::EchoResponse::decode(reply.messages[0].clone()).expect("decode");
+        assert_eq!(collected.message, "one,two");
+
+        // A message marked compressed in a request that names no grpc-encoding.
+        let mut compressed = frame(&request("zip")).to_vec();
+        compressed[0] = 1;
+        let reply = client
+            .call(ECHO, Mode::Binary, Bytes::from(compressed), &[])
+            .await
+            .expect("answered");
+        let status = reply.status();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            status.get_details_error_info().expect("info").reason,
+            "MALFORMED_REQUEST"
+        );
+    }
+}
+
+#[tokio::test]
+async fn made_up_methods_do_not_grow_the_gateways_metrics() {
+    const CALLS: usize = 20_000;
+    let echo = start_echo().await;
+    let gateway = echo_gateway(Channel::remote(&echo.url()).expect("echo url"), 1 << 20);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("cube");
+    let metrics = cube_kit::metrics::RpcMetrics::register(&mut registry);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone().cancelled_owned();
+    let server = tokio::spawn(async move {
+        gateway
+            .serve(listener, &cube_integration_tests::test_server_args(), &metrics, signal)
+            .await
+    });
+    let encode = |registry: &prometheus_client::registry::Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let call = |path: String, timeout: Option<Duration>| {
+        let channel = channel.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.expect("ready");
+            let mut request = tonic::Request::new(request("made up"));
+            if let Some(timeout) = timeout {
+                request.set_timeout(timeout);
+            }
+            grpc.unary::<_, cube_integration_tests::echo::EchoResponse, _>(
+                request,
+                http::uri::PathAndQuery::try_from(path).expect("path"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|status| status.code())
+        }
+    };
+    assert_eq!(call(ECHO.to_owned(), None).await, Code::Ok);
+    let before = encode(&registry);
+
+    let started = Instant::now();
+    let codes: Vec<Code> = futures::stream::iter(0..CALLS)
+        .map(|index| match index % 4 {
+            // Forwarded to the echo service, which does not serve it.
+            0 => call(format!("/cube.testing.v1.EchoService/Made{index}"), None),
+            // No route.
+            1 => call(format!("/cube.x{index}.v1.Nothing/Call"), None),
+            // Not even a method path.
+            2 => call(format!("/n{index}"), None),
+            // A deadline that passes at once: answered with something else than UNIMPLEMENTED.
+            _ => call(
+                format!("/cube.testing.v1.EchoService/Late{index}"),
+                Some(Duration::from_nanos(1)),
+            ),
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(
+        codes.iter().all(|code| *code != Code::Ok),
+        "a made-up method answered OK"
+    );
+    let after = encode(&registry);
+    let growth = after.len().saturating_sub(before.len());
+    eprintln!(
+        "{CALLS} made-up calls through the gateway in {:?}: metrics grew from {} to {} bytes ({growth})",
+        started.elapsed(),
+        before.len(),
+        after.len()
+    );
+    assert!(
+        growth < 10 * 1024,
+        "the gateway's metrics grew by {growth} bytes:\n{after}"
+    );
+    assert!(
+        after.contains(r#"grpc_service="cube.testing.v1.EchoService",grpc_method="Echo",grpc_code="OK"} 1"#),
+        "{after}"
+    );
+    shutdown.cancel();
+    server.await.expect("gateway task").expect("gateway");
+}

@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Each package module defines `ServiceCodec` (see `cube_proto::codec`); the stubs sit one module below it.
+        .codec_path("super::ServiceCodec")
         .file_descriptor_set_path(out_dir.join("cube_descriptor.bin"))
         .compile_with_config(config, &protos, &[root, protoc_bin_vendored::include_path()?])?;
     Ok(())

@@ -4,7 +4,14 @@
 //! picks the gRPC code, attaches an `ErrorInfo` (reason from `cube.common.v1.ErrorReason`, the service's domain,
 //! the values involved) and a `BadRequest` or `QuotaFailure` where it applies, and logs internal errors without
 //! sending their detail to the client.
+//!
+//! An error's message and details travel in HTTP/2 headers, which gRPC clients limit (gRPC core refuses more than
+//! 8 KiB by default: "metadata size exceeds hard limit"). [`ApiError::status`] keeps the first
+//! [`MAX_FIELD_VIOLATIONS`] field violations and sums up the rest in one, shortens long texts, and [`fit_status`]
+//! then holds the message and details together to [`MAX_STATUS_BYTES`]; servers apply [`fit_status_headers`] to
+//! every answer, so errors built elsewhere are held to the same bound.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use cube_proto::cube::common::v1::ErrorReason;
@@ -188,6 +195,7 @@ impl ApiError {
         let mut details = ErrorDetails::new();
         match &self {
             Self::InvalidArgument(violations) => {
+                // All of them: `fit_status` keeps the first ones and counts the rest.
                 for violation in violations {
                     details.add_bad_request_violation(&violation.field, &violation.description);
                 }
@@ -231,16 +239,164 @@ impl ApiError {
         let reason = self.reason().as_str_name();
         let reason = reason.strip_prefix("ERROR_REASON_").unwrap_or(reason);
         details.set_error_info(reason, domain, metadata);
-        tonic::Status::with_error_details(self.code(), self.to_string(), details)
+        fit_status(self.code(), &self.to_string(), details)
     }
 }
 
+/// Describes the violations, each shortened, for the error's message: as many as fit in a few hundred bytes, then
+/// a count of the rest (which the `BadRequest` detail lists, up to [`MAX_FIELD_VIOLATIONS`]).
 fn describe_violations(violations: &[FieldViolation]) -> String {
-    violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+    const DESCRIBED_BYTES: usize = 800;
+    let mut text = String::new();
+    let mut described = 0;
+    for violation in violations {
+        let part = format!(
+            "{}: {}",
+            shorten(&violation.field, 100),
+            shorten(&violation.description, 200)
+        );
+        if described > 0 && text.len() + part.len() > DESCRIBED_BYTES {
+            break;
+        }
+        if described > 0 {
+            text.push_str("; ");
+        }
+        text.push_str(&part);
+        described += 1;
+    }
+    if violations.len() > described {
+        text.push_str(&format!("; and {} more", violations.len() - described));
+    }
+    text
+}
+
+/// The most field violations an error lists; one more violation, with an empty field, counts the others.
+pub const MAX_FIELD_VIOLATIONS: usize = 10;
+
+/// The most bytes an error's `grpc-message` and `grpc-status-details-bin` headers take together, as sent
+/// (percent-encoded and base64).
+pub const MAX_STATUS_BYTES: usize = 8 * 1024;
+
+/// The longest error message, in bytes before percent-encoding.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// The longest text inside the details (a field, a description, a metadata value), in bytes.
+const MAX_DETAIL_TEXT_BYTES: usize = 256;
+
+/// The most metadata entries an `ErrorInfo` keeps.
+const MAX_METADATA: usize = 16;
+
+/// Builds a status whose message and details fit in [`MAX_STATUS_BYTES`]: texts are shortened (ending in `…`),
+/// at most [`MAX_FIELD_VIOLATIONS`] field violations are listed and fewer while the whole is still too large (a
+/// last violation, with an empty field, counts the others), and if even that is too large only the `ErrorInfo`
+/// is kept. Details other than error info, bad request, quota failure and retry info are dropped.
+pub fn fit_status(code: Code, message: &str, details: ErrorDetails) -> tonic::Status {
+    let message = shorten(message, MAX_MESSAGE_BYTES);
+    let message_bytes = encoded_message_len(&message);
+    let violations = details
+        .bad_request()
+        .map(|bad| bad.field_violations.as_slice())
+        .unwrap_or_default();
+    for listed in (0..=violations.len().min(MAX_FIELD_VIOLATIONS)).rev() {
+        let status = tonic::Status::with_error_details(code, message.as_ref(), shorten_details(&details, listed));
+        if message_bytes + encoded_details_len(status.details()) <= MAX_STATUS_BYTES {
+            return status;
+        }
+    }
+    let mut bare = ErrorDetails::new();
+    if let Some(info) = shorten_details(&details, 0).error_info() {
+        bare.set_error_info(&info.reason, &info.domain, info.metadata.clone());
+    }
+    tonic::Status::with_error_details(code, message.as_ref(), bare)
+}
+
+/// Holds the gRPC status in `headers` (the trailers of an answer, or the headers of a trailers-only one) to
+/// [`MAX_STATUS_BYTES`]; returns whether it had to shorten it.
+pub fn fit_status_headers(headers: &mut http::HeaderMap) -> bool {
+    let sent = |name: &str| headers.get(name).map_or(0, |value| value.len());
+    if sent("grpc-message") + sent("grpc-status-details-bin") <= MAX_STATUS_BYTES {
+        return false;
+    }
+    let Some(status) = tonic::Status::from_header_map(headers) else {
+        return false;
+    };
+    let fitted = fit_status(status.code(), status.message(), status.get_error_details());
+    headers.remove("grpc-message");
+    headers.remove("grpc-status-details-bin");
+    if let Err(error) = fitted.add_header(headers) {
+        tracing::warn!(%error, "the shortened status does not fit in headers");
+    }
+    tracing::warn!(code = ?status.code(), "an error's message and details exceeded the size clients accept; shortened");
+    true
+}
+
+/// Returns `text` cut to at most `max` bytes on a character boundary, ending in `…` when it was cut.
+fn shorten(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &text[..end]))
+}
+
+/// Returns the details a client can act on (error info, bad request, quota failure, retry info) with every text
+/// shortened, at most [`MAX_METADATA`] metadata entries, the first `listed` field violations and one more that
+/// counts the others.
+fn shorten_details(details: &ErrorDetails, listed: usize) -> ErrorDetails {
+    let text = |value: &str| shorten(value, MAX_DETAIL_TEXT_BYTES).into_owned();
+    let mut out = ErrorDetails::new();
+    if let Some(info) = details.error_info() {
+        let mut entries: Vec<_> = info.metadata.iter().collect();
+        entries.sort();
+        let metadata: HashMap<String, String> = entries
+            .into_iter()
+            .take(MAX_METADATA)
+            .map(|(key, value)| (text(key), text(value)))
+            .collect();
+        out.set_error_info(text(&info.reason), text(&info.domain), metadata);
+    }
+    if let Some(bad) = details.bad_request() {
+        let violations = &bad.field_violations;
+        for violation in violations.iter().take(listed) {
+            out.add_bad_request_violation(text(&violation.field), text(&violation.description));
+        }
+        if violations.len() > listed {
+            let unlisted = violations.len() - listed;
+            out.add_bad_request_violation("", format!("and {unlisted} more violations not listed"));
+        }
+    }
+    if let Some(quota) = details.quota_failure() {
+        for violation in quota.violations.iter().take(MAX_FIELD_VIOLATIONS) {
+            out.add_quota_failure_violation(text(&violation.subject), text(&violation.description));
+        }
+    }
+    if let Some(retry) = details.retry_info() {
+        out.set_retry_info(retry.retry_delay);
+    }
+    out
+}
+
+/// The length of `message` as sent in `grpc-message` (tonic percent-encodes controls, non-ASCII and a few
+/// punctuation characters).
+fn encoded_message_len(message: &str) -> usize {
+    message
+        .bytes()
+        .map(|byte| {
+            if !(0x20..0x7f).contains(&byte) || b" \"#%<>`?{}".contains(&byte) {
+                3
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// The length of `details` as sent in `grpc-status-details-bin` (base64 without padding).
+fn encoded_details_len(details: &[u8]) -> usize {
+    (details.len() * 4).div_ceil(3)
 }
 
 #[cfg(test)]
@@ -303,5 +459,90 @@ mod tests {
         let info = status.get_error_details().error_info().cloned().expect("info");
         assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
         assert_eq!(info.metadata.get("limit").map(String::as_str), Some("10"));
+    }
+
+    /// The bytes the status's message and details take as response headers.
+    fn sent_bytes(status: tonic::Status) -> usize {
+        let response = status.into_http::<()>();
+        ["grpc-message", "grpc-status-details-bin"]
+            .iter()
+            .map(|name| response.headers().get(*name).map_or(0, |value| value.len()))
+            .sum()
+    }
+
+    #[test]
+    fn a_thousand_violations_list_the_first_ones_and_count_the_rest() {
+        let violations: Vec<_> = (0..1000)
+            .map(|index| FieldViolation::new(format!("labels[\"k{index}{}\"]", "x".repeat(300)), "é".repeat(400)))
+            .collect();
+        let status = ApiError::InvalidArgument(violations).status("projects.cube.dev");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        assert_eq!(details.error_info().expect("error info").reason, "FIELD_INVALID");
+        let listed = &details.bad_request().expect("bad request").field_violations;
+        assert!(listed.len() <= MAX_FIELD_VIOLATIONS + 1, "{} violations", listed.len());
+        assert!(listed[0].field.starts_with("labels[\"k0x"), "{}", listed[0].field);
+        let summary = listed.last().expect("a summary");
+        assert_eq!(summary.field, "");
+        let shown = listed.len() - 1;
+        assert_eq!(
+            summary.description,
+            format!("and {} more violations not listed", 1000 - shown)
+        );
+        assert!(status.message().ends_with("; and 998 more"), "{}", status.message());
+        let sent = sent_bytes(status);
+        assert!(sent <= MAX_STATUS_BYTES, "{sent} bytes of message and details");
+    }
+
+    #[test]
+    fn long_names_and_messages_are_shortened_to_fit() {
+        let name = "ü".repeat(100_000);
+        let status = ApiError::NotFound { kind: "project", name }.status("projects.cube.dev");
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().ends_with('…'), "{}", status.message());
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, "NOT_FOUND");
+        assert!(info.metadata["name"].len() <= MAX_DETAIL_TEXT_BYTES);
+        let sent = sent_bytes(status);
+        assert!(sent <= MAX_STATUS_BYTES, "{sent} bytes");
+    }
+
+    #[test]
+    fn oversized_statuses_built_elsewhere_are_shortened_in_their_headers() {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            "ECHO_FAILURE",
+            "echo.cube.dev",
+            HashMap::from([("k".to_owned(), "v".repeat(50_000))]),
+        );
+        for index in 0..2000 {
+            details.add_bad_request_violation(format!("field{index}"), "bad ".repeat(20));
+        }
+        let status = tonic::Status::with_error_details(Code::FailedPrecondition, "%".repeat(100_000), details);
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).expect("headers");
+        assert!(fit_status_headers(&mut headers), "the status was too large");
+        let sent: usize = ["grpc-message", "grpc-status-details-bin"]
+            .iter()
+            .map(|name| headers.get(*name).map_or(0, |value| value.len()))
+            .sum();
+        assert!(sent <= MAX_STATUS_BYTES, "{sent} bytes");
+        let fitted = tonic::Status::from_header_map(&headers).expect("a status");
+        assert_eq!(fitted.code(), Code::FailedPrecondition);
+        assert_eq!(
+            fitted.get_details_error_info().expect("error info").reason,
+            "ECHO_FAILURE"
+        );
+
+        // Small statuses are left as they are.
+        let small = tonic::Status::not_found("nothing here");
+        let mut headers = http::HeaderMap::new();
+        small.add_header(&mut headers).expect("headers");
+        assert!(!fit_status_headers(&mut headers));
+        assert_eq!(
+            headers.get("grpc-message").map(http::HeaderValue::as_bytes),
+            Some(&b"nothing%20here"[..])
+        );
     }
 }

@@ -1,8 +1,14 @@
 //! Observing every call a server handles: a tracing span that continues the caller's W3C trace, and per-RPC
 //! metrics (calls handled by code, latency, calls in flight) kept in a Prometheus registry that the admin HTTP
 //! server exposes at `/metrics`. One layer does both, with one body wrapper, because it runs on every call.
+//!
+//! The same layer holds every answer's error message and details to what gRPC clients accept
+//! ([`crate::error::fit_status_headers`]), since its body wrapper sees the trailers anyway.
+//!
+//! Calls are labelled by method only for the methods the server serves (a [`MethodSet`]); every other path, made
+//! up by a client or a scanner, is counted under the one label value `unknown`, so that no caller can add series.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll, ready};
@@ -89,6 +95,7 @@ impl RpcMetrics {
             .strip_prefix('/')
             .and_then(|path| path.split_once('/'))
             .unwrap_or(("unknown", "unknown"));
+        // Only served methods and `UNKNOWN_PATH` get here, so the map and the label sets stay bounded.
         let labels = MethodLabels {
             grpc_service: service.to_owned(),
             grpc_method: method.to_owned(),
@@ -105,12 +112,6 @@ impl RpcMetrics {
     }
 
     fn record(&self, path: &str, code: Code, elapsed: std::time::Duration) {
-        // Unknown methods share one series, so random paths cannot blow up the series count.
-        let path = if code == Code::Unimplemented {
-            "/unknown/unknown"
-        } else {
-            path
-        };
         let series = self.series(path);
         series.latency.observe(elapsed.as_secs_f64());
         let counter = series.handled[code as usize].get_or_init(|| {
@@ -125,11 +126,76 @@ impl RpcMetrics {
         counter.inc();
     }
 
-    /// Returns the tower layer that traces and records every call through it.
-    pub fn layer(&self) -> RpcMetricsLayer {
+    /// Returns the tower layer that traces and records every call through it, naming the methods in `methods`
+    /// and counting calls to any other path as `unknown`.
+    pub fn layer(&self, methods: MethodSet) -> RpcMetricsLayer {
         RpcMetricsLayer {
             metrics: Arc::new(self.clone()),
+            methods,
         }
+    }
+}
+
+/// The label values of calls to paths a server does not serve.
+const UNKNOWN_PATH: &str = "/unknown/unknown";
+
+/// The method paths (`/package.Service/Method`) a server serves: the only ones its metrics name.
+#[derive(Clone, Debug, Default)]
+pub struct MethodSet(Arc<HashSet<String>>);
+
+impl MethodSet {
+    /// Builds the set of `paths`.
+    pub fn new(paths: impl IntoIterator<Item = String>) -> Self {
+        Self(Arc::new(paths.into_iter().collect()))
+    }
+
+    /// Builds the set of the methods of `services` (full names, e.g. `cube.auth.v1.AuthService`) declared in the
+    /// encoded `FileDescriptorSet`s `sets`. A service found in none of them is logged, and its calls counted as
+    /// `unknown`.
+    pub fn of_services(services: &[&str], sets: &[&[u8]]) -> Self {
+        let mut paths = HashSet::new();
+        let mut described = HashSet::new();
+        for set in sets {
+            let methods = match cube_proto::methods::methods(set) {
+                Ok(methods) => methods,
+                Err(error) => {
+                    tracing::warn!(%error, "a descriptor set does not decode; its methods are counted as unknown");
+                    continue;
+                }
+            };
+            for method in methods {
+                if services.contains(&method.service.as_str()) {
+                    described.insert(method.service);
+                    paths.insert(method.path);
+                }
+            }
+        }
+        for service in services {
+            if !described.contains(*service) {
+                tracing::warn!(%service, "no descriptor describes the service; its calls are counted as unknown");
+            }
+        }
+        Self(Arc::new(paths))
+    }
+
+    /// Returns whether the set holds `path`.
+    pub fn contains(&self, path: &str) -> bool {
+        self.0.contains(path)
+    }
+
+    /// Returns the paths in the set.
+    pub fn paths(&self) -> impl Iterator<Item = String> + '_ {
+        self.0.iter().cloned()
+    }
+
+    /// Returns the number of methods in the set.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Returns whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -137,6 +203,7 @@ impl RpcMetrics {
 #[derive(Clone, Debug)]
 pub struct RpcMetricsLayer {
     metrics: Arc<RpcMetrics>,
+    methods: MethodSet,
 }
 
 impl<S> Layer<S> for RpcMetricsLayer {
@@ -146,6 +213,7 @@ impl<S> Layer<S> for RpcMetricsLayer {
         RpcMetricsService {
             inner,
             metrics: self.metrics.clone(),
+            methods: self.methods.clone(),
         }
     }
 }
@@ -155,6 +223,7 @@ impl<S> Layer<S> for RpcMetricsLayer {
 pub struct RpcMetricsService<S> {
     inner: S,
     metrics: Arc<RpcMetrics>,
+    methods: MethodSet,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcMetricsService<S>
@@ -176,12 +245,14 @@ where
         if !span.is_disabled() && request.headers().contains_key("traceparent") {
             crate::telemetry::continue_trace(&span, request.headers());
         }
-        let recorder = Recorder::start(self.metrics.clone(), request.uri());
+        let known = self.methods.contains(path);
+        let recorder = Recorder::start(self.metrics.clone(), request.uri(), known);
         let future = self.inner.call(request).instrument(span);
         Box::pin(async move {
             let mut recorder = recorder;
             match future.await {
-                Ok(response) => {
+                Ok(mut response) => {
+                    crate::error::fit_status_headers(response.headers_mut());
                     recorder.code = status_code(response.headers());
                     Ok(response.map(|body| MetricsBody {
                         inner: body,
@@ -205,12 +276,12 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(metrics: Arc<RpcMetrics>, uri: &http::Uri) -> Self {
+    fn start(metrics: Arc<RpcMetrics>, uri: &http::Uri, known: bool) -> Self {
         metrics.in_flight.inc();
         Self {
             metrics,
             // A cheap clone of the request's bytes; the method's name is only looked at when the call ends.
-            path: uri.path_and_query().cloned(),
+            path: uri.path_and_query().filter(|_| known).cloned(),
             start: Instant::now(),
             code: None,
         }
@@ -218,7 +289,7 @@ impl Recorder {
 
     fn finish(self, code: Code) {
         self.metrics.in_flight.dec();
-        let path = self.path.as_ref().map_or("/unknown/unknown", |p| p.path());
+        let path = self.path.as_ref().map_or(UNKNOWN_PATH, |p| p.path());
         self.metrics.record(path, code, self.start.elapsed());
     }
 }
@@ -276,14 +347,15 @@ impl<B: HttpBody> HttpBody for MetricsBody<B> {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
+        let mut frame = ready!(this.inner.poll_frame(cx));
+        match &mut frame {
             Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(recorder) = this.recorder.take()
-                {
-                    let code = status_code(trailers).or(recorder.code).unwrap_or(Code::Unknown);
-                    recorder.finish(code);
+                if let Some(trailers) = frame.trailers_mut() {
+                    crate::error::fit_status_headers(trailers);
+                    if let Some(recorder) = this.recorder.take() {
+                        let code = status_code(trailers).or(recorder.code).unwrap_or(Code::Unknown);
+                        recorder.finish(code);
+                    }
                 }
             }
             Some(Err(_)) => {

@@ -19,7 +19,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::config::ServerArgs;
 use crate::health::Health;
 use crate::identity::Gate;
-use crate::metrics::RpcMetrics;
+use crate::metrics::{MethodSet, RpcMetrics, RpcMetricsLayer};
 
 /// Why a server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,7 @@ pub struct Server {
     routes: Routes,
     health: Health,
     reflected: Vec<&'static str>,
+    descriptor_sets: Vec<&'static [u8]>,
     authentication: Authentication,
 }
 
@@ -73,6 +74,7 @@ impl Server {
             routes: Routes::default(),
             health,
             reflected: Vec::new(),
+            descriptor_sets: vec![cube_proto::FILE_DESCRIPTOR_SET],
             authentication: Authentication::Unset,
         }
     }
@@ -108,6 +110,31 @@ impl Server {
         self
     }
 
+    /// Adds the APIs in an encoded `FileDescriptorSet` to what reflection describes and to the methods the
+    /// metrics name; Cube's own protos are always described, so only servers of other APIs (tests) need this.
+    #[must_use]
+    pub fn describe(mut self, descriptor_set: &'static [u8]) -> Self {
+        self.descriptor_sets.push(descriptor_set);
+        self
+    }
+
+    /// Returns the methods the server serves: those of its services, health and reflection.
+    pub fn methods(&self) -> MethodSet {
+        let mut services = self.reflected.clone();
+        services.extend([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]);
+        let mut sets = self.descriptor_sets.clone();
+        sets.extend([
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]);
+        MethodSet::of_services(&services, &sets)
+    }
+
     /// Returns the server's name.
     pub fn name(&self) -> &'static str {
         self.name
@@ -136,13 +163,15 @@ impl Server {
             Authentication::Unset => return Err(ServeError::Unauthenticated(self.name)),
         };
         let mut v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cube_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health");
         let mut v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cube_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health");
+        for set in &self.descriptor_sets {
+            v1 = v1.register_encoded_file_descriptor_set(set);
+            v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
+        }
         for name in &self.reflected {
             v1 = v1.with_service_name(*name);
             v1alpha = v1alpha.with_service_name(*name);
@@ -167,8 +196,9 @@ impl Server {
     ) -> Result<(), ServeError> {
         let name = self.name;
         let health = self.health.clone();
+        let layer = metrics.layer(self.methods());
         let routes = self.into_routes()?;
-        serve_routes(name, routes, health, listener, args, metrics, shutdown).await
+        serve_routes(name, routes, health, listener, args, layer, shutdown).await
     }
 }
 
@@ -182,14 +212,14 @@ async fn serve_routes(
     health: Health,
     listener: TcpListener,
     args: &ServerArgs,
-    metrics: &RpcMetrics,
+    metrics: RpcMetricsLayer,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
     let (incoming, cut) = incoming(listener);
     let server = tonic::transport::Server::builder()
         .timeout(args.request_timeout)
-        .layer(metrics.layer())
+        .layer(metrics)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, closing(health.clone(), shutdown));
     tracing::info!(server = name, %address, "serving grpc");
