@@ -29,6 +29,7 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tonic::Code;
+use tonic_types::StatusExt as _;
 
 /// The scheduler's options in these tests, with admission's set to `admission`.
 fn options(admission: AdmissionOptions) -> Options {
@@ -637,4 +638,519 @@ async fn quota_answers_are_cached_and_membership_changes_reach_admission_at_once
     .await;
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(lena.state(run("vision", "gpu-2", "1")).await, AdmissionState::Admitted);
+}
+
+// Admissions bound to their project (issue 11, item 2): lena owns `speech`, omar owns `omar-lab`, and each abuse
+// of the free-form workload names is tried by omar against lena's workloads, on every database backend.
+
+/// Creates the project `id` as the holder of `token`, who becomes its owner.
+async fn create_project_as(platform: &Platform, token: &str, id: &str, quota: Quota) {
+    ProjectServiceClient::new(connect(&platform.projects).await)
+        .create_project(authed(
+            cube_proto::cube::projects::v1::CreateProjectRequest {
+                project: Some(Project {
+                    r#type: cube_proto::cube::projects::v1::ProjectType::Org as i32,
+                    settings: Some(Settings::default()),
+                    quota: Some(quota),
+                    ..Project::default()
+                }),
+                project_id: id.into(),
+            },
+            token,
+        ))
+        .await
+        .expect("creating a project");
+}
+
+/// The platform on `scheduler_db` with lena's `speech` (quota `speech`) and omar's `omar-lab` (quota `lab`), and
+/// an admission client for each of them.
+async fn two_projects(scheduler_db: &str, speech: Quota, lab: Quota) -> (Platform, Admissions, Admissions) {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let platform = platform_on(
+        &kubeconfig,
+        scheduler_db,
+        tempfile::tempdir().expect("tempdir"),
+        options(AdmissionOptions::default()),
+    )
+    .await;
+    create_project(&platform, "speech", Settings::default(), speech).await;
+    create_project_as(&platform, &platform.stranger, "omar-lab", lab).await;
+    let lena = Admissions::new(&platform, &platform.token).await;
+    let omar = Admissions::new(&platform, &platform.stranger).await;
+    (platform, lena, omar)
+}
+
+/// A notebook of `project` named `name`, asking for one CPU.
+fn notebook(project: &str, name: &str) -> AdmitRequest {
+    AdmitRequest {
+        workload: format!("projects/{project}/notebooks/{name}"),
+        project: format!("projects/{project}"),
+        kind: WorkloadKind::Notebook as i32,
+        cpu: "1".into(),
+        memory: "1G".into(),
+        gpu: String::new(),
+    }
+}
+
+impl Admissions {
+    async fn try_release(&self, workload: &str) -> Result<(), tonic::Status> {
+        self.client
+            .clone()
+            .release(authed(
+                ReleaseRequest {
+                    workload: workload.into(),
+                },
+                &self.token,
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    async fn try_usage(&self, project: &str) -> Result<ProjectUsage, tonic::Status> {
+        self.client
+            .clone()
+            .get_project_usage(authed(
+                GetProjectUsageRequest {
+                    project: project.into(),
+                },
+                &self.token,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+/// Asserts that `status` is exactly the answer about a workload without an admission: NOT_FOUND, the message
+/// naming only the workload, and an `ErrorInfo` with nothing but its kind and name.
+fn assert_no_admission(status: &tonic::Status, workload: &str) {
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("admission {workload:?} not found"),
+        "{status:?}"
+    );
+    let details = status.get_error_details();
+    let info = details.error_info().expect("an ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("NOT_FOUND", "scheduler.cube.dev")
+    );
+    let metadata: std::collections::BTreeMap<&str, &str> = info
+        .metadata
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    assert_eq!(
+        metadata,
+        [("kind", "admission"), ("name", workload)].into_iter().collect()
+    );
+    assert!(
+        details.bad_request().is_none() && details.quota_failure().is_none(),
+        "{details:?}"
+    );
+}
+
+/// An `ErrorInfo` as a client reads it: reason, domain and metadata.
+type Info = (String, String, HashMap<String, String>);
+
+/// What a client can read of an error answer: code, message and `ErrorInfo`.
+fn answer(status: &tonic::Status) -> (Code, String, Option<Info>) {
+    let info = status
+        .get_error_details()
+        .error_info()
+        .map(|info| (info.reason.clone(), info.domain.clone(), info.metadata.clone()));
+    (status.code(), status.message().to_owned(), info)
+}
+
+/// The fields an INVALID_ARGUMENT status names in its `BadRequest`.
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|request| {
+            request
+                .field_violations
+                .iter()
+                .map(|violation| violation.field.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The leak: omar, not a member of speech, calls Admit with the name of lena's workload there. He gets the
+/// NOT_FOUND of a project he cannot see, the same as for a name nobody admitted, and never her admission (its
+/// quota and usage); naming it under his own project is refused as malformed.
+async fn a_non_member_admitting_another_projects_workload_learns_nothing(scheduler_db: &str) {
+    let (_platform, lena, omar) = two_projects(
+        scheduler_db,
+        Quota {
+            gpu: Some(4.0),
+            ..Quota::default()
+        },
+        Quota::default(),
+    )
+    .await;
+    let secret = run("speech", "secret", "2");
+    assert_eq!(lena.state(secret.clone()).await, AdmissionState::Admitted);
+
+    let taken = omar.admit(secret.clone()).await.expect_err("not a member of speech");
+    let free = omar
+        .admit(run("speech", "never-admitted", "2"))
+        .await
+        .expect_err("not a member of speech");
+    assert_eq!(taken.code(), Code::NotFound, "{taken:?}");
+    assert_eq!(
+        answer(&taken),
+        answer(&free),
+        "an admitted name and a free one get the same answer"
+    );
+    assert!(!taken.message().contains("secret"), "{taken:?}");
+    let under_his = omar
+        .admit(AdmitRequest {
+            project: "projects/omar-lab".into(),
+            ..secret.clone()
+        })
+        .await
+        .expect_err("a name outside the project");
+    assert_eq!(bad_fields(&under_his), ["workload"], "{under_his:?}");
+    for hidden in [secret.workload.as_str(), "projects/speech/runs/never-admitted"] {
+        assert_no_admission(&omar.explain(hidden).await.expect_err("hidden"), hidden);
+    }
+    let status = omar.try_usage("projects/speech").await.expect_err("a hidden project");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    let usage = lena.usage("speech").await;
+    assert_eq!((usage.gpu, usage.runs), (2.0, 1), "{usage:?}");
+    assert_eq!(omar.usage("omar-lab").await.runs, 0);
+}
+
+/// The hijack: omar admits lena's notebook name under a project he belongs to. Refused, it cannot be answered
+/// from later: lena's own Admit is charged to speech, and her ExplainPending and Release find it. An admission a
+/// scheduler stored before this rule under another project gives way to hers, and a fellow member cannot take
+/// over her name.
+async fn a_workload_cannot_be_admitted_under_another_project(scheduler_db: &str) {
+    let (platform, lena, omar) = two_projects(scheduler_db, Quota::default(), Quota::default()).await;
+    let name = "projects/speech/notebooks/x";
+    for project in ["projects/public", "projects/omar-lab"] {
+        let status = omar
+            .admit(AdmitRequest {
+                project: project.into(),
+                ..notebook("speech", "x")
+            })
+            .await
+            .expect_err("a name outside the project");
+        assert_eq!(bad_fields(&status), ["workload"], "{project}: {status:?}");
+        assert!(status.message().contains(&format!("{project}/")), "{status:?}");
+    }
+    let status = omar.admit(notebook("speech", "x")).await.expect_err("not a member");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    let admitted = lena.admit(notebook("speech", "x")).await.expect("admitting");
+    assert_eq!(
+        (admitted.workload.as_str(), admitted.state()),
+        (name, AdmissionState::Admitted)
+    );
+    let usage = lena.usage("speech").await;
+    assert_eq!((usage.notebooks, usage.cpu), (1, 1.0), "charged to speech: {usage:?}");
+    assert_eq!(
+        lena.explain(name).await.expect("her explanation").state(),
+        AdmissionState::Admitted
+    );
+
+    // omar joins speech: a member may admit there, but not take over lena's name, nor see or release it.
+    ProjectServiceClient::new(connect(&platform.projects).await)
+        .create_member(authed(
+            CreateMemberRequest {
+                parent: "projects/speech".into(),
+                member: Some(Member {
+                    subject: Some(member::Subject::User("users/omar".into())),
+                    role: Role::Developer as i32,
+                    ..Member::default()
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("adding omar");
+    let status = cube_testkit::eventually("omar's membership seen", Duration::from_secs(5), || {
+        let omar = omar.clone();
+        async move {
+            omar.admit(notebook("speech", "x"))
+                .await
+                .err()
+                .filter(|status| status.code() != Code::NotFound)
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_no_admission(&omar.explain(name).await.expect_err("hers"), name);
+    assert_no_admission(&omar.try_release(name).await.expect_err("hers"), name);
+    assert_eq!(
+        omar.state(notebook("speech", "omar-x")).await,
+        AdmissionState::Admitted,
+        "a member admits names of his own"
+    );
+
+    // An admission stored before names were bound to projects: omar's, of lena's name, under public.
+    let legacy = "projects/speech/notebooks/legacy";
+    insert_reservation(scheduler_db, legacy, "public", "omar", "admitted").await;
+    assert_no_admission(&lena.explain(legacy).await.expect_err("not hers"), legacy);
+    let admitted = lena.admit(notebook("speech", "legacy")).await.expect("admitting");
+    assert_eq!(
+        admitted.state(),
+        AdmissionState::Admitted,
+        "answered from her own admission"
+    );
+    assert_eq!(lena.usage("speech").await.notebooks, 3, "charged");
+    lena.release(legacy).await;
+    lena.release(name).await;
+    assert_eq!(lena.usage("speech").await.notebooks, 1, "omar's own remains");
+}
+
+/// Stores a reservation as a scheduler did before admissions were bound to their project.
+async fn insert_reservation(scheduler_db: &str, workload: &str, project: &str, username: &str, state: &str) {
+    use sea_orm::{EntityTrait as _, IntoActiveModel as _};
+    let db = cube_kit::db::connect::<cube_scheduler::model::Migrator>(scheduler_db, false)
+        .await
+        .expect("the scheduler's database");
+    cube_scheduler::model::reservation::Entity::insert(
+        cube_scheduler::model::reservation::Model {
+            workload: workload.into(),
+            project: project.into(),
+            username: username.into(),
+            kind: "notebook".into(),
+            cpu_millis: 1000,
+            memory_bytes: 0,
+            gpu_millis: 0,
+            gpu_type: String::new(),
+            state: state.into(),
+            reason: if state == "queued" {
+                "the notebooks quota of projects/public is 0".into()
+            } else {
+                String::new()
+            },
+            blockers: "[]".into(),
+            created_ms: 0,
+        }
+        .into_active_model(),
+    )
+    .exec_without_returning(&db)
+    .await
+    .expect("a legacy reservation");
+    db.close().await.expect("closing");
+}
+
+/// The queued block: omar can no longer queue a workload of lena's name (his project has no room, so his own
+/// would wait there forever); lena's is admitted. One queued that way before the rule does not block hers.
+async fn a_queued_workload_of_another_project_blocks_nothing(scheduler_db: &str) {
+    let (_platform, lena, omar) = two_projects(
+        scheduler_db,
+        Quota::default(),
+        Quota {
+            gpu: Some(0.0),
+            ..Quota::default()
+        },
+    )
+    .await;
+    let blocked = omar
+        .admit(AdmitRequest {
+            project: "projects/omar-lab".into(),
+            ..run("speech", "big", "1")
+        })
+        .await
+        .expect_err("a name outside the project");
+    assert_eq!(bad_fields(&blocked), ["workload"]);
+    // omar's own run of the same id waits in his project, and blocks nothing of lena's.
+    assert_eq!(omar.state(run("omar-lab", "big", "1")).await, AdmissionState::Queued);
+    assert_eq!(lena.state(run("speech", "big", "1")).await, AdmissionState::Admitted);
+    assert_eq!(
+        omar.explain("projects/omar-lab/runs/big").await.expect("his").state(),
+        AdmissionState::Queued
+    );
+
+    let legacy = "projects/speech/notebooks/queued";
+    insert_reservation(scheduler_db, legacy, "public", "omar", "queued").await;
+    let admitted = lena.admit(notebook("speech", "queued")).await.expect("admitting");
+    assert_eq!(admitted.state(), AdmissionState::Admitted, "{admitted:?}");
+    assert_eq!(
+        lena.explain(legacy).await.expect("hers now").state(),
+        AdmissionState::Admitted
+    );
+    assert_no_admission(&omar.try_release(legacy).await.expect_err("not his"), legacy);
+    assert_eq!(lena.usage("speech").await.notebooks, 1);
+}
+
+/// The release oracle: Release of a missing workload and of someone else's give the same NOT_FOUND, in the
+/// caller's own project or another; releasing twice is NOT_FOUND the second time (AIP-135).
+async fn release_answers_the_same_for_missing_and_hidden_workloads(scheduler_db: &str) {
+    let (platform, lena, omar) = two_projects(scheduler_db, Quota::default(), Quota::default()).await;
+    let hers = "projects/speech/runs/hers";
+    assert_eq!(lena.state(run("speech", "hers", "")).await, AdmissionState::Admitted);
+    for workload in [
+        hers,
+        "projects/speech/runs/missing",
+        "projects/omar-lab/runs/missing",
+        "projects/nosuch/runs/missing",
+    ] {
+        let status = omar.try_release(workload).await.expect_err(workload);
+        assert_no_admission(&status, workload);
+    }
+    assert_eq!(lena.usage("speech").await.runs, 1, "omar released nothing");
+    lena.try_release(hers).await.expect("her release");
+    assert_eq!(lena.usage("speech").await.runs, 0);
+    assert_no_admission(&lena.try_release(hers).await.expect_err("released already"), hers);
+    assert_no_admission(&lena.explain(hers).await.expect_err("released already"), hers);
+    // An admin may release anyone's, and sees a missing one as NOT_FOUND too.
+    assert_eq!(lena.state(run("speech", "again", "")).await, AdmissionState::Admitted);
+    let admin = Admissions::new(&platform, &platform.admin).await;
+    admin
+        .try_release("projects/speech/runs/again")
+        .await
+        .expect("an admin releases");
+    assert_no_admission(
+        &admin.try_release("projects/speech/runs/again").await.expect_err("gone"),
+        "projects/speech/runs/again",
+    );
+}
+
+cube_testkit::on_every_backend!(
+    a_non_member_admitting_another_projects_workload_learns_nothing,
+    a_workload_cannot_be_admitted_under_another_project,
+    a_queued_workload_of_another_project_blocks_nothing,
+    release_answers_the_same_for_missing_and_hidden_workloads,
+);
+
+/// Malformed names are the caller's mistake, named by field, and never an outage of projects (item 6): a project
+/// such as `projects/a b` is refused before projects is asked, an empty Release or ExplainPending names
+/// `workload`, and an unknown cluster is named apart from the registered ones (item 11). Placement's requests and
+/// admission's charges differ for notebooks that are not exclusive, as the protos say: the pod requests no CPU
+/// from its node, and the quota counts the CPU the notebook asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_the_callers_mistake_and_name_the_field() {
+    use cube_proto::cube::scheduler::v1::cluster_service_client::ClusterServiceClient;
+    use cube_proto::cube::scheduler::v1::node_service_client::NodeServiceClient;
+    use cube_proto::cube::scheduler::v1::{GetClusterRequest, ListNodesRequest};
+
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let client = kube_client(&kubeconfig).await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let group = format!("errors-{suffix}");
+    let _node = FakeNode::create(&client, json!({"cpu": "true", "notebook": "true", "org": group}), &[]).await;
+    let platform = platform(&kubeconfig, AdmissionOptions::default()).await;
+    create_project(
+        &platform,
+        "vision",
+        Settings {
+            resource_group: group.clone(),
+            ..Settings::default()
+        },
+        Quota::default(),
+    )
+    .await;
+    let lena = Admissions::new(&platform, &platform.token).await;
+    let mut placer = PlacementServiceClient::new(connect(&platform.scheduler).await);
+    let channel = connect(&platform.scheduler).await;
+
+    let place_request = |project: &str, workload: &str| PlaceRequest {
+        project: project.into(),
+        kind: WorkloadKind::Notebook as i32,
+        cpu: "1".into(),
+        memory: "1G".into(),
+        workload: workload.into(),
+        ..PlaceRequest::default()
+    };
+    let status = placer
+        .place(authed(place_request("projects/a b", ""), &platform.token))
+        .await
+        .expect_err("a malformed project");
+    assert_eq!(bad_fields(&status), ["project"], "{status:?}");
+    let status = lena
+        .admit(AdmitRequest {
+            project: "projects/a b".into(),
+            workload: "projects/a b/runs/x".into(),
+            ..run("vision", "x", "")
+        })
+        .await
+        .expect_err("a malformed project");
+    assert_eq!(bad_fields(&status), ["workload", "project"], "{status:?}");
+    let status = lena.try_usage("projects/a b").await.expect_err("a malformed project");
+    assert_eq!(bad_fields(&status), ["project"], "{status:?}");
+    assert!(status.message().contains("projects/a b"), "{status:?}");
+    let status = placer
+        .place(authed(
+            place_request("projects/vision", "projects/speech/notebooks/x"),
+            &platform.token,
+        ))
+        .await
+        .expect_err("a workload of another project");
+    assert_eq!(bad_fields(&status), ["workload"], "{status:?}");
+
+    let status = lena.try_release("").await.expect_err("an empty Release");
+    assert_eq!(bad_fields(&status), ["workload"], "{status:?}");
+    let status = lena.explain("").await.expect_err("an empty ExplainPending");
+    assert_eq!(bad_fields(&status), ["workload"], "{status:?}");
+    let status = lena
+        .try_release("vision/runs/x")
+        .await
+        .expect_err("not a resource name");
+    assert_eq!(bad_fields(&status), ["workload"], "{status:?}");
+
+    let mut clusters = ClusterServiceClient::new(channel.clone());
+    let status = clusters
+        .get_cluster(authed(
+            GetClusterRequest {
+                name: "clusters/nope".into(),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect_err("an unknown cluster");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "cluster \"clusters/nope\" not found (registered: kube)"
+    );
+    let status = NodeServiceClient::new(channel)
+        .list_nodes(authed(
+            ListNodesRequest {
+                parent: "clusters/a b".into(),
+                ..ListNodesRequest::default()
+            },
+            &platform.token,
+        ))
+        .await
+        .expect_err("a malformed cluster");
+    assert_eq!(bad_fields(&status), ["parent"], "{status:?}");
+
+    // A notebook asking for one CPU: its pods request none of their node (notebooks are not exclusive), up to a
+    // limit of one, and admission charges the one CPU it asked for.
+    let workload = "projects/vision/notebooks/lab";
+    let placement = cube_testkit::eventually("a placement on the fake node", Duration::from_secs(10), || {
+        let mut placer = placer.clone();
+        let request = authed(place_request("projects/vision", workload), &platform.token);
+        async move { placer.place(request).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert_eq!(
+        placement.requests.get("cpu").map(String::as_str),
+        Some("0"),
+        "{placement:?}"
+    );
+    assert_eq!(
+        placement.limits.get("cpu").map(String::as_str),
+        Some("1"),
+        "{placement:?}"
+    );
+    assert_eq!(
+        lena.state(AdmitRequest {
+            workload: workload.into(),
+            ..notebook("vision", "lab")
+        })
+        .await,
+        AdmissionState::Admitted
+    );
+    let usage = lena.usage("vision").await;
+    assert_eq!((usage.cpu, usage.notebooks), (1.0, 1), "{usage:?}");
 }

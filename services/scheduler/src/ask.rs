@@ -42,19 +42,15 @@ pub(crate) struct Fields<'a> {
     pub(crate) gpu: &'a str,
 }
 
-/// Reads the fields, adding a violation for each malformed one; `None` when any was.
+/// The longest resource string (`cpu`, `memory`, `gpu`) read, in bytes.
+const MAX_RESOURCE_STRING: usize = 64;
+
+/// Reads the fields, adding a violation for each malformed one; `None` when any was. The project is checked
+/// against the rule projects applies to ids, so a malformed one is refused here rather than asked of projects.
 pub(crate) fn read(fields: Fields<'_>, violations: &mut Vec<FieldViolation>) -> Option<Ask> {
-    let project = fields
-        .project
-        .strip_prefix("projects/")
-        .filter(|id| !id.is_empty())
-        .map(str::to_owned);
-    if project.is_none() {
-        violations.push(FieldViolation::new(
-            "project",
-            format!("expected projects/{{project}}, got {:?}", fields.project),
-        ));
-    }
+    let project = crate::names::project_id("project", fields.project)
+        .map_err(|violation| violations.push(violation))
+        .ok();
     let kind = match fields.kind {
         KindMessage::Train => Some(WorkloadKind::Train),
         KindMessage::Notebook => Some(WorkloadKind::Notebook),
@@ -67,16 +63,14 @@ pub(crate) fn read(fields: Fields<'_>, violations: &mut Vec<FieldViolation>) -> 
             None
         }
     };
-    let mut refuse = |field: &str, error: cube_resources::ParseError| {
-        violations.push(FieldViolation::new(field, error.to_string()));
-    };
-    let cpu = fields.cpu.parse::<CpuSpec>().map_err(|error| refuse("cpu", error)).ok();
-    let memory = fields
-        .memory
-        .parse::<MemorySpec>()
-        .map_err(|error| refuse("memory", error))
-        .ok();
-    let gpu = fields.gpu.parse::<GpuSpec>().map_err(|error| refuse("gpu", error)).ok();
+    let cpu = resource::<CpuSpec>("cpu", fields.cpu, "2, 0.5 or 1~4", violations);
+    let memory = resource::<MemorySpec>("memory", fields.memory, "4G, 512M or 2G~8G", violations);
+    let gpu = resource::<GpuSpec>(
+        "gpu",
+        fields.gpu,
+        "empty, 0, 1, 2(T4), 1(nvidia,V100) or 0.25",
+        violations,
+    );
     Some(Ask {
         project: project?,
         kind: kind?,
@@ -84,6 +78,27 @@ pub(crate) fn read(fields: Fields<'_>, violations: &mut Vec<FieldViolation>) -> 
         memory: memory?,
         gpu: gpu?,
     })
+}
+
+/// Parses the resource string of `field`, adding a violation when it is malformed; one too long to be a resource
+/// string is refused without being parsed or repeated.
+fn resource<T>(field: &str, text: &str, forms: &str, violations: &mut Vec<FieldViolation>) -> Option<T>
+where
+    T: std::str::FromStr<Err = cube_resources::ParseError>,
+{
+    if text.len() > MAX_RESOURCE_STRING {
+        violations.push(FieldViolation::new(
+            field,
+            format!(
+                "is {} bytes long; resource strings are at most {MAX_RESOURCE_STRING} bytes, e.g. {forms}",
+                text.len()
+            ),
+        ));
+        return None;
+    }
+    text.parse::<T>()
+        .map_err(|error| violations.push(FieldViolation::new(field, error.to_string())))
+        .ok()
 }
 
 /// The configured GPU vendor names, which a lone word in a GPU string (`1(nvidia)`) names instead of a type.
@@ -242,19 +257,7 @@ impl ProjectCache {
 
     /// Asks projects for the project and the caller's membership, at once.
     async fn ask<T>(&self, request: &Request<T>, project: &str) -> Result<ProjectView, ApiError> {
-        let upstream = |status: Status| match status.code() {
-            tonic::Code::NotFound => ApiError::NotFound {
-                kind: "project",
-                name: format!("projects/{project}"),
-            },
-            tonic::Code::Unauthenticated => ApiError::Unauthenticated {
-                message: status.message().to_owned(),
-            },
-            _ => ApiError::Unavailable {
-                service: "projects".into(),
-                source: Box::new(status),
-            },
-        };
+        let upstream = |status: Status| peer_error("projects", &format!("projects/{project}"), status);
         let mut get = Request::new(GetProjectRequest {
             name: format!("projects/{project}"),
         });
@@ -274,6 +277,43 @@ impl ProjectCache {
             quota: found.quota,
             member_quota: membership.quota,
         })
+    }
+}
+
+/// What an error answer of the peer `service` about `project` (`projects/{project}`) means to the scheduler's
+/// caller. The peer's client errors stay client errors, since they say something about the request (or about
+/// the caller) that asking again will not change: NOT_FOUND (the project is missing or hidden from the caller),
+/// UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT (on the project, the one field the scheduler passes on),
+/// FAILED_PRECONDITION, ALREADY_EXISTS, OUT_OF_RANGE and ABORTED. Only the peer's own failures (UNAVAILABLE,
+/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN, …) are UNAVAILABLE, which clients retry.
+pub(crate) fn peer_error(service: &str, project: &str, status: Status) -> ApiError {
+    use tonic::Code;
+    use tonic_types::StatusExt as _;
+    let message = status.message().to_owned();
+    match status.code() {
+        Code::NotFound => ApiError::NotFound {
+            kind: "project",
+            name: project.to_owned(),
+        },
+        Code::Unauthenticated => ApiError::Unauthenticated { message },
+        Code::PermissionDenied => {
+            let details = status.get_error_details();
+            let permission = details
+                .error_info()
+                .and_then(|info| info.metadata.get("permission").cloned())
+                .unwrap_or_else(|| "projects.get".to_owned());
+            ApiError::PermissionDenied { permission }
+        }
+        Code::InvalidArgument | Code::OutOfRange => ApiError::invalid(
+            "project",
+            format!("{service} refused {}: {message}", crate::names::shown(project)),
+        ),
+        Code::FailedPrecondition | Code::AlreadyExists => ApiError::FailedPrecondition { message },
+        Code::Aborted => ApiError::Aborted { message },
+        _ => ApiError::Unavailable {
+            service: service.to_owned(),
+            source: Box::new(status),
+        },
     }
 }
 
@@ -304,7 +344,7 @@ mod tests {
         let mut violations = Vec::new();
         read(
             Fields {
-                project: "projects/p",
+                project: "projects/vision",
                 kind: KindMessage::Train,
                 cpu: "1",
                 memory: "1G",
@@ -313,6 +353,77 @@ mod tests {
             &mut violations,
         )
         .unwrap_or_else(|| panic!("{violations:?}"))
+    }
+
+    #[test]
+    fn a_peers_client_errors_stay_client_errors() {
+        use tonic::Code;
+        let table = [
+            (Code::NotFound, Code::NotFound),
+            (Code::Unauthenticated, Code::Unauthenticated),
+            (Code::PermissionDenied, Code::PermissionDenied),
+            (Code::InvalidArgument, Code::InvalidArgument),
+            (Code::OutOfRange, Code::InvalidArgument),
+            (Code::FailedPrecondition, Code::FailedPrecondition),
+            (Code::AlreadyExists, Code::FailedPrecondition),
+            (Code::Aborted, Code::Aborted),
+            (Code::Unavailable, Code::Unavailable),
+            (Code::DeadlineExceeded, Code::Unavailable),
+            (Code::ResourceExhausted, Code::Unavailable),
+            (Code::Internal, Code::Unavailable),
+            (Code::Unknown, Code::Unavailable),
+            (Code::Unimplemented, Code::Unavailable),
+        ];
+        for (peer, ours) in table {
+            let error = peer_error("projects", "projects/vision", Status::new(peer, "the peer said no"));
+            assert_eq!(error.code(), ours, "{peer:?} became {error:?}");
+        }
+        let error = peer_error(
+            "projects",
+            "projects/vision",
+            Status::not_found("project \"projects/vision\" not found"),
+        );
+        assert_eq!(error.to_string(), "project \"projects/vision\" not found");
+        let denied = ApiError::PermissionDenied {
+            permission: "projects.get".into(),
+        }
+        .status("projects.cube.dev");
+        match peer_error("projects", "projects/vision", denied) {
+            ApiError::PermissionDenied { permission } => assert_eq!(permission, "projects.get"),
+            other => panic!("{other:?}"),
+        }
+        let refused = peer_error(
+            "projects",
+            "projects/vision",
+            ApiError::invalid("name", "bad").status("projects.cube.dev"),
+        );
+        let ApiError::InvalidArgument(violations) = refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(violations[0].field, "project");
+    }
+
+    #[test]
+    fn malformed_fields_are_refused_by_name_without_repeating_them_whole() {
+        let mut violations = Vec::new();
+        let long = "9".repeat(100_000);
+        let ask = read(
+            Fields {
+                project: "projects/a b",
+                kind: KindMessage::Unspecified,
+                cpu: &long,
+                memory: "lots",
+                gpu: "1",
+            },
+            &mut violations,
+        );
+        assert!(ask.is_none());
+        let fields: Vec<&str> = violations.iter().map(|violation| violation.field.as_str()).collect();
+        assert_eq!(fields, ["project", "kind", "cpu", "memory"]);
+        assert!(
+            violations.iter().all(|violation| violation.description.len() < 400),
+            "{violations:?}"
+        );
     }
 
     #[test]

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use cube_bus::EventBus;
-use cube_kit::ApiError;
 use cube_kit::identity::Principal;
 use cube_kit::page;
 use cube_kit::task::Background;
 use cube_kit::time::{now_ms, timestamp};
+use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::scheduler::v1::balance_service_server::BalanceService;
 use cube_proto::cube::scheduler::v1::{
     BalancePlan, ListNodeMovesRequest, ListNodeMovesResponse, NodeMove, PlanBalanceRequest, RunBalanceRequest,
@@ -35,7 +35,7 @@ use tonic::{Request, Response, Status};
 use crate::balance::{self, BalanceNode, BalancePolicy, Move, MoveReason, NodeClass, ORG_LABEL, PendingPod};
 use crate::inventory::{Fleet, NodeView, WaitingPod, selector_matches};
 use crate::model::node_move;
-use crate::{ClusterRegistry, DOMAIN};
+use crate::{ClusterRegistry, Error};
 
 /// The bus topic each move is published on, as a `cube.scheduler.v1.NodeMove`.
 pub const MOVED_TOPIC: &str = "scheduler.node.moved";
@@ -267,7 +267,7 @@ impl Balancer {
     }
 
     /// The clusters named (`clusters/{cluster}`), or every registered one.
-    fn clusters(&self, names: &[String]) -> Result<Vec<String>, ApiError> {
+    fn clusters(&self, names: &[String]) -> Result<Vec<String>, Error> {
         if names.is_empty() {
             return Ok(self.registry.names());
         }
@@ -275,19 +275,12 @@ impl Balancer {
             .iter()
             .enumerate()
             .map(|(index, name)| {
-                let id = name.strip_prefix("clusters/").ok_or_else(|| {
-                    ApiError::invalid(
-                        format!("clusters[{index}]"),
-                        format!("expected clusters/{{cluster}}, got {name:?}"),
-                    )
-                })?;
+                let id = crate::names::cluster_id(&format!("clusters[{index}]"), name)
+                    .map_err(|violation| ApiError::InvalidArgument(vec![violation]))?;
                 self.registry
-                    .get(id)
+                    .get(&id)
                     .map(|cluster| cluster.name)
-                    .ok_or_else(|| ApiError::NotFound {
-                        kind: "cluster",
-                        name: format!("{name} (registered: {})", self.registry.names().join(", ")),
-                    })
+                    .ok_or_else(|| crate::unknown_cluster(name, &self.registry))
             })
             .collect()
     }
@@ -315,7 +308,7 @@ impl Balancer {
     ///
     /// # Errors
     /// Returns an error naming a cluster that is not registered.
-    pub async fn plan(&self, clusters: &[String]) -> Result<Round, ApiError> {
+    pub async fn plan(&self, clusters: &[String]) -> Result<Round, Error> {
         let mut round = Round::default();
         let mut inputs = Vec::new();
         for cluster in self.clusters(clusters)? {
@@ -336,7 +329,7 @@ impl Balancer {
     ///
     /// # Errors
     /// Returns an error naming a cluster that is not registered, or when a move cannot be recorded.
-    pub async fn run(&self, clusters: &[String]) -> Result<Round, ApiError> {
+    pub async fn run(&self, clusters: &[String]) -> Result<Round, Error> {
         let _one_round = self.round.lock().await;
         let mut round = Round::default();
         for cluster in self.clusters(clusters)? {
@@ -525,24 +518,26 @@ impl Balancer {
         }))
     }
 
-    async fn list(&self, body: &ListNodeMovesRequest) -> Result<ListNodeMovesResponse, ApiError> {
-        let cluster = match body.parent.strip_prefix("clusters/") {
-            Some("-") => None,
-            Some(id) => Some(
-                self.clusters(&[format!("clusters/{id}")])
-                    .map_err(|error| match error {
-                        ApiError::InvalidArgument(_) => {
-                            ApiError::invalid("parent", "expected clusters/{cluster} or clusters/-")
-                        }
-                        other => other,
-                    })?,
-            ),
-            None => return Err(ApiError::invalid("parent", "expected clusters/{cluster} or clusters/-")),
+    async fn list(&self, body: &ListNodeMovesRequest) -> Result<ListNodeMovesResponse, Error> {
+        let cluster = match body.parent.as_str() {
+            "clusters/-" => None,
+            parent => {
+                let id = crate::names::cluster_id("parent", parent).map_err(|violation| {
+                    ApiError::InvalidArgument(vec![FieldViolation::new(
+                        violation.field,
+                        format!("{} (or clusters/- for every cluster)", violation.description),
+                    )])
+                })?;
+                if self.registry.get(&id).is_none() {
+                    return Err(crate::unknown_cluster(parent, &self.registry));
+                }
+                Some(id)
+            }
         };
         let size = page::page_size(body.page_size)?;
         let after: Option<String> = page::decode_token(&body.page_token)?;
         let mut query = node_move::Entity::find().order_by_desc(node_move::Column::Id);
-        if let Some(cluster) = cluster.and_then(|names| names.into_iter().next()) {
+        if let Some(cluster) = cluster {
             query = query.filter(node_move::Column::Cluster.eq(cluster));
         }
         if let Some(after) = after {
@@ -634,22 +629,22 @@ impl BalanceService for Balancing {
         let plan = async {
             Principal::of(&request)?;
             let round = self.0.plan(&request.get_ref().clusters).await?;
-            Ok::<_, ApiError>(plan_message(&round, &self.0.settings))
+            Ok::<_, Error>(plan_message(&round, &self.0.settings))
         };
-        plan.await.map(Response::new).map_err(|error| error.status(DOMAIN))
+        plan.await.map(Response::new).map_err(Error::status)
     }
 
     async fn run_balance(&self, request: Request<RunBalanceRequest>) -> Result<Response<BalancePlan>, Status> {
         let run = async {
             if !Principal::of(&request)?.is_admin() {
-                return Err(ApiError::PermissionDenied {
+                return Err(Error::from(ApiError::PermissionDenied {
                     permission: "balance.run".into(),
-                });
+                }));
             }
             let round = self.0.run(&request.get_ref().clusters).await?;
             Ok(plan_message(&round, &self.0.settings))
         };
-        run.await.map(Response::new).map_err(|error| error.status(DOMAIN))
+        run.await.map(Response::new).map_err(Error::status)
     }
 
     async fn list_node_moves(
@@ -660,6 +655,6 @@ impl BalanceService for Balancing {
             Principal::of(&request)?;
             self.0.list(request.get_ref()).await
         };
-        list.await.map(Response::new).map_err(|error| error.status(DOMAIN))
+        list.await.map(Response::new).map_err(Error::status)
     }
 }

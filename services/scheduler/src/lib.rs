@@ -5,10 +5,14 @@ pub mod admission;
 mod ask;
 pub mod balance;
 pub mod balancer;
+mod error;
 pub mod inventory;
 pub mod model;
+mod names;
 mod place;
 pub mod placement;
+
+pub use error::Error;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -359,6 +363,14 @@ fn message(cluster: &ClusterConfig, health: Result<String, String>) -> Cluster {
     }
 }
 
+/// The error for a cluster name that is not registered.
+pub(crate) fn unknown_cluster(name: &str, registry: &ClusterRegistry) -> Error {
+    Error::UnknownCluster {
+        name: name.to_owned(),
+        registered: registry.names(),
+    }
+}
+
 /// Reads the cluster file again and makes the inventory follow it.
 ///
 /// # Errors
@@ -379,14 +391,11 @@ struct Clusters {
 
 impl Clusters {
     /// The registered cluster named in `field` as `clusters/{cluster}`.
-    fn cluster(&self, field: &str, name: &str) -> Result<ClusterConfig, ApiError> {
-        let id = name
-            .strip_prefix("clusters/")
-            .ok_or_else(|| ApiError::invalid(field, format!("expected clusters/{{cluster}}, got {name:?}")))?;
-        self.registry.get(id).ok_or_else(|| ApiError::NotFound {
-            kind: "cluster",
-            name: format!("{name} (registered: {})", self.registry.names().join(", ")),
-        })
+    fn cluster(&self, field: &str, name: &str) -> Result<ClusterConfig, Error> {
+        let id = names::cluster_id(field, name).map_err(|violation| ApiError::InvalidArgument(vec![violation]))?;
+        self.registry
+            .get(&id)
+            .ok_or_else(|| unknown_cluster(name, &self.registry))
     }
 
     /// Every registered cluster with its health.
@@ -403,12 +412,12 @@ impl Clusters {
     }
 
     /// The nodes of a cluster, or why there are none to show.
-    fn nodes(&self, cluster: &ClusterConfig) -> Result<Arc<Vec<NodeView>>, ApiError> {
-        self.fleet
-            .nodes(&cluster.name)
-            .map_err(|error| ApiError::FailedPrecondition {
+    fn nodes(&self, cluster: &ClusterConfig) -> Result<Arc<Vec<NodeView>>, Error> {
+        self.fleet.nodes(&cluster.name).map_err(|error| {
+            Error::from(ApiError::FailedPrecondition {
                 message: error.to_string(),
             })
+        })
     }
 }
 
@@ -477,9 +486,9 @@ impl ClusterService for Clusters {
             Principal::of(&request)?;
             let cluster = self.cluster("name", &request.get_ref().name)?;
             let health = self.fleet.health(&cluster.name).await;
-            Ok::<_, ApiError>(message(&cluster, health))
+            Ok::<_, Error>(message(&cluster, health))
         };
-        get.await.map(Response::new).map_err(|error| error.status(DOMAIN))
+        get.await.map(Response::new).map_err(Error::status)
     }
 }
 
@@ -498,9 +507,9 @@ impl NodeService for Clusters {
                     nodes.push(node_message(&cluster.name, node));
                 }
             }
-            Ok::<_, ApiError>(ListNodesResponse { nodes })
+            Ok::<_, Error>(ListNodesResponse { nodes })
         };
-        list().map(Response::new).map_err(|error| error.status(DOMAIN))
+        list().map(Response::new).map_err(Error::status)
     }
 
     async fn get_capacity(&self, request: Request<GetCapacityRequest>) -> Result<Response<Capacity>, Status> {
@@ -521,7 +530,7 @@ impl NodeService for Clusters {
                     requested.add(&node.requested);
                 }
             }
-            Ok::<_, ApiError>(Capacity {
+            Ok::<_, Error>(Capacity {
                 cluster: format!("clusters/{}", cluster.name),
                 resource_group: body.resource_group.clone(),
                 nodes: count,
@@ -529,7 +538,7 @@ impl NodeService for Clusters {
                 requested: Some(amounts(&requested)),
             })
         };
-        capacity().map(Response::new).map_err(|error| error.status(DOMAIN))
+        capacity().map(Response::new).map_err(Error::status)
     }
 }
 

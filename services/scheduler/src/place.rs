@@ -202,11 +202,15 @@ impl Placer {
         let caller = Principal::of(&request)?;
         let body = request.get_ref();
         let mut violations = Vec::new();
-        if body.workload.len() > 250 {
-            violations.push(FieldViolation::new(
-                "workload",
-                "must be the workload's resource name as admitted (at most 250 bytes), or empty",
-            ));
+        // The workload is optional; when named, it lies under the project as `Admit` requires.
+        if !body.workload.is_empty() {
+            let named = match crate::names::project_id("project", &body.project) {
+                Ok(project) => crate::names::workload_in("workload", &body.workload, &project),
+                Err(_) => crate::names::workload_project("workload", &body.workload).map(|_| ()),
+            };
+            if let Err(violation) = named {
+                violations.push(violation);
+            }
         }
         let ask = crate::ask::read(
             crate::ask::Fields {
@@ -224,14 +228,9 @@ impl Placer {
         let replica_label = if body.replica_label.is_empty() {
             None
         } else {
-            let parsed = body
-                .replica_label
-                .split_once('=')
-                .map(|(key, value)| (key.to_owned(), value.to_owned()));
-            if parsed.is_none() {
-                violations.push(FieldViolation::new("replica_label", "must be key=value"));
-            }
-            parsed
+            crate::names::label("replica_label", &body.replica_label)
+                .map_err(|violation| violations.push(violation))
+                .ok()
         };
         let (Some(ask), Some(rdma), true) = (ask, rdma, violations.is_empty()) else {
             return Err(ApiError::InvalidArgument(violations));
