@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use cube_bus::{BusOptions, EventBus, MemoryBus};
 use cube_gateway::cli::GatewayCommand;
 use cube_gateway::{Gateway, GatewayArgs};
 use cube_kit::cli::{RunError, ServeArgs};
+use cube_kit::config::parse_duration;
 use cube_kit::{Channel, Server};
 
 /// The services that serve health only so far, as `cube up` wires them behind the gateway (auth, projects and
@@ -51,6 +53,44 @@ struct UpArgs {
     /// The password of the `admin` account created on first start; generated and printed once when unset.
     #[arg(long = "admin-password", env = "CUBE_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
+    /// How long an access token lives (e.g. 15m).
+    #[arg(long = "access-token-ttl", env = "CUBE_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = parse_duration)]
+    access_token_ttl: Duration,
+    /// How long a login session (its chain of refresh tokens) lives (e.g. 168h).
+    #[arg(long = "session-ttl", env = "CUBE_SESSION_TTL", default_value = "168h", value_parser = parse_duration)]
+    session_ttl: Duration,
+    /// LDAP login, as `cube serve auth` takes it (off unless --ldap-server is set).
+    #[command(flatten, next_help_heading = "LDAP login")]
+    ldap: Box<cube_auth::ldap::LdapArgs>,
+}
+
+impl UpArgs {
+    /// The flags auth runs with in `cube up`: its SQLite file under the data directory, no Redis, and the LDAP,
+    /// password and token flags given to `cube up`.
+    fn auth(&self) -> Result<cube_auth::AuthArgs, clap::Error> {
+        let database = format!("sqlite://{}", self.data_dir.join("auth.db").display());
+        let mut auth = cube_auth::AuthArgs::embedded(database, self.admin_password.clone())?;
+        auth.ldap = (*self.ldap).clone();
+        auth.access_token_ttl = self.access_token_ttl;
+        auth.session_ttl = self.session_ttl;
+        Ok(auth)
+    }
+}
+
+/// Says how users log in through LDAP, when it is on: the server and how users are found, never a password.
+fn ldap_summary(ldap: &cube_auth::ldap::LdapArgs) -> Option<String> {
+    let server = cube_kit::db::redact(ldap.server.as_deref()?);
+    let tls = if ldap.use_tls { " with StartTLS" } else { "" };
+    let users = match (&ldap.username_format, &ldap.append_domain, &ldap.search) {
+        (Some(format), _, _) => format!("direct bind as {format}"),
+        (None, Some(domain), _) => format!("bind as USER@{domain}"),
+        (None, None, Some(base)) => format!(
+            "search under {base} as {}, then bind",
+            ldap.bind_user.as_deref().unwrap_or("anonymous")
+        ),
+        (None, None, None) => "no way to find users configured".to_owned(),
+    };
+    Some(format!("LDAP login is on: server {server}{tls}, {users}"))
 }
 
 /// `cube serve projects`' flags.
@@ -152,7 +192,7 @@ fn print_login_help(address: std::net::SocketAddr, bootstrap: Option<&cube_auth:
 /// Why `cube up` failed.
 #[derive(Debug, thiserror::Error)]
 enum UpError {
-    #[error("creating the data directory {path}: {source}")]
+    #[error("creating the data directory {path} (mode 0700): {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Run(#[from] RunError),
@@ -167,20 +207,36 @@ enum UpError {
 }
 
 async fn up(args: UpArgs) -> Result<(), UpError> {
-    std::fs::create_dir_all(&args.data_dir).map_err(|source| UpError::DataDir {
+    // Logging starts first, so that what starting does (tightening the data directory, migrations) is logged.
+    let telemetry = cube_kit::telemetry::init("cube", &args.serve.telemetry).map_err(RunError::from)?;
+    match start(&args).await {
+        Ok(started) => serve_up(args, telemetry, started).await,
+        Err(error) => {
+            telemetry.shutdown().await;
+            Err(error)
+        }
+    }
+}
+
+/// The platform `cube up` started, ready to serve.
+struct Started {
+    gateway: Gateway,
+    bootstrap: Option<cube_auth::Bootstrap>,
+    /// The services' background work (outbox relays, revocation feeds, event consumers): kept while serving.
+    background: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+async fn start(args: &UpArgs) -> Result<Started, UpError> {
+    // The directory holds auth's signing keys and every password hash: its owner's alone.
+    cube_kit::db::private_directory(&args.data_dir).map_err(|source| UpError::DataDir {
         path: args.data_dir.clone(),
         source,
     })?;
     let mut gateway = Gateway::from_args(&args.gateway).map_err(RunError::from)?;
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
-    let database = format!("sqlite://{}", args.data_dir.join("auth.db").display());
-    let auth = cube_auth::Auth::start(
-        &cube_auth::AuthArgs::embedded(database, args.admin_password.clone())?,
-        bus.clone(),
-    )
-    .await?;
+    let auth = cube_auth::Auth::start(&args.auth()?, bus.clone()).await?;
     let bootstrap = auth.bootstrap.clone();
-    let _background = auth.background;
+    let mut background: Vec<Box<dyn std::any::Any + Send>> = vec![Box::new(auth.background)];
     let auth_routes = auth
         .server
         .into_routes()
@@ -206,7 +262,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         .map_err(|error| RunError::Serve(error.into()))?,
     )
     .await?;
-    let _scheduler_feed = scheduler.feed;
+    background.push(Box::new(scheduler.feed));
     let scheduler_channel = Channel::in_process(
         scheduler
             .server
@@ -225,10 +281,10 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             workloads: Vec::new(),
         },
         bus,
-        std::time::Duration::from_secs(2),
+        Duration::from_secs(2),
     )
     .await?;
-    let _projects_background = projects.background;
+    background.push(Box::new(projects.background));
     let projects_routes = projects
         .server
         .into_routes()
@@ -241,10 +297,24 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         let routes = server.into_routes().map_err(|error| RunError::Serve(error.into()))?;
         gateway = gateway.route(&package, Channel::in_process(routes));
     }
+    Ok(Started {
+        gateway,
+        bootstrap,
+        background,
+    })
+}
+
+async fn serve_up(args: UpArgs, telemetry: cube_kit::telemetry::Telemetry, started: Started) -> Result<(), UpError> {
+    let Started {
+        gateway,
+        bootstrap,
+        background,
+    } = started;
     let health = gateway.health().clone();
     let server_args = args.serve.server.clone();
     let data_dir = args.data_dir.clone();
-    cube_kit::cli::run("cube", &args.serve, health, |bound| async move {
+    let ldap = ldap_summary(&args.ldap);
+    cube_kit::cli::run_with(telemetry, &args.serve, health, |bound| async move {
         let address = bound
             .listener
             .local_addr()
@@ -256,11 +326,16 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             bound.admin_address
         );
         print_login_help(address, bootstrap.as_ref());
+        if let Some(ldap) = &ldap {
+            tracing::info!(summary = %ldap, "ldap login on");
+            println!("{ldap}");
+        }
         gateway
             .serve(bound.listener, &server_args, &bound.metrics, bound.shutdown)
             .await
             .map_err(RunError::from)
     })
     .await?;
+    drop(background);
     Ok(())
 }

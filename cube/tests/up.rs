@@ -331,3 +331,239 @@ async fn cube_serve_runs_services_apart_behind_a_gateway_over_the_network() {
     assert_eq!(own.into_inner().status(), ServingStatus::Serving);
     terminate(gateway).await;
 }
+
+/// The permission bits of `path`.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// A `cube up` process: its gateway address, the stdout lines after "cube is up", and its stderr as it comes.
+struct Up {
+    child: tokio::process::Child,
+    gateway: String,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+/// Starts `cube up` on `data_dir` with `args`, logging at `warn`, and waits for its "cube is up" line.
+async fn start_up(data_dir: &std::path::Path, args: &[String]) -> Up {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cube"))
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-password",
+            "a long enough password",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cube up");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    // Drained from the start so the child never blocks on a full pipe; handed back whole once it exits.
+    let stderr = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), stdout.next_line())
+        .await
+        .expect("cube up prints its address")
+        .expect("read stdout")
+        .unwrap_or_else(|| panic!("cube up exited before it was up"));
+    let gateway = line
+        .split("gateway listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no gateway address in {line:?}"))
+        .to_owned();
+    Up {
+        child,
+        gateway,
+        stdout,
+        stderr,
+    }
+}
+
+impl Up {
+    /// Reads stdout until a line starting with `prefix`, for at most 10 lines and 10 seconds.
+    async fn line_starting(&mut self, prefix: &str) -> String {
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while seen.len() < 10 {
+                let Some(line) = self.stdout.next_line().await.expect("read stdout") else {
+                    break;
+                };
+                if line.starts_with(prefix) {
+                    return line;
+                }
+                seen.push(line);
+            }
+            panic!("no line starting with {prefix:?} in {seen:#?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no line starting with {prefix:?} within 10 s"))
+    }
+
+    /// Stops it with SIGTERM and returns what it wrote to stderr.
+    async fn stop(self) -> String {
+        terminate(self.child).await;
+        self.stderr.await.expect("stderr reader")
+    }
+}
+
+#[tokio::test]
+async fn cube_up_help_lists_the_ldap_and_token_lifetime_flags_without_secrets() {
+    let output = Command::new(env!("CARGO_BIN_EXE_cube"))
+        .args(["up", "--help"])
+        .env("AUTH_LDAP_BIND_PASSWORD", "hunter2-in-the-environment")
+        .output()
+        .await
+        .expect("run cube up --help");
+    assert!(output.status.success(), "{output:?}");
+    let help = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "LDAP login:",
+        "--ldap-server <SERVER>",
+        "AUTH_LDAP_SERVER",
+        "--ldap-use-tls",
+        "--ldap-tls-cacertfile",
+        "--ldap-bind-user",
+        "--ldap-bind-password",
+        "AUTH_LDAP_BIND_PASSWORD",
+        "--ldap-search <SEARCH>",
+        "--ldap-username-format",
+        "--ldap-group-search <GROUP_SEARCH>",
+        "--ldap-roles-mapping",
+        "AUTH_ROLES_MAPPING",
+        "--ldap-timeout",
+        "--access-token-ttl <ACCESS_TOKEN_TTL>",
+        "CUBE_ACCESS_TOKEN_TTL",
+        "[default: 15m]",
+        "--session-ttl <SESSION_TTL>",
+        "CUBE_SESSION_TTL",
+        "[default: 168h]",
+    ] {
+        assert!(help.contains(expected), "`cube up --help` lacks {expected:?}:\n{help}");
+    }
+    assert!(!help.contains("hunter2"), "the help shows the bind password:\n{help}");
+}
+
+#[tokio::test]
+async fn cube_up_keeps_its_data_dir_private_and_says_when_ldap_is_on() {
+    let base = cube_testkit::require("CUBE_TEST_LDAP_BASE_DN");
+    let bind_password = cube_testkit::require("CUBE_TEST_LDAP_ADMIN_PASSWORD");
+    let root = tempfile::tempdir().expect("tempdir");
+    let data_dir = root.path().join("state");
+    let databases = ["auth.db", "projects.db", "scheduler.db"];
+
+    // A first start creates the data directory 0700 and every database file, with its WAL companions, 0600.
+    let up = start_up(&data_dir, &[]).await;
+    assert_eq!(mode(&data_dir), 0o700, "the data directory");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&data_dir).expect("list the data directory") {
+        files.push(entry.expect("an entry").path());
+    }
+    for database in databases {
+        assert!(
+            files.contains(&data_dir.join(database)),
+            "{database} missing from {files:?}"
+        );
+    }
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    let stderr = up.stop().await;
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in logs that go to a pipe:\n{stderr}"
+    );
+
+    // As an older Cube left them: readable by everyone. The next start tightens both and says so; with LDAP flags
+    // it says LDAP login is on, naming the server and never the service account's password.
+    std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        data_dir.join("auth.db"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let server = cube_testkit::require("CUBE_TEST_LDAP_URL");
+    let ldap = [
+        "--ldap-server".to_owned(),
+        server.clone(),
+        "--ldap-bind-user".into(),
+        cube_testkit::require("CUBE_TEST_LDAP_ADMIN_DN"),
+        "--ldap-bind-password".into(),
+        bind_password.clone(),
+        "--ldap-search".into(),
+        format!("ou=people,{base}"),
+        "--ldap-group-search".into(),
+        format!("ou=groups,{base}"),
+        "--access-token-ttl".into(),
+        "2m".into(),
+        "--session-ttl".into(),
+        "1h".into(),
+    ];
+    let mut up = start_up(&data_dir, &ldap).await;
+    let line = up.line_starting("LDAP login is on").await;
+    assert!(line.contains(&format!("server {server}")), "{line}");
+    assert!(line.contains(&format!("search under ou=people,{base}")), "{line}");
+    assert!(!line.contains(&bind_password), "{line}");
+    assert_eq!(mode(&data_dir), 0o700, "the data directory is tightened");
+    assert_eq!(mode(&data_dir.join("auth.db")), 0o600, "auth.db is tightened");
+
+    // LDAP login works through the gateway, and tokens live as long as the flags say.
+    let mut auth = AuthServiceClient::new(connect(&up.gateway).await);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let login = auth
+        .login(LoginRequest {
+            username: "alice".into(),
+            password: cube_testkit::require("CUBE_TEST_LDAP_ALICE_PASSWORD"),
+        })
+        .await
+        .expect("alice logs in through LDAP")
+        .into_inner();
+    let lifetime = |time: Option<prost_types::Timestamp>| {
+        let seconds = time.expect("an expiry").seconds;
+        u64::try_from(seconds).expect("after 1970").saturating_sub(before)
+    };
+    let access = lifetime(login.access_token_expire_time);
+    assert!((110..=130).contains(&access), "access token lives {access} s, not 2m");
+    let session = lifetime(login.refresh_token_expire_time);
+    assert!((3590..=3610).contains(&session), "session lives {session} s, not 1h");
+
+    let stderr = up.stop().await;
+    assert!(
+        !stderr.contains(&bind_password),
+        "the bind password is logged:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in logs that go to a pipe:\n{stderr}"
+    );
+    for tightened in [data_dir.clone(), data_dir.join("auth.db")] {
+        let path = tightened.display().to_string();
+        assert!(
+            stderr
+                .lines()
+                .any(|line| line.contains("tightened the permissions") && line.contains(&path)),
+            "no warning about tightening {path}:\n{stderr}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use cube_bus::EventBus;
+use cube_kit::dn;
 use cube_kit::identity::{Principal, forward_token};
 use cube_kit::{ApiError, Channel};
 use cube_proto::cube::auth::v1::role_service_client::RoleServiceClient;
@@ -74,6 +75,15 @@ pub(crate) fn project_id(field: &str, name: &str) -> Result<String, ApiError> {
 /// Whether `id` is a project id: a DNS label of 2 to 63 characters starting with a letter.
 pub(crate) fn valid_project_id(id: &str) -> bool {
     id.len() >= 2 && id.as_bytes()[0].is_ascii_lowercase() && crate::settings::dns_label(id)
+}
+
+/// The caller's LDAP group DNs in the normal form group members are stored in (see [`cube_kit::dn`]): tokens
+/// carry them as the directory spelled them.
+pub(crate) fn normal_groups(groups: &[String]) -> Vec<String> {
+    let mut normal: Vec<String> = groups.iter().map(|group| dn::normalize_lenient(group)).collect();
+    normal.sort();
+    normal.dedup();
+    normal
 }
 
 /// The error for a project the caller may not know about.
@@ -240,12 +250,14 @@ impl Core {
         groups: &[String],
     ) -> Result<(Role, Vec<member::Model>), ApiError> {
         let snapshot = self.snapshot(project).await?;
+        let groups = normal_groups(groups);
         let mut best = Role::Unspecified;
         let mut granted = Vec::new();
         for member in &snapshot.members {
+            // Group subjects are stored normalised; normalising again keeps rows written before that matching.
             let holds = match member.kind.as_str() {
                 "user" => member.subject == username,
-                _ => groups.iter().any(|group| group.eq_ignore_ascii_case(&member.subject)),
+                _ => groups.contains(&dn::normalize_lenient(&member.subject)),
             };
             if holds {
                 let role = role_of(&member.role);

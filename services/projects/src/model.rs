@@ -86,7 +86,7 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTables)]
+        vec![Box::new(CreateTables), Box::new(NormalizeGroupDns)]
     }
 }
 
@@ -130,5 +130,51 @@ impl MigrationTrait for CreateTables {
                     .to_owned(),
             )
             .await
+    }
+}
+
+/// Rewrites the DNs of group members written before they were normalised into the normal form of
+/// [`cube_kit::dn`], so that `ListProjects` (which matches the caller's normalised groups in SQL) finds them.
+///
+/// Member ids are kept, so member names stay stable; two rows of one project that turn out to name the same group
+/// both stay (the higher role counts, and an owner can delete either).
+struct NormalizeGroupDns;
+
+impl MigrationName for NormalizeGroupDns {
+    fn name(&self) -> &str {
+        "m20261201_000001_normalize_group_dns"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for NormalizeGroupDns {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::{ActiveModelTrait as _, ColumnTrait as _, EntityTrait as _, IntoActiveModel as _};
+        use sea_orm::{ActiveValue::Set, QueryFilter as _};
+
+        let db = manager.get_connection();
+        let groups = member::Entity::find()
+            .filter(member::Column::Kind.eq("group"))
+            .all(db)
+            .await?;
+        let mut rewritten = 0_usize;
+        for row in groups {
+            let normal = cube_kit::dn::normalize_lenient(&row.subject);
+            if normal == row.subject {
+                continue;
+            }
+            let mut active = row.into_active_model();
+            active.subject = Set(normal);
+            active.update(db).await?;
+            rewritten += 1;
+        }
+        if rewritten > 0 {
+            tracing::info!(rewritten, "normalised the DNs of group members");
+        }
+        Ok(())
     }
 }

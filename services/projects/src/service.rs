@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use cube_kit::dn;
 use cube_kit::identity::Principal;
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::{ApiError, FieldViolation};
@@ -21,8 +22,8 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Core, PUBLIC, RETENTION, db_error, not_found, now_ms, project_id, role_of, role_text, status, timestamp,
-    valid_project_id,
+    Core, PUBLIC, RETENTION, db_error, normal_groups, not_found, now_ms, project_id, role_of, role_text, status,
+    timestamp, valid_project_id,
 };
 use crate::model::{member, project};
 use crate::settings::{StoredQuota, StoredSettings, check_quota, check_settings};
@@ -100,11 +101,36 @@ fn member_message(row: &member::Model) -> Member {
     }
 }
 
-/// The member id of a group: `g-` and 16 hex digits of the SHA-256 of its lower-cased DN.
-fn group_member_id(dn: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, dn.to_lowercase().as_bytes());
+/// The member id of a group: `g-` and 16 hex digits of the SHA-256 of its DN in normal form.
+///
+/// Rows written before DNs were normalised keep the id of their lower-cased DN as given, so that their names stay
+/// stable; a DN that was already in normal form has the same id either way.
+fn group_member_id(normal_dn: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, normal_dn.as_bytes());
     let hex: String = digest.as_ref()[..8].iter().map(|byte| format!("{byte:02x}")).collect();
     format!("g-{hex}")
+}
+
+/// The longest group DN stored, in normal form.
+const MAX_DN_BYTES: usize = 255;
+
+/// Checks a group DN and returns it in the normal form it is stored and compared in (see [`cube_kit::dn`]).
+fn group_dn(field: &str, given: &str) -> Result<String, ApiError> {
+    let example = "an LDAP group DN like cn=ml-team,ou=groups,dc=example,dc=com";
+    let dn = dn::normalize(given).map_err(|error| {
+        let shown: String = given.chars().take(80).collect();
+        ApiError::invalid(field, format!("{shown:?} is not {example}: {error}"))
+    })?;
+    if dn.len() > MAX_DN_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "must be {example} of at most {MAX_DN_BYTES} bytes once normalised, got {} bytes",
+                dn.len()
+            ),
+        ));
+    }
+    Ok(dn)
 }
 
 /// Checks a username in `users/{username}`.
@@ -382,7 +408,7 @@ impl Projects {
                 subjects = subjects.add(
                     Condition::all()
                         .add(member::Column::Kind.eq("group"))
-                        .add(member::Column::Subject.is_in(caller.groups.clone())),
+                        .add(member::Column::Subject.is_in(normal_groups(&caller.groups))),
                 );
             }
             let memberships = Query::select()
@@ -600,14 +626,8 @@ impl Projects {
                 let username = username_in("member.user", &name, &caller)?;
                 ("user", username.clone(), format!("u-{username}"))
             }
-            Some(Subject::Group(dn)) => {
-                let dn = dn.trim().to_owned();
-                if dn.is_empty() || dn.len() > 255 || !dn.contains('=') {
-                    return Err(ApiError::invalid(
-                        "member.group",
-                        "must be an LDAP group DN like cn=ml-team,ou=groups,dc=example,dc=com (at most 255 bytes)",
-                    ));
-                }
+            Some(Subject::Group(given)) => {
+                let dn = group_dn("member.group", &given)?;
                 let member_id = group_member_id(&dn);
                 ("group", dn, member_id)
             }
@@ -626,10 +646,17 @@ impl Projects {
         self.change_members(&id, move |txn, members| {
             let row = inserted.clone();
             Box::pin(async move {
-                if members.iter().any(|member| member.member_id == row.member_id) {
+                // The same group under an id of its old spelling (see `group_member_id`) is the same member.
+                let existing = members.iter().find(|member| {
+                    member.member_id == row.member_id
+                        || (row.kind == "group"
+                            && member.kind == "group"
+                            && dn::normalize_lenient(&member.subject) == row.subject)
+                });
+                if let Some(existing) = existing {
                     return Err(ApiError::AlreadyExists {
                         kind: "member",
-                        name: format!("projects/{}/members/{}", row.project, row.member_id),
+                        name: format!("projects/{}/members/{}", row.project, existing.member_id),
                     });
                 }
                 member::Entity::insert(row.into_active_model())
@@ -1079,6 +1106,309 @@ mod tests {
             deleted_ms,
         }
         .into_active_model()
+    }
+
+    fn caller(username: &str, groups: &[&str]) -> Arc<Principal> {
+        Arc::new(Principal {
+            username: username.into(),
+            roles: vec!["user".into()],
+            groups: groups.iter().map(|group| (*group).to_owned()).collect(),
+            credential: cube_kit::identity::Credential::AccessToken {
+                id: "t".into(),
+                session: "s".into(),
+            },
+            issued_at: 0,
+            expires_at: None,
+        })
+    }
+
+    fn request<T>(message: T, caller: &Arc<Principal>) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(Arc::clone(caller));
+        request
+    }
+
+    /// Projects on an in-memory database migrated `up to` migrations (all when `None`), with peers never called.
+    async fn projects_on(db: sea_orm::DatabaseConnection) -> Result<Projects, ApiError> {
+        let unused = || Channel::remote("http://127.0.0.1:9").map_err(ApiError::internal);
+        let bus = Arc::new(cube_bus::MemoryBus::new(cube_bus::BusOptions::default()));
+        Ok(Projects(Arc::new(Core::new(
+            db,
+            unused()?,
+            unused()?,
+            Vec::new(),
+            bus,
+            Duration::ZERO,
+        ))))
+    }
+
+    /// Inserts a live project owned by `owner`.
+    async fn owned_project(projects: &Projects, id: &str, owner: &str) -> Result<(), ApiError> {
+        project::Entity::insert(project_deleted_at(id, None))
+            .exec(&projects.0.db)
+            .await
+            .map_err(db_error)?;
+        member::Entity::insert(
+            member::Model {
+                project: id.into(),
+                member_id: format!("u-{owner}"),
+                kind: "user".into(),
+                subject: owner.into(),
+                role: "owner".into(),
+                quota: "{}".into(),
+                created_ms: 0,
+            }
+            .into_active_model(),
+        )
+        .exec(&projects.0.db)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn add_group(projects: &Projects, owner: &Arc<Principal>, id: &str, dn: &str) -> Result<Member, ApiError> {
+        projects
+            .create_member(request(
+                CreateMemberRequest {
+                    parent: format!("projects/{id}"),
+                    member: Some(Member {
+                        subject: Some(Subject::Group(dn.into())),
+                        role: Role::Viewer as i32,
+                        ..Member::default()
+                    }),
+                },
+                owner,
+            ))
+            .await
+    }
+
+    /// What `caller` is shown of `id`: whether `GetProject` answers it, and whether `ListProjects` lists it.
+    async fn sees(projects: &Projects, caller: &Arc<Principal>, id: &str) -> Result<(bool, bool), ApiError> {
+        let got = match projects
+            .get(request(
+                GetProjectRequest {
+                    name: format!("projects/{id}"),
+                },
+                caller,
+            ))
+            .await
+        {
+            Ok(_) => true,
+            Err(ApiError::NotFound { .. }) => false,
+            Err(error) => return Err(error),
+        };
+        let listed = projects
+            .list(request(ListProjectsRequest::default(), caller))
+            .await?
+            .projects
+            .iter()
+            .any(|project| project.name == format!("projects/{id}"));
+        Ok((got, listed))
+    }
+
+    #[tokio::test]
+    async fn a_group_added_in_any_spelling_is_seen_by_tokens_in_any_spelling() -> Result<(), ApiError> {
+        let db = cube_kit::db::connect::<crate::model::Migrator>("sqlite::memory:", true)
+            .await
+            .map_err(ApiError::internal)?;
+        let projects = projects_on(db).await?;
+        let owner = caller("olga", &[]);
+        // (how the owner typed the group, how directories spell it in members' tokens, its normal form)
+        let ops = "cn=ops,ou=teams,dc=example,dc=com";
+        let smith = "cn=smith\\, john,ou=teams,dc=example,dc=com";
+        let table: [(&str, &[&str], &str); 9] = [
+            (
+                ops,
+                &[
+                    "CN=Ops,OU=Teams,DC=Example,DC=Com",
+                    "cn=ops, ou=teams, dc=example, dc=com",
+                ],
+                ops,
+            ),
+            (
+                "CN=Ops,OU=Teams,DC=Example,DC=Com",
+                &[ops, "cn=Ops,ou=Teams,dc=example,dc=com"],
+                ops,
+            ),
+            (
+                "cn=ops, ou=teams, dc=example, dc=com",
+                &[ops, "CN=OPS,OU=TEAMS,DC=EXAMPLE,DC=COM"],
+                ops,
+            ),
+            (" CN = Ops , OU = Teams , DC = example , DC = com ", &[ops], ops),
+            (
+                "cn=\\6Fps,ou=te\\61ms,dc=example,dc=com",
+                &[ops, "CN=Ops,OU=Teams,DC=example,DC=com"],
+                ops,
+            ),
+            ("commonName=Ops,2.5.4.11=Teams,dc=example,dc=com", &[ops], ops),
+            (
+                "CN=Smith\\, John,OU=Teams,DC=example,DC=com",
+                &[smith, "cn=Smith\\2C John, ou=teams, dc=example, dc=com"],
+                smith,
+            ),
+            (
+                "cn=Smith\\2c John,ou=teams,dc=example,dc=com",
+                &["CN=SMITH\\, JOHN,OU=TEAMS,DC=EXAMPLE,DC=COM"],
+                smith,
+            ),
+            (
+                "cn=ML  Team+uid=ml,ou=teams,dc=example,dc=com",
+                &["UID=ml + CN=ml team,ou=teams,dc=example,dc=com"],
+                "cn=ml team+uid=ml,ou=teams,dc=example,dc=com",
+            ),
+        ];
+        for (index, (stored, tokens, normal)) in table.into_iter().enumerate() {
+            let id = format!("dn-{index}");
+            owned_project(&projects, &id, "olga").await?;
+            let member = add_group(&projects, &owner, &id, stored).await?;
+            assert_eq!(
+                member.subject,
+                Some(Subject::Group(normal.to_owned())),
+                "{stored:?} is stored normalised"
+            );
+            for token in tokens.iter().chain([&stored, &normal]) {
+                let alice = caller("alice", &["cn=other,ou=teams,dc=example,dc=com", token]);
+                assert_eq!(
+                    sees(&projects, &alice, &id).await?,
+                    (true, true),
+                    "added as {stored:?}, token {token:?}"
+                );
+            }
+            // Neighbours and strangers see nothing: a different group, and no group.
+            for (who, groups) in [
+                ("neighbour", vec!["cn=ops,ou=team,dc=example,dc=com"]),
+                ("stranger", Vec::new()),
+            ] {
+                let other = caller(who, &groups);
+                assert_eq!(
+                    sees(&projects, &other, &id).await?,
+                    (false, false),
+                    "{who}, added as {stored:?}"
+                );
+            }
+            // Adding the group again in another spelling names the member that exists.
+            let again = add_group(&projects, &owner, &id, &normal.to_uppercase()).await;
+            assert!(
+                matches!(&again, Err(ApiError::AlreadyExists { name, .. }) if *name == member.name),
+                "{again:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_group_dn_that_is_not_a_dn_is_refused_naming_the_field() -> Result<(), ApiError> {
+        let db = cube_kit::db::connect::<crate::model::Migrator>("sqlite::memory:", true)
+            .await
+            .map_err(ApiError::internal)?;
+        let projects = projects_on(db).await?;
+        let owner = caller("olga", &[]);
+        owned_project(&projects, "refuses", "olga").await?;
+        let long = format!("cn={},dc=example", "x".repeat(250));
+        for (dn, says) in [
+            ("", "is empty"),
+            ("ops", "is not TYPE=VALUE"),
+            ("cn=ops,teams", "is not TYPE=VALUE"),
+            ("cn=o\\ps", "bad escape"),
+            ("cn=\"ops\"", "unescaped"),
+            (long.as_str(), "at most 255 bytes"),
+        ] {
+            match add_group(&projects, &owner, "refuses", dn).await {
+                Err(ApiError::InvalidArgument(violations)) => {
+                    assert_eq!(violations.len(), 1, "{dn:?}: {violations:?}");
+                    let text = format!("{violations:?}");
+                    assert!(text.contains("member.group") && text.contains(says), "{dn:?}: {text}");
+                }
+                other => panic!("{dn:?}: expected INVALID_ARGUMENT, got {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn group_dns_stored_before_normalisation_are_rewritten_and_keep_their_ids() -> Result<(), ApiError> {
+        use sea_orm_migration::MigratorTrait as _;
+
+        let db = cube_kit::db::connect::<crate::model::Migrator>("sqlite::memory:", false)
+            .await
+            .map_err(ApiError::internal)?;
+        crate::model::Migrator::up(&db, Some(1)).await.map_err(db_error)?;
+        let projects = projects_on(db).await?;
+        owned_project(&projects, "legacy", "olga").await?;
+        // As the service wrote them before: the DN as given, the id from its lowercase.
+        let legacy = |dn: &str| {
+            let digest = ring::digest::digest(&ring::digest::SHA256, dn.to_lowercase().as_bytes());
+            let hex: String = digest.as_ref()[..8].iter().map(|byte| format!("{byte:02x}")).collect();
+            member::Model {
+                project: "legacy".into(),
+                member_id: format!("g-{hex}"),
+                kind: "group".into(),
+                subject: dn.into(),
+                role: "viewer".into(),
+                quota: "{}".into(),
+                created_ms: 0,
+            }
+        };
+        let rows = [
+            legacy("CN=Ops, OU=Teams,DC=example,DC=com"),
+            legacy("cn=Smith\\2C John,ou=teams,dc=example,dc=com"),
+            legacy("not a dn"),
+        ];
+        for row in &rows {
+            member::Entity::insert(row.clone().into_active_model())
+                .exec(&projects.0.db)
+                .await
+                .map_err(db_error)?;
+        }
+        let alice = caller("alice", &["cn=ops,ou=teams,dc=example,dc=com"]);
+        assert_eq!(
+            sees(&projects, &alice, "legacy").await?,
+            (true, false),
+            "before the migration ListProjects misses the group"
+        );
+
+        crate::model::Migrator::up(&projects.0.db, None)
+            .await
+            .map_err(db_error)?;
+        let mut stored: Vec<(String, String)> = member::Entity::find()
+            .filter(member::Column::Kind.eq("group"))
+            .all(&projects.0.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|row| (row.member_id, row.subject))
+            .collect();
+        stored.sort();
+        let mut expected = vec![
+            (
+                rows[0].member_id.clone(),
+                "cn=ops,ou=teams,dc=example,dc=com".to_owned(),
+            ),
+            (
+                rows[1].member_id.clone(),
+                "cn=smith\\, john,ou=teams,dc=example,dc=com".to_owned(),
+            ),
+            (rows[2].member_id.clone(), "not a dn".to_owned()),
+        ];
+        expected.sort();
+        assert_eq!(stored, expected);
+        assert_eq!(sees(&projects, &alice, "legacy").await?, (true, true));
+        let smith = caller("sam", &["CN=Smith\\, John,OU=Teams,DC=example,DC=com"]);
+        assert_eq!(sees(&projects, &smith, "legacy").await?, (true, true));
+        // The group under its legacy id is the member a new CreateMember of it finds.
+        let again = add_group(
+            &projects,
+            &caller("olga", &[]),
+            "legacy",
+            "cn=ops,ou=teams,dc=example,dc=com",
+        )
+        .await;
+        assert!(
+            matches!(&again, Err(ApiError::AlreadyExists { name, .. }) if name.ends_with(&rows[0].member_id)),
+            "{again:?}"
+        );
+        Ok(())
     }
 
     #[tokio::test]

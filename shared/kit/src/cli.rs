@@ -159,6 +159,38 @@ where
     E: Into<BoxError>,
 {
     let telemetry = crate::telemetry::init(name, &args.telemetry)?;
+    run_with(telemetry, args, health, serve).await
+}
+
+/// Like [`run`], with telemetry already set up by the caller (so that what it did before serving was logged),
+/// and flushed here when serving ends.
+///
+/// # Errors
+/// Returns an error when a listener or a server fails.
+pub async fn run_with<F, Fut, E>(
+    telemetry: crate::telemetry::Telemetry,
+    args: &ServeArgs,
+    health: Health,
+    serve: F,
+) -> Result<(), RunError>
+where
+    F: FnOnce(Bound) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    let result = serve_until_signal(args, health, serve).await;
+    // Flushed here, awaited, rather than on drop: on a single-threaded runtime a blocking flush would starve the
+    // exporter it waits for.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve_until_signal<F, Fut, E>(args: &ServeArgs, health: Health, serve: F) -> Result<(), RunError>
+where
+    F: FnOnce(Bound) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
     let shutdown = crate::shutdown::on_signal().map_err(RunError::Signals)?;
     let mut registry = Registry::with_prefix("cube");
     let metrics = RpcMetrics::register(&mut registry);
@@ -178,9 +210,6 @@ where
         shutdown: shutdown.cancelled_owned(),
     });
     let (grpc, admin) = tokio::join!(grpc, admin);
-    // Flushed here, awaited, rather than on drop: on a single-threaded runtime a blocking flush would starve the
-    // exporter it waits for.
-    telemetry.shutdown().await;
     grpc.map_err(|error| RunError::Serve(error.into()))?;
     admin.map_err(RunError::Admin)
 }

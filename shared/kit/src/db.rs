@@ -1,5 +1,6 @@
 //! Connecting to a service's database (SQLite, PostgreSQL or MySQL/MariaDB) and bringing its tables up to date.
 
+use std::path::Path;
 use std::time::Duration;
 
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
@@ -14,6 +15,14 @@ pub enum DbError {
     /// The directory for an SQLite file could not be created.
     #[error("creating the directory for {path}: {source}")]
     Directory {
+        /// The SQLite file's path.
+        path: String,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The SQLite file could not be created.
+    #[error("creating the SQLite file {path}: {source}")]
+    File {
         /// The SQLite file's path.
         path: String,
         /// What the file system said.
@@ -37,7 +46,10 @@ pub enum DbError {
 /// Opens the database at `url` and, when `migrate` is set, applies the migrations of `M` that it lacks.
 ///
 /// An `sqlite://` file (and its directory) is created when missing; `sqlite::memory:` opens a private in-memory
-/// database.
+/// database. SQLite files hold secrets (auth's signing keys), so on Unix a new file is created readable by its
+/// owner only (0600), and SQLite gives its `-journal`, `-wal` and `-shm` files the same mode; an existing file or
+/// companion that others may read is tightened to 0600, with a warning. Directories created for the file are
+/// 0700.
 ///
 /// # Errors
 /// Returns an error naming the backend when the URL is unsupported, the database is unreachable, or a migration
@@ -89,14 +101,17 @@ fn normalize(url: &str) -> Result<(&'static str, String), DbError> {
         if path.is_empty() {
             return Err(DbError::UnsupportedUrl(redact(url)));
         }
-        if let Some(dir) = std::path::Path::new(path).parent()
+        if let Some(dir) = Path::new(path).parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|source| DbError::Directory {
+            create_dir(dir).map_err(|source| DbError::Directory {
                 path: path.to_owned(),
                 source,
             })?;
         }
+        // Opened read-only (mode=ro) or without creating (mode=rw), a missing file must stay missing.
+        let creates = !rest.contains("mode=") || rest.contains("mode=rwc");
+        secure_sqlite_file(Path::new(path), creates)?;
         let url = if rest.contains("mode=") {
             url.to_owned()
         } else if rest.contains('?') {
@@ -115,8 +130,99 @@ fn normalize(url: &str) -> Result<(&'static str, String), DbError> {
     Err(DbError::UnsupportedUrl(redact(url)))
 }
 
+/// Creates `dir` and its missing parents, the new ones readable by the owner only (0700 on Unix).
+fn create_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates the directory `path` readable by its owner only (0700 on Unix), with its missing parents; an
+/// existing one that others may read, write or enter is tightened to 0700, with a warning. What `cube up` does
+/// to its data directory.
+///
+/// # Errors
+/// Returns the file system's error when the directory cannot be created, or is not a directory.
+pub fn private_directory(path: &Path) -> std::io::Result<()> {
+    create_dir(path)?;
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", path.display()),
+        ));
+    }
+    tighten(path, &metadata, 0o700);
+    Ok(())
+}
+
+/// Creates the SQLite file at `path` owner-only when it is missing and `creates` is set, and tightens it and its
+/// companions (`-journal`, `-wal`, `-shm`) when others may read them.
+fn secure_sqlite_file(path: &Path, creates: bool) -> Result<(), DbError> {
+    if creates {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        // SQLite creates the journal, WAL and shared-memory files with the mode of the database file, so creating
+        // that file 0600 before SQLite does covers them all.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(DbError::File {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = Path::new(&file);
+        if let Ok(metadata) = std::fs::metadata(file)
+            && metadata.is_file()
+        {
+            tighten(file, &metadata, 0o600);
+        }
+    }
+    Ok(())
+}
+
+/// Sets `path` to `mode` when its group or others hold any permission, logging what it was; a failure is logged,
+/// not returned, since some file systems (SMB, some CSI volumes) do not keep modes at all.
+#[cfg(unix)]
+fn tighten(path: &Path, metadata: &std::fs::Metadata, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let was = metadata.permissions().mode() & 0o777;
+    if was & 0o077 == 0 {
+        return;
+    }
+    let path_text = path.display().to_string();
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => tracing::warn!(
+            path = %path_text,
+            was = %format!("{was:o}"),
+            now = %format!("{mode:o}"),
+            "tightened the permissions of a path others could use"
+        ),
+        Err(error) => tracing::warn!(
+            path = %path_text,
+            was = %format!("{was:o}"),
+            %error,
+            "others can use this path and its permissions could not be tightened"
+        ),
+    }
+}
+
+#[cfg(not(unix))]
+fn tighten(_path: &Path, _metadata: &std::fs::Metadata, _mode: u32) {}
+
 /// Returns `url` with the password of its user info replaced by `***`, so error messages and logs can show it.
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };

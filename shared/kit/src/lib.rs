@@ -7,6 +7,7 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod dn;
 pub mod error;
 pub mod health;
 pub mod identity;

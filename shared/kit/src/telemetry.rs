@@ -1,5 +1,7 @@
 //! Logging and tracing set-up, and W3C trace-context propagation through gRPC metadata.
 
+use std::io::IsTerminal as _;
+
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -76,8 +78,8 @@ pub enum TelemetryError {
     },
 }
 
-/// Installs the global subscriber: an `EnvFilter`, a text or JSON log layer on stderr, and an OTLP trace
-/// exporter when an endpoint is set. Also installs the W3C trace-context propagator.
+/// Installs the global subscriber: an `EnvFilter`, a text or JSON log layer on stderr (text in colour only when
+/// stderr is a terminal), and an OTLP trace exporter when an endpoint is set. Also installs the W3C trace-context propagator.
 ///
 /// A second call in the same process (tests, `cube up`) keeps the first subscriber.
 ///
@@ -117,7 +119,12 @@ pub fn init(service: &str, args: &TelemetryArgs) -> Result<Telemetry, TelemetryE
         .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("cube")));
     let (text, json) = match args.log_format {
         LogFormat::Text => (
-            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour codes help people at a terminal and garble files and log collectors.
+                    .with_ansi(std::io::stderr().is_terminal()),
+            ),
             None,
         ),
         LogFormat::Json => (

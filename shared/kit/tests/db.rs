@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait as _};
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{pk_auto, string};
 
@@ -133,7 +133,7 @@ async fn applied(db: &DatabaseConnection) -> Vec<String> {
         .collect()
 }
 
-async fn insert_note(db: &DatabaseConnection, body: &str) {
+async fn insert_note(db: &impl ConnectionTrait, body: &str) {
     let insert = Query::insert()
         .into_table("notes")
         .columns(["body"])
@@ -315,4 +315,90 @@ fn database_names_are_swapped_in_urls() {
         "mysql://root@127.0.0.1:3306/x?ssl-mode=disabled"
     );
     assert_eq!(with_database("mysql://root@h", "x"), "mysql://root@h/x");
+}
+
+/// The permission bits of `path`.
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sqlite_files_and_their_new_directories_are_the_owners_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state/nested/auth.db");
+    let db = db::connect::<Migrator>(&format!("sqlite://{}", path.display()), true)
+        .await
+        .expect("connecting and migrating");
+    assert_eq!(mode(&path), 0o600, "{}", path.display());
+    let companion = |suffix: &str| std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+    // A rollback journal lives while a write transaction is open.
+    let txn = db.begin().await.expect("begin");
+    insert_note(&txn, "a secret").await;
+    assert_eq!(mode(&companion("-journal")), 0o600, "the rollback journal");
+    txn.commit().await.expect("commit");
+    // In WAL mode, the WAL and shared-memory files stay while the connection is open.
+    db.execute_unprepared("PRAGMA journal_mode=WAL")
+        .await
+        .expect("WAL mode");
+    insert_note(&db, "another secret").await;
+    for suffix in ["-wal", "-shm"] {
+        assert_eq!(mode(&companion(suffix)), 0o600, "the {suffix} file");
+    }
+    for created in [dir.path().join("state"), dir.path().join("state/nested")] {
+        assert_eq!(mode(&created), 0o700, "{}", created.display());
+    }
+    db.close().await.expect("closing");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sqlite_files_others_could_read_are_tightened_on_connect() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.db");
+    let db = db::connect::<Migrator>(&format!("sqlite://{}", path.display()), true)
+        .await
+        .expect("creating");
+    insert_note(&db, "kept").await;
+    db.close().await.expect("closing");
+    // As an older Cube, or a copy with the default umask, left them.
+    let journal = dir.path().join("auth.db-journal");
+    std::fs::write(&journal, b"").expect("a stale journal");
+    for file in [&path, &journal] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).expect("chmod 644");
+    }
+    let db = db::connect::<Migrator>(&format!("sqlite://{}", path.display()), true)
+        .await
+        .expect("reopening");
+    assert_eq!(mode(&path), 0o600);
+    // In WAL mode SQLite leaves a stale, empty rollback journal alone.
+    assert_eq!(mode(&journal), 0o600);
+    assert_eq!(bodies(&db).await, ["kept"], "tightening keeps the data");
+    db.close().await.expect("closing");
+}
+
+#[cfg(unix)]
+#[test]
+fn private_directories_are_created_or_tightened_to_0700() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fresh = dir.path().join("fresh/data");
+    db::private_directory(&fresh).expect("creating");
+    assert_eq!(mode(&fresh), 0o700);
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod 755");
+    db::private_directory(&open).expect("tightening");
+    assert_eq!(mode(&open), 0o700);
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").expect("a file");
+    let err = db::private_directory(&file).expect_err("a file is not a directory");
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
 }
