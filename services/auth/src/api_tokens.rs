@@ -217,6 +217,14 @@ impl ApiTokens {
             expire_time: row.expire_ms.map(timestamp),
         };
         enqueue(&txn, TOKEN_REVOKED, &event).await?;
+        // Verifiers ask auth again about an API token within seconds, so the revocation need not outlive a day
+        // even for a token that never expires.
+        let remember_until = (now + 24 * 3600 * 1000).min(row.expire_ms.unwrap_or(i64::MAX));
+        let revocation = Revocation::ApiToken {
+            name: full_name.clone(),
+            expires_at: remember_until.div_euclid(1000),
+        };
+        crate::revocations::record(&txn, std::slice::from_ref(&revocation)).await?;
         audit(
             &txn,
             Audit {
@@ -230,10 +238,7 @@ impl ApiTokens {
         )
         .await?;
         txn.commit().await.map_err(db_error)?;
-        core.committed(vec![Revocation::ApiToken {
-            name: full_name,
-            expires_at: row.expire_ms.map_or(i64::MAX, |ms| ms.div_euclid(1000)),
-        }]);
+        core.committed(vec![revocation]);
         Ok(())
     }
 }

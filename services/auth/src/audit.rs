@@ -27,7 +27,7 @@ impl AuditLog {
         let mut query = audit_event::Entity::find().order_by_desc(audit_event::Column::Id);
         for condition in parse_filter(&request.filter, &["actor", "action", "target", "success"])? {
             query = match condition.field.as_str() {
-                "actor" => query.filter(audit_event::Column::Actor.eq(condition.value)),
+                "actor" => query.filter(audit_event::Column::Actor.eq(condition.value.to_ascii_lowercase())),
                 "action" => query.filter(audit_event::Column::Action.eq(condition.value)),
                 "target" => query.filter(audit_event::Column::Target.eq(condition.value)),
                 _ => match condition.value.as_str() {

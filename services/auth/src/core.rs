@@ -105,7 +105,7 @@ pub(crate) fn db_error(error: sea_orm::DbErr) -> ApiError {
     ApiError::internal(error)
 }
 
-/// Checks a username (or role id) against `^[a-z][a-z0-9-]{0,61}[a-z0-9]$`.
+/// Checks a role id against `^[a-z][a-z0-9-]{0,61}[a-z0-9]$`.
 pub(crate) fn valid_id(id: &str) -> bool {
     let bytes = id.as_bytes();
     (2..=63).contains(&bytes.len())
@@ -116,7 +116,7 @@ pub(crate) fn valid_id(id: &str) -> bool {
             .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || *byte == b'-')
 }
 
-/// The error for a malformed username or role id in `field`.
+/// The error for a malformed role id in `field`.
 pub(crate) fn invalid_id(field: &str, what: &str, id: &str) -> ApiError {
     let shown: String = id.chars().take(64).collect();
     ApiError::invalid(
@@ -127,18 +127,18 @@ pub(crate) fn invalid_id(field: &str, what: &str, id: &str) -> ApiError {
     )
 }
 
-/// Resolves `users/{username}` or `users/me` in `field` to a username.
+pub(crate) use cube_kit::identity::canonical_username;
+
+/// Resolves `users/{username}` or `users/me` in `field` to a canonical username (see [`canonical_username`]).
 pub(crate) fn username_in(field: &str, name: &str, caller: &Principal) -> Result<String, ApiError> {
     let id = name
         .strip_prefix("users/")
         .ok_or_else(|| ApiError::invalid(field, format!("expected users/{{username}} or users/me, got {name:?}")))?;
+    let id = canonical_username(field, id)?;
     if id == "me" {
         return Ok(caller.username.clone());
     }
-    if !valid_id(id) {
-        return Err(invalid_id(field, "username", id));
-    }
-    Ok(id.to_owned())
+    Ok(id)
 }
 
 /// Lets the caller reach `username`'s data: themselves or, for admins, anyone. Others are NOT_FOUND, so that
@@ -494,7 +494,8 @@ impl Core {
         })
     }
 
-    /// Revokes sessions (in `db`'s transaction) and announces it; the caller applies [`Self::forget`] after commit.
+    /// Revokes sessions (in `db`'s transaction), records and announces it; the caller applies [`Self::committed`]
+    /// after commit.
     pub(crate) async fn revoke_sessions(
         &self,
         db: &impl ConnectionTrait,
@@ -524,6 +525,7 @@ impl Core {
                 expires_at: expire_ms.div_euclid(1000),
             });
         }
+        crate::revocations::record(db, &revocations).await?;
         Ok(revocations)
     }
 
@@ -542,10 +544,12 @@ impl Core {
             deleted,
         };
         enqueue(db, USER_DEACTIVATED, &event).await?;
-        Ok(Revocation::User {
+        let revocation = Revocation::User {
             username: username.to_owned(),
             at: now.div_euclid(1000),
-        })
+        };
+        crate::revocations::record(db, std::slice::from_ref(&revocation)).await?;
+        Ok(revocation)
     }
 
     /// Announces, in `db`'s transaction, that a user's access tokens issued until now carry stale roles.
@@ -563,16 +567,18 @@ impl Core {
             expire_time: Some(timestamp(now + millis(self.options.access_token_ttl) + 60_000)),
         };
         enqueue(db, TOKEN_REVOKED, &event).await?;
-        Ok(Revocation::UserAccessTokens {
+        let revocation = Revocation::UserAccessTokens {
             username: username.to_owned(),
             at: now.div_euclid(1000),
-        })
+        };
+        crate::revocations::record(db, std::slice::from_ref(&revocation)).await?;
+        Ok(revocation)
     }
 
     /// After a commit: applies revocations to this replica's verifier at once (others follow the bus) and wakes
     /// the outbox relay.
     pub(crate) fn committed(&self, revocations: Vec<Revocation>) {
-        for revocation in revocations {
+        for revocation in &revocations {
             self.verifier.revoke(revocation);
         }
         self.outbox.notify_one();

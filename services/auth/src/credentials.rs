@@ -8,9 +8,14 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use cube_kit::ApiError;
+use cube_kit::identity::SIGNING_KEY_ROTATED;
 use cube_kit::identity::jws::{PublicKey, SigningKey};
+use cube_proto::cube::auth::v1::SigningKeyRotated;
 use ring::rand::{SecureRandom as _, SystemRandom};
-use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait as _, DatabaseConnection, EntityTrait, QueryFilter as _, QueryOrder,
+    TransactionTrait as _,
+};
 use subtle::ConstantTimeEq as _;
 
 use crate::model::signing_key;
@@ -121,7 +126,12 @@ pub fn api_token_id(token: &str) -> Option<&str> {
 /// A signing key and when it was created (Unix ms).
 type DatedKey = (Arc<SigningKey>, i64);
 
-/// The keys that sign access tokens: the newest signs, all are published until their tokens have expired.
+/// How many keys are kept and published at most: the one that signs and the two before it. Rotating past that
+/// retires the oldest at once, and the tokens it signed stop working.
+pub const KEPT_KEYS: usize = 3;
+
+/// The keys that sign access tokens: the newest signs, the [`KEPT_KEYS`] newest are kept, and each is published
+/// until the tokens it signed have expired.
 #[derive(Debug, Clone)]
 pub struct Keyring {
     keys: Arc<RwLock<Vec<DatedKey>>>,
@@ -159,21 +169,49 @@ impl Keyring {
         Ok(())
     }
 
-    /// Creates a new key, which signs from now on.
+    /// Creates a new key, which signs from now on, retires the keys past the [`KEPT_KEYS`] newest, and announces
+    /// it on `signing_key.rotated` through the outbox, in one transaction.
     ///
     /// # Errors
     /// Returns an internal error when the database fails.
     pub async fn rotate(&self, db: &DatabaseConnection) -> Result<PublicKey, ApiError> {
         let key = SigningKey::generate().map_err(ApiError::internal)?;
         let public = key.public_key();
+        let now = cube_kit::time::now_ms();
+        let txn = db.begin().await.map_err(ApiError::internal)?;
         signing_key::Entity::insert(signing_key::ActiveModel {
             kid: Set(key.kid().to_owned()),
             pkcs8: Set(STANDARD.encode(key.pkcs8())),
-            created_ms: Set(cube_kit::time::now_ms()),
+            created_ms: Set(now),
         })
-        .exec(db)
+        .exec(&txn)
         .await
         .map_err(ApiError::internal)?;
+        let retired: Vec<String> = signing_key::Entity::find()
+            .order_by_desc(signing_key::Column::CreatedMs)
+            .order_by_desc(signing_key::Column::Kid)
+            .all(&txn)
+            .await
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .skip(KEPT_KEYS)
+            .map(|row| row.kid)
+            .collect();
+        if !retired.is_empty() {
+            signing_key::Entity::delete_many()
+                .filter(signing_key::Column::Kid.is_in(retired.clone()))
+                .exec(&txn)
+                .await
+                .map_err(ApiError::internal)?;
+            tracing::info!(?retired, "retired signing keys past the newest {KEPT_KEYS}");
+        }
+        let event = SigningKeyRotated {
+            kid: public.kid.clone(),
+            retired_kids: retired,
+            time: Some(cube_kit::time::timestamp(now)),
+        };
+        crate::core::enqueue(&txn, SIGNING_KEY_ROTATED, &event).await?;
+        txn.commit().await.map_err(ApiError::internal)?;
         // Another replica may have rotated too: the database decides which key is newest.
         self.reload(db).await?;
         Ok(public)
@@ -197,7 +235,7 @@ impl Keyring {
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let mut published = Vec::new();
         let mut retired_at = None;
-        for (key, created_ms) in keys.iter() {
+        for (key, created_ms) in keys.iter().take(KEPT_KEYS) {
             if retired_at.is_none_or(|retired: i64| now - retired < lifetime_ms) {
                 published.push(key.public_key());
             }

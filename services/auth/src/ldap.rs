@@ -12,6 +12,13 @@
 //! Groups are the values of the user's `--ldap-group-field` attribute (`memberOf`) together with the groups that
 //! `--ldap-group-search` finds, for directories without a `memberOf` overlay. Every connection lives for one
 //! login: it is opened, used, unbound and closed, each step bounded by `--ldap-timeout`.
+//!
+//! [`Directory::lookup`] re-reads a user's entry and groups without their password, for `RefreshToken`: it binds as
+//! the service account of `--ldap-bind-user` or, without one, stays anonymous, as search-then-bind logins do (also
+//! in a direct-bind configuration). It finds the entry as the login does, by the uid field under `--ldap-search`,
+//! or at the DN of `--ldap-username-format` when there is no search base. A directory that hides entries from
+//! anonymous readers makes every user look gone, so direct-bind deployments whose directory refuses anonymous
+//! reads should set `--ldap-bind-user`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -429,6 +436,12 @@ impl Directory {
         &self.server
     }
 
+    /// Returns whether a service account (`--ldap-bind-user`) searches and re-reads users, rather than an
+    /// anonymous bind.
+    pub fn has_service_account(&self) -> bool {
+        self.service.is_some()
+    }
+
     /// Binds as the user and returns their entry's attributes and groups.
     ///
     /// A direct bind uses `--ldap-username-format` or `--ldap-append-domain`; otherwise the service account (or an
@@ -448,12 +461,7 @@ impl Directory {
         }
         let mut ldap = self.connect().await.inspect_err(|e| self.log_failure(username, e))?;
         let result = self.login(&mut ldap, username, password).await;
-        // Best effort: dropping the last handle closes the connection anyway.
-        match tokio::time::timeout(self.timeout, ldap.unbind()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(server = %self.server, error = %e, "ldap unbind failed"),
-            Err(_) => debug!(server = %self.server, "ldap unbind timed out"),
-        }
+        self.unbind(ldap).await;
         match &result {
             Ok(user) => info!(user = %user.uid, dn = %user.dn, groups = user.groups.len(), "ldap login"),
             Err(e) => self.log_failure(username, e),
@@ -461,9 +469,44 @@ impl Directory {
         result
     }
 
+    /// Re-reads a user's entry and groups without their password: `None` when the directory no longer has them.
+    ///
+    /// The service account binds (an anonymous bind without one), then the entry is found as a login finds it: by
+    /// the uid field (and `--ldap-search-filter`) under `--ldap-search`, or at the DN of `--ldap-username-format`
+    /// when no search base is set. An entry that no longer matches, a name that became ambiguous, and an entry
+    /// the reader may not see all read as gone. Groups are read as at login.
+    ///
+    /// # Errors
+    /// [`LdapError::Unavailable`] when the server cannot be reached or does not answer within the timeout;
+    /// [`LdapError::Directory`] for anything else the directory refuses, such as the service account's bind or a
+    /// search an anonymous reader may not make. Never [`LdapError::InvalidCredentials`].
+    pub async fn lookup(&self, username: &str) -> Result<Option<LdapUser>, LdapError> {
+        if username.is_empty() {
+            return Ok(None);
+        }
+        let mut ldap = self.connect().await.inspect_err(|e| self.log_failure(username, e))?;
+        let result = self.reread(&mut ldap, username).await;
+        self.unbind(ldap).await;
+        match &result {
+            Ok(Some(user)) => debug!(user = %user.uid, dn = %user.dn, groups = user.groups.len(), "ldap user re-read"),
+            Ok(None) => info!(user = %username, server = %self.server, "ldap user no longer found"),
+            Err(e) => self.log_failure(username, e),
+        }
+        result
+    }
+
+    /// Unbinds and closes a connection, as a best effort: dropping the last handle closes it anyway.
+    async fn unbind(&self, mut ldap: Ldap) {
+        match tokio::time::timeout(self.timeout, ldap.unbind()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(server = %self.server, error = %e, "ldap unbind failed"),
+            Err(_) => debug!(server = %self.server, "ldap unbind timed out"),
+        }
+    }
+
     /// Returns the Cube roles that `--ldap-roles-mapping` gives these group DNs, sorted, without duplicates.
     pub fn mapped_roles(&self, groups: &[String]) -> Vec<String> {
-        let groups: BTreeSet<String> = groups.iter().map(|g| normalize_dn(g)).collect();
+        let groups: BTreeSet<String> = groups.iter().map(|g| cube_kit::dn::normalize_lenient(g)).collect();
         self.roles
             .iter()
             .filter(|(_, dn)| groups.contains(dn))
@@ -525,6 +568,32 @@ impl Directory {
             }
         };
 
+        self.user_of(ldap, entry, username).await
+    }
+
+    async fn reread(&self, ldap: &mut Ldap, username: &str) -> Result<Option<LdapUser>, LdapError> {
+        self.bind_service(ldap).await?;
+        let entry = match (&self.mode, &self.search_base) {
+            (BindMode::Format(format), None) => {
+                let dn = format.replace(USERNAME_PLACEHOLDER, &dn_escape(username));
+                self.read_entry_if_any(ldap, &dn).await?
+            }
+            (BindMode::Format(_), Some(base)) | (BindMode::Domain { base, .. } | BindMode::Search { base }, _) => {
+                match self.find_user(ldap, base, username).await {
+                    Ok(entry) => Some(entry),
+                    Err(LdapError::InvalidCredentials) => None,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match entry {
+            Some(entry) => self.user_of(ldap, entry, username).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads an entry's attributes and the user's groups.
+    async fn user_of(&self, ldap: &mut Ldap, entry: SearchEntry, username: &str) -> Result<LdapUser, LdapError> {
         let mut groups = Groups::default();
         for dn in attribute(&entry, &self.group_field).into_iter().flatten() {
             groups.insert(dn);
@@ -630,6 +699,17 @@ impl Directory {
             .ok_or_else(|| LdapError::Directory(format!("bound as {dn} but cannot read that entry")))
     }
 
+    /// Reads the entry at `dn` as the bound reader: `None` when there is none, or the reader may not see it.
+    async fn read_entry_if_any(&self, ldap: &mut Ldap, dn: &str) -> Result<Option<SearchEntry>, LdapError> {
+        let search = ldap.search(dn, Scope::Base, "(objectClass=*)", self.user_attributes());
+        let result = self.bounded("user entry read", search).await?;
+        match result.1.rc {
+            0 => Ok(result.0.into_iter().next().map(SearchEntry::construct)),
+            RC_NO_SUCH_OBJECT => Ok(None),
+            _ => Err(self.search_error("user entry read", dn, &result.1)),
+        }
+    }
+
     /// Returns the DNs of the groups under `base` that `filter` finds for the user `dn`.
     async fn search_groups(
         &self,
@@ -695,7 +775,9 @@ struct Groups(std::collections::BTreeMap<String, String>);
 
 impl Groups {
     fn insert(&mut self, dn: &str) {
-        self.0.entry(normalize_dn(dn)).or_insert_with(|| dn.to_owned());
+        self.0
+            .entry(cube_kit::dn::normalize_lenient(dn))
+            .or_insert_with(|| dn.to_owned());
     }
 
     fn into_sorted(self) -> Vec<String> {
@@ -798,36 +880,9 @@ fn parse_roles_mapping(mapping: &str) -> Result<Vec<(String, String)>, LdapConfi
         if !dn.contains('=') {
             return Err(bad("names no group DN"));
         }
-        roles.push((role.to_owned(), normalize_dn(dn)));
+        roles.push((role.to_owned(), cube_kit::dn::normalize_lenient(dn)));
     }
     Ok(roles)
-}
-
-/// Returns a DN in the form mapping comparisons use: lower case, no spaces around separators.
-fn normalize_dn(dn: &str) -> String {
-    let mut out = String::with_capacity(dn.len());
-    let mut chars = dn.trim().chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                out.push(c);
-                if let Some(escaped) = chars.next() {
-                    out.extend(escaped.to_lowercase());
-                }
-            }
-            ',' | '=' | '+' => {
-                while out.ends_with(' ') && !out.ends_with("\\ ") {
-                    out.pop();
-                }
-                out.push(c);
-                while chars.peek() == Some(&' ') {
-                    chars.next();
-                }
-            }
-            _ => out.extend(c.to_lowercase()),
-        }
-    }
-    out
 }
 
 /// Builds a rustls client config that trusts the CA certificates of a PEM file, and only those.
@@ -865,13 +920,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dns_normalize_case_and_spaces_but_keep_escapes() {
+    fn group_dns_compare_in_the_one_normal_form_projects_uses() {
         assert_eq!(
-            normalize_dn(" CN=Admins , OU=Groups,dc=Cube "),
+            cube_kit::dn::normalize_lenient(" CN=Admins , OU=Groups,dc=Cube "),
             "cn=admins,ou=groups,dc=cube"
         );
-        assert_eq!(normalize_dn("cn=a\\, b,dc=x"), "cn=a\\, b,dc=x");
-        assert_eq!(normalize_dn("cn=a\\ ,dc=x"), "cn=a\\ ,dc=x");
+        assert_eq!(
+            cube_kit::dn::normalize_lenient("cn=a\\2C b,dc=x"),
+            cube_kit::dn::normalize_lenient("CN=A\\, B, DC=x")
+        );
     }
 
     #[test]

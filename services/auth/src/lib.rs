@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod ldap;
 mod login;
 pub mod model;
+mod revocations;
 mod roles;
 pub mod throttle;
 mod users;
@@ -23,7 +24,7 @@ use cube_bus::EventBus;
 use cube_kit::ApiError;
 use cube_kit::config::{DatabaseArgs, RedisArgs, parse_duration};
 use cube_kit::identity::jws::PublicKey;
-use cube_kit::identity::{Authority, Gate, Principal, RevocationFeed, Verifier, VerifierOptions};
+use cube_kit::identity::{Authority, Gate, Principal, RevocationFeed, RevokedCredential, Verifier, VerifierOptions};
 use cube_kit::{Server, db};
 use cube_proto::cube::auth::v1::api_token_service_server::ApiTokenServiceServer;
 use cube_proto::cube::auth::v1::audit_service_server::AuditServiceServer;
@@ -45,6 +46,7 @@ pub const ANONYMOUS_METHODS: &[&str] = &[
     "/cube.auth.v1.AuthService/Login",
     "/cube.auth.v1.AuthService/RefreshToken",
     "/cube.auth.v1.AuthService/GetJwks",
+    "/cube.auth.v1.AuthService/GetRevocationList",
 ];
 
 /// The largest request auth decodes: generous, so that oversized fields (a 10 MB password) reach validation and
@@ -181,6 +183,13 @@ impl Authority for LocalAuthority {
         Box::pin(async move {
             let core = self.core()?;
             api_tokens::introspect(&core, token).await
+        })
+    }
+
+    fn revocations(&self) -> BoxFuture<'_, Result<Vec<RevokedCredential>, ApiError>> {
+        Box::pin(async move {
+            let core = self.core()?;
+            revocations::in_force(&core.db).await
         })
     }
 }

@@ -1,9 +1,10 @@
 //! `cube.auth.v1.AuthService`: login, refresh, logout, who-am-I and the published keys.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cube_kit::ApiError;
-use cube_kit::identity::{Credential, Principal};
+use cube_kit::identity::{Credential, Principal, Revocation};
 use cube_proto::cube::auth::v1::auth_service_server::AuthService;
 use cube_proto::cube::auth::v1::{Credential as CredentialMessage, UserCreated, UserSource};
 use cube_proto::cube::auth::v1::{
@@ -12,14 +13,15 @@ use cube_proto::cube::auth::v1::{
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, EntityTrait as _, IntoActiveModel as _,
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, EntityTrait as _, IntoActiveModel as _,
     QueryFilter as _, TransactionTrait as _,
 };
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Audit, Core, MAX_PASSWORD_BYTES, Tokens, audit, db_error, enqueue, invalid_id, millis, now_ms, require_admin,
-    status, timestamp, to_json, user_message, valid_id,
+    Audit, Core, MAX_PASSWORD_BYTES, Tokens, audit, canonical_username, db_error, enqueue, json_list, millis, now_ms,
+    require_admin, status, timestamp, to_json, user_message,
 };
 use crate::credentials;
 use crate::ldap::{LdapError, LdapUser};
@@ -28,6 +30,11 @@ use crate::throttle::ThrottleError;
 
 /// The one message for every failed password check: it must not tell unknown users from wrong passwords.
 const BAD_CREDENTIALS: &str = "invalid username or password";
+
+/// The least time a failed login takes, from the moment its request was found well-formed, whichever path refused
+/// it (unknown user, wrong local password, wrong directory password): well above one Argon2 verification (about
+/// 30 ms) and a directory's answer on a healthy network, so that the time does not tell the paths apart.
+const FAILED_LOGIN_FLOOR: Duration = Duration::from_millis(150);
 
 /// The bus topic of new users.
 pub const USER_CREATED: &str = "user.created";
@@ -52,11 +59,14 @@ impl Login {
         let client = core.client_address(&request);
         let LoginRequest { username, password } = request.into_inner();
         let mut violations = Vec::new();
-        if !valid_id(&username)
-            && let ApiError::InvalidArgument(mut found) = invalid_id("username", "username", &username)
-        {
-            violations.append(&mut found);
-        }
+        let username = match canonical_username("username", &username) {
+            Ok(username) => username,
+            Err(ApiError::InvalidArgument(mut found)) => {
+                violations.append(&mut found);
+                String::new()
+            }
+            Err(error) => return Err(error),
+        };
         if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
             violations.push(cube_kit::FieldViolation::new(
                 "password",
@@ -66,6 +76,7 @@ impl Login {
         if !violations.is_empty() {
             return Err(ApiError::InvalidArgument(violations));
         }
+        let started = Instant::now();
         match core.throttle.check(&username, client).await {
             Ok(()) => {}
             Err(ThrottleError::Limited { retry_after }) => {
@@ -93,37 +104,7 @@ impl Login {
                 });
             }
         }
-        let row = core.user(&username).await?;
-        let outcome = match (&row, &core.directory) {
-            (Some(row), _) if row.source == "local" => {
-                let ok = credentials::verify_password(password, row.password_hash.clone()).await?;
-                ok.then(|| Checked::Local(row.clone()))
-            }
-            (_, Some(directory)) if row.as_ref().is_none_or(|row| row.source == "ldap") => {
-                match directory.authenticate(&username, &password).await {
-                    Ok(found) => Some(Checked::Ldap(row.clone(), found)),
-                    Err(LdapError::InvalidCredentials) => None,
-                    Err(LdapError::Unavailable { server, reason }) => {
-                        return Err(ApiError::Unavailable {
-                            service: format!("LDAP server {server}"),
-                            source: reason.into(),
-                        });
-                    }
-                    Err(LdapError::Directory(reason)) => {
-                        return Err(ApiError::Unavailable {
-                            service: "LDAP directory".into(),
-                            source: reason.into(),
-                        });
-                    }
-                }
-            }
-            _ => {
-                // Spend the time a real check takes, so that timing does not reveal whether the user exists.
-                credentials::verify_password(password, None).await?;
-                None
-            }
-        };
-        let Some(checked) = outcome else {
+        let Some(checked) = self.check_credentials(&username, password).await? else {
             let failed = core.throttle.record_failure(&username, client).await;
             audit(
                 &core.db,
@@ -140,18 +121,23 @@ impl Login {
             if let Err(error) = failed {
                 tracing::warn!(%error, "recording a failed login");
             }
+            tokio::time::sleep_until(started + FAILED_LOGIN_FLOOR).await;
             return Err(ApiError::Unauthenticated {
                 message: BAD_CREDENTIALS.into(),
             });
         };
-        let txn = core.db.begin().await.map_err(db_error)?;
-        let now = now_ms();
         let row = match checked {
             Checked::Local(row) => row,
-            Checked::Ldap(existing, found) => sync_ldap_user(&txn, existing, &username, found, now).await?,
+            Checked::Ldap(existing, found) => {
+                let txn = core.db.begin().await.map_err(db_error)?;
+                let (row, revocation) = sync_ldap_user(core, &txn, existing, &username, found).await?;
+                txn.commit().await.map_err(db_error)?;
+                core.profiles.forget(&username);
+                apply(core, revocation).await;
+                row
+            }
         };
         if !row.active {
-            drop(txn);
             audit(
                 &core.db,
                 Audit {
@@ -168,8 +154,9 @@ impl Login {
                 message: "the account is deactivated".into(),
             });
         }
+        let txn = core.db.begin().await.map_err(db_error)?;
         user::Entity::update_many()
-            .col_expr(user::Column::LastLoginMs, Expr::value(now))
+            .col_expr(user::Column::LastLoginMs, Expr::value(now_ms()))
             .filter(user::Column::Username.eq(username.clone()))
             .exec(&txn)
             .await
@@ -190,11 +177,48 @@ impl Login {
         txn.commit().await.map_err(db_error)?;
         core.profiles.forget(&username);
         core.committed(Vec::new());
-        if let Err(error) = core.throttle.record_success(&username).await {
+        if let Err(error) = core.throttle.record_success(&username, client).await {
             tracing::warn!(%error, "clearing failed logins");
         }
         let row = core.user(&username).await?.unwrap_or(row);
         Ok(self.response(tokens, &row))
+    }
+
+    /// Checks the password where the user's credentials live: `None` when it is wrong or the user is unknown.
+    ///
+    /// A local account takes precedence over a directory user of the same name: the directory is never asked
+    /// about it, which a failed login logs at info level when LDAP is on. Every refusal costs one Argon2
+    /// verification (a dummy one for unknown users, and for directory users alongside the directory's check).
+    async fn check_credentials(&self, username: &str, password: String) -> Result<Option<Checked>, ApiError> {
+        let core = &self.0;
+        let row = core.user(username).await?;
+        match (row, &core.directory) {
+            (Some(row), directory) if row.source == "local" => {
+                let ok = credentials::verify_password(password, row.password_hash.clone()).await?;
+                if !ok && directory.is_some() {
+                    tracing::info!(
+                        user = %username,
+                        "wrong password for a local account: local accounts shadow directory users of the same \
+                         name, so the directory was not asked"
+                    );
+                }
+                Ok(ok.then_some(Checked::Local(row)))
+            }
+            (row, Some(directory)) if row.as_ref().is_none_or(|row| row.source == "ldap") => {
+                let dummy = credentials::verify_password(password.clone(), None);
+                let (found, dummy) = tokio::join!(directory.authenticate(username, &password), dummy);
+                dummy?;
+                match found {
+                    Ok(found) => Ok(Some(Checked::Ldap(row, found))),
+                    Err(LdapError::InvalidCredentials) => Ok(None),
+                    Err(error) => Err(directory_error(error)),
+                }
+            }
+            _ => {
+                credentials::verify_password(password, None).await?;
+                Ok(None)
+            }
+        }
     }
 
     async fn refresh(&self, request: Request<RefreshTokenRequest>) -> Result<LoginResponse, ApiError> {
@@ -207,36 +231,55 @@ impl Login {
                 "must be a refresh token from Login or RefreshToken",
             ));
         }
-        let refused = || ApiError::Unauthenticated {
-            message: "the refresh token is invalid, expired or revoked: log in again".into(),
-        };
         let hash = credentials::digest(&token);
-        let txn = core.db.begin().await.map_err(db_error)?;
         let stored = refresh_token::Entity::find_by_id(hash.clone())
-            .one(&txn)
+            .one(&core.db)
             .await
             .map_err(db_error)?
             .ok_or_else(refused)?;
-        let family = session::Entity::find_by_id(stored.session_id.clone())
-            .one(&txn)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(refused)?;
-        let now = now_ms();
-        if family.revoked_ms.is_some() || family.expire_ms <= now {
-            return Err(refused());
+        let family = live_session(&core.db, &stored.session_id).await?;
+        if stored.used_ms.is_some() {
+            return Err(self.reused(&family, client).await);
         }
+        let row = user::Entity::find_by_id(family.username.clone())
+            .one(&core.db)
+            .await
+            .map_err(db_error)?
+            .filter(|row| row.active)
+            .ok_or_else(refused)?;
+        // Before the token is traded: a directory that is down leaves it usable for when it is back.
+        let row = if row.source == "ldap" {
+            self.reread(row, client).await?
+        } else {
+            row
+        };
+        let txn = core.db.begin().await.map_err(db_error)?;
         // Trade the token in exactly once: of two concurrent uses, only one updates the row.
         let traded = refresh_token::Entity::update_many()
-            .col_expr(refresh_token::Column::UsedMs, Expr::value(now))
+            .col_expr(refresh_token::Column::UsedMs, Expr::value(now_ms()))
             .filter(refresh_token::Column::Hash.eq(hash))
             .filter(refresh_token::Column::UsedMs.is_null())
             .exec(&txn)
             .await
             .map_err(db_error)?;
         if traded.rows_affected != 1 {
-            // A rotated token came back: it was stolen, or its holder was. End the whole family.
-            let revocations = core.revoke_sessions(&txn, std::slice::from_ref(&family)).await?;
+            drop(txn);
+            return Err(self.reused(&family, client).await);
+        }
+        // The session may have ended while the directory was asked.
+        let family = live_session(&txn, &family.id).await?;
+        let tokens = core.issue(&txn, &row, &family.id, family.expire_ms).await?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(self.response(tokens, &row))
+    }
+
+    /// Ends the session of a rotated refresh token that came back (it was stolen, or its holder was), and returns
+    /// the error for the caller.
+    async fn reused(&self, family: &session::Model, client: Option<std::net::IpAddr>) -> ApiError {
+        let core = &self.0;
+        let revoke = async {
+            let txn = core.db.begin().await.map_err(db_error)?;
+            let revocations = core.revoke_sessions(&txn, std::slice::from_ref(family)).await?;
             audit(
                 &txn,
                 Audit {
@@ -251,17 +294,74 @@ impl Login {
             .await?;
             txn.commit().await.map_err(db_error)?;
             core.committed(revocations);
-            return Err(refused());
+            Ok::<_, ApiError>(())
+        };
+        match revoke.await {
+            Ok(()) => refused(),
+            Err(error) => error,
         }
-        let row = user::Entity::find_by_id(family.username.clone())
-            .one(&txn)
-            .await
-            .map_err(db_error)?
-            .filter(|row| row.active)
-            .ok_or_else(refused)?;
-        let tokens = core.issue(&txn, &row, &family.id, family.expire_ms).await?;
-        txn.commit().await.map_err(db_error)?;
-        Ok(self.response(tokens, &row))
+    }
+
+    /// Re-reads an LDAP user from the directory before their session is refreshed: updates their profile, groups
+    /// and roles (expiring their earlier access tokens when they lost any), ends every session of a user the
+    /// directory no longer has, and refuses to refresh while the directory cannot be asked.
+    async fn reread(&self, row: user::Model, client: Option<std::net::IpAddr>) -> Result<user::Model, ApiError> {
+        let core = &self.0;
+        let username = row.username.clone();
+        let Some(directory) = &core.directory else {
+            return Err(ApiError::Unauthenticated {
+                message: format!("users/{username} logs in through LDAP, which is not configured: log in again"),
+            });
+        };
+        match directory.lookup(&username).await {
+            Ok(Some(found)) => {
+                let txn = core.db.begin().await.map_err(db_error)?;
+                let (row, revocation) = sync_ldap_user(core, &txn, Some(row), &username, found).await?;
+                txn.commit().await.map_err(db_error)?;
+                core.profiles.forget(&username);
+                apply(core, revocation).await;
+                Ok(row)
+            }
+            Ok(None) | Err(LdapError::InvalidCredentials) => {
+                let txn = core.db.begin().await.map_err(db_error)?;
+                let sessions = session::Entity::find()
+                    .filter(session::Column::Username.eq(username.clone()))
+                    .all(&txn)
+                    .await
+                    .map_err(db_error)?;
+                let revocations = core.revoke_sessions(&txn, &sessions).await?;
+                audit(
+                    &txn,
+                    Audit {
+                        actor: &username,
+                        action: "token.refresh",
+                        target: &format!("users/{username}"),
+                        success: false,
+                        client,
+                        detail: "the user is no longer in the LDAP directory: their sessions are ended",
+                    },
+                )
+                .await?;
+                txn.commit().await.map_err(db_error)?;
+                core.committed(revocations);
+                tracing::info!(user = %username, "ldap user gone from the directory: ended their sessions");
+                Err(ApiError::Unauthenticated {
+                    message: "the account is no longer in the directory: the session has ended".into(),
+                })
+            }
+            Err(LdapError::Directory(reason)) if !directory.has_service_account() => {
+                tracing::warn!(
+                    user = %username,
+                    %reason,
+                    "the directory does not let an anonymous reader re-read users, so sessions cannot be \
+                     refreshed: set --ldap-bind-user"
+                );
+                Err(ApiError::Unauthenticated {
+                    message: "the directory cannot be re-read without a service account: log in again".into(),
+                })
+            }
+            Err(error) => Err(directory_error(error)),
+        }
     }
 
     async fn logout(&self, request: Request<LogoutRequest>) -> Result<LogoutResponse, ApiError> {
@@ -336,14 +436,67 @@ enum Checked {
     Ldap(Option<user::Model>, LdapUser),
 }
 
-/// Creates (first login) or updates an LDAP user from the directory, in `txn`.
+/// The error for a refresh token that does not (or no longer) trade.
+fn refused() -> ApiError {
+    ApiError::Unauthenticated {
+        message: "the refresh token is invalid, expired or revoked: log in again".into(),
+    }
+}
+
+/// The error for a directory that could not check a password or re-read a user.
+fn directory_error(error: LdapError) -> ApiError {
+    match error {
+        LdapError::Unavailable { server, reason } => ApiError::Unavailable {
+            service: format!("LDAP server {server}"),
+            source: reason.into(),
+        },
+        LdapError::Directory(reason) => ApiError::Unavailable {
+            service: "LDAP directory".into(),
+            source: reason.into(),
+        },
+        LdapError::InvalidCredentials => ApiError::Unauthenticated {
+            message: BAD_CREDENTIALS.into(),
+        },
+    }
+}
+
+/// Loads a session that is neither revoked nor expired.
+async fn live_session(db: &impl ConnectionTrait, id: &str) -> Result<session::Model, ApiError> {
+    session::Entity::find_by_id(id.to_owned())
+        .one(db)
+        .await
+        .map_err(db_error)?
+        .filter(|family| family.revoked_ms.is_none() && family.expire_ms > now_ms())
+        .ok_or_else(refused)
+}
+
+/// Applies a committed revocation of a user's earlier access tokens, then waits into the next second: tokens
+/// carry their issue time in whole seconds, and one issued in the revocation's second would be refused with them.
+async fn apply(core: &Core, revocation: Option<Revocation>) {
+    let until = match &revocation {
+        Some(Revocation::UserAccessTokens { at, .. }) => Some(*at),
+        _ => None,
+    };
+    core.committed(revocation.into_iter().collect());
+    if let Some(at) = until {
+        let left = at.saturating_add(1).saturating_mul(1000) - now_ms();
+        if let Ok(left) = u64::try_from(left) {
+            tokio::time::sleep(Duration::from_millis(left)).await;
+        }
+    }
+}
+
+/// Creates (first login) or updates an LDAP user from what the directory says, in `txn`. When the update takes a
+/// role or a group away, the user's earlier access tokens, which still carry it, are expired on every service:
+/// the revocation is returned for [`apply`] after the commit.
 async fn sync_ldap_user(
+    core: &Core,
     txn: &sea_orm::DatabaseTransaction,
     existing: Option<user::Model>,
     username: &str,
     found: LdapUser,
-    now: i64,
-) -> Result<user::Model, ApiError> {
+) -> Result<(user::Model, Option<Revocation>), ApiError> {
+    let now = now_ms();
     let display_name = match (&found.given_name, &found.surname) {
         (Some(given), Some(surname)) => format!("{given} {surname}"),
         (Some(name), None) | (None, Some(name)) => name.clone(),
@@ -353,12 +506,31 @@ async fn sync_ldap_user(
     let groups = to_json(&found.groups);
     match existing {
         Some(row) => {
+            let roles_before = core.roles_of(txn, &row).await?;
+            let groups_before = json_list(&row.groups);
             let mut active = row.into_active_model();
             active.email = Set(email);
             active.display_name = Set(display_name);
             active.groups = Set(groups);
             active.updated_ms = Set(now);
-            active.update(txn).await.map_err(db_error)
+            let row = active.update(txn).await.map_err(db_error)?;
+            let roles = core.roles_of(txn, &row).await?;
+            let lost_roles: Vec<&String> = roles_before.iter().filter(|role| !roles.contains(role)).collect();
+            let lost_groups: Vec<&String> = groups_before
+                .iter()
+                .filter(|group| !found.groups.iter().any(|kept| kept.eq_ignore_ascii_case(group)))
+                .collect();
+            if lost_roles.is_empty() && lost_groups.is_empty() {
+                return Ok((row, None));
+            }
+            tracing::info!(
+                user = %username,
+                ?lost_roles,
+                ?lost_groups,
+                "the directory took roles or groups away: expiring the user's earlier access tokens"
+            );
+            let revocation = core.expire_access_tokens(txn, username).await?;
+            Ok((row, Some(revocation)))
         }
         None => {
             let row = user::Model {
@@ -383,7 +555,7 @@ async fn sync_ldap_user(
                 time: Some(timestamp(now)),
             };
             enqueue(txn, USER_CREATED, &event).await?;
-            Ok(row)
+            Ok((row, None))
         }
     }
 }
@@ -418,12 +590,23 @@ impl AuthService for Login {
         Ok(Response::new(Jwks { keys }))
     }
 
+    async fn get_revocation_list(
+        &self,
+        _request: Request<cube_proto::cube::auth::v1::GetRevocationListRequest>,
+    ) -> Result<Response<cube_proto::cube::auth::v1::RevocationList>, Status> {
+        crate::revocations::list(&self.0.db)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn rotate_signing_key(&self, request: Request<RotateSigningKeyRequest>) -> Result<Response<Jwk>, Status> {
         let core = &self.0;
         let rotate = async {
             let caller = Principal::of(&request)?;
             require_admin(&caller, "signingKeys.rotate")?;
             let key = core.keyring.rotate(&core.db).await?;
+            core.committed(Vec::new());
             audit(
                 &core.db,
                 Audit {

@@ -10,6 +10,7 @@ use cube_proto::cube::auth::v1::{
     ChangePasswordRequest, ChangePasswordResponse, CreateUserRequest, DeleteUserRequest, GetUserRequest,
     ListUsersRequest, ListUsersResponse, UpdateUserRequest, User, UserCreated, UserSource,
 };
+use sea_orm::sea_query::LikeExpr;
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, EntityTrait as _, IntoActiveModel as _,
     QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
@@ -17,8 +18,8 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Audit, Core, MIN_NEW_PASSWORD_BYTES, audit, check_password, db_error, enqueue, invalid_id, may_access,
-    require_admin, require_scope, status, timestamp, user_message, username_in, valid_id,
+    Audit, Core, MIN_NEW_PASSWORD_BYTES, audit, canonical_username, check_password, db_error, enqueue, may_access,
+    require_admin, require_scope, status, timestamp, user_message, username_in,
 };
 use crate::credentials;
 use crate::login::USER_CREATED;
@@ -35,16 +36,17 @@ fn not_found(username: &str) -> ApiError {
     }
 }
 
-/// Checks an email address and a display name.
+/// Checks an email address (optional: empty is none) and a display name.
 fn check_profile(prefix: &str, email: &str, display_name: &str, violations: &mut Vec<FieldViolation>) {
     let at = email.find('@');
-    let email_ok = email.len() <= 254
-        && at.is_some_and(|at| at > 0 && at + 1 < email.len())
-        && !email.chars().any(char::is_whitespace);
+    let email_ok = email.is_empty()
+        || email.len() <= 254
+            && at.is_some_and(|at| at > 0 && at + 1 < email.len())
+            && !email.chars().any(char::is_whitespace);
     if !email_ok {
         violations.push(FieldViolation::new(
             format!("{prefix}email"),
-            "must be an email address like name@example.com (at most 254 characters)",
+            "must be empty or an email address like name@example.com (at most 254 characters)",
         ));
     }
     if display_name.chars().count() > 200 || display_name.chars().any(char::is_control) {
@@ -68,11 +70,14 @@ impl Users {
         } = request.into_inner();
         let user = user.unwrap_or_default();
         let mut violations = Vec::new();
-        if !valid_id(&user_id)
-            && let ApiError::InvalidArgument(mut found) = invalid_id("user_id", "username", &user_id)
-        {
-            violations.append(&mut found);
-        }
+        let user_id = match canonical_username("user_id", &user_id) {
+            Ok(user_id) => user_id,
+            Err(ApiError::InvalidArgument(mut found)) => {
+                violations.append(&mut found);
+                String::new()
+            }
+            Err(error) => return Err(error),
+        };
         if user_id == "me" {
             violations.push(FieldViolation::new("user_id", "`me` is reserved"));
         }
@@ -138,6 +143,12 @@ impl Users {
         .await?;
         txn.commit().await.map_err(db_error)?;
         core.committed(Vec::new());
+        if core.directory.is_some() {
+            tracing::info!(
+                user = %user_id,
+                "created a local account while LDAP login is on: it shadows any directory user of the same name"
+            );
+        }
         Ok(user_message(&row))
     }
 
@@ -176,15 +187,17 @@ impl Users {
                 },
                 "email" => query.filter(user::Column::Email.eq(condition.value.clone())),
                 _ => {
-                    // Usernames hold only these characters, and none of them is a LIKE wildcard.
+                    // Usernames hold only these characters, of which `_` is a LIKE wildcard: it is escaped with
+                    // `!`, which usernames never hold.
                     let prefix_ok = condition
                         .value
                         .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
                     if !prefix_ok {
-                        return Err(bad("lowercase letters, digits and dashes"));
+                        return Err(bad("letters, digits, '.', '_' and '-'"));
                     }
-                    query.filter(user::Column::Username.starts_with(condition.value.clone()))
+                    let pattern = format!("{}%", condition.value.to_ascii_lowercase().replace('_', "!_"));
+                    query.filter(user::Column::Username.like(LikeExpr::new(pattern).escape('!')))
                 }
             };
         }

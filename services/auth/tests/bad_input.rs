@@ -102,16 +102,17 @@ async fn audit_events(auth: &Harness, admin: &str) -> Vec<String> {
         .collect()
 }
 
+/// Names that are not usernames: empty, too long, a separator at either end, and every character outside
+/// letters, digits, `.`, `_` and `-` (LDAP filter and DN metacharacters, quotes, paths, spaces, non-ASCII).
 fn bad_usernames() -> Vec<String> {
     let mut names: Vec<String> = [
         "",
-        "a",
-        "A",
-        "UPPER",
-        "Admin",
         "-lead",
         "trail-",
-        "1digit",
+        ".dot",
+        "dot.",
+        "_under",
+        "under_",
         "a b",
         " admin",
         "admin ",
@@ -119,8 +120,6 @@ fn bad_usernames() -> Vec<String> {
         "ü",
         "adm\u{0456}n",
         "a\0b",
-        "a_b",
-        "a.b",
         "users/x",
         "../admin",
         "x' OR 1=1 --",
@@ -131,6 +130,25 @@ fn bad_usernames() -> Vec<String> {
         "cn=admin,dc=cube",
         "%",
         "a%",
+        "a*",
+        "a(b",
+        "a)b",
+        "a\\b",
+        "a,b",
+        "a=b",
+        "a+b",
+        "a<b",
+        "a>b",
+        "a#b",
+        "a;b",
+        "a\"b",
+        "a'b",
+        "a@b",
+        "a:b",
+        "a!b",
+        "a\tb",
+        "zh\u{e4}ng",
+        "\u{5f20}\u{4e09}",
     ]
     .into_iter()
     .map(str::to_owned)
@@ -182,7 +200,7 @@ async fn bad_usernames_are_refused_naming_the_field(url: &str) {
             &format!("CreateUser {shown:?}"),
         );
     }
-    for name in ["x' OR 1=1 --", "*)(uid=*", "ADMIN", "a\0b", ""] {
+    for name in ["x' OR 1=1 --", "*)(uid=*", "a\0b", "", "a,b", "-a"] {
         expect_fields(
             auth.users()
                 .get_user(authed(
@@ -540,7 +558,6 @@ async fn refused_creates_leave_no_rows(url: &str) {
         "CreateUser with four bad fields",
     );
     for (email, display_name, field) in [
-        ("", "", "user.email"),
         ("@example.com", "", "user.email"),
         ("someone@", "", "user.email"),
         ("some one@example.com", "", "user.email"),
@@ -621,7 +638,7 @@ async fn refused_creates_leave_no_rows(url: &str) {
             );
         }
     }
-    for parent in ["users/Plain", "plain", "users/", "users/x' OR 1=1 --"] {
+    for parent in ["users/Pl ain", "plain", "users/", "users/x' OR 1=1 --"] {
         expect_fields(
             auth.tokens()
                 .create_api_token(authed(
@@ -842,7 +859,7 @@ async fn bad_page_tokens_filters_and_sizes_are_refused_naming_the_field(url: &st
     // A prefix no username can start with matches nothing, or is refused; in any case it is no pattern.
     for filter in [
         "username_prefix = \"' OR 1=1 --\"",
-        "username_prefix = \"ADM\"",
+        "username_prefix = \"AD M\"",
         "username_prefix = \"%\"",
         "username_prefix = \"_\"",
         "username_prefix = \"pl_in\"",

@@ -14,10 +14,10 @@ use cube_proto::cube::auth::v1::role_binding::Subject;
 use cube_proto::cube::auth::v1::{
     ApiToken, ChangePasswordRequest, CheckPermissionRequest, CreateApiTokenRequest, CreateRoleBindingRequest,
     CreateRoleRequest, CreateUserRequest, DeleteApiTokenRequest, DeleteRoleBindingRequest, DeleteRoleRequest,
-    DeleteUserRequest, GetJwksRequest, GetRoleRequest, GetUserRequest, ListApiTokensRequest, ListAuditEventsRequest,
-    ListPermissionsRequest, ListRoleBindingsRequest, ListRolesRequest, ListUsersRequest, LoginRequest, LogoutRequest,
-    Permission, RefreshTokenRequest, Role, RoleBinding, RotateSigningKeyRequest, UpdateRoleRequest, UpdateUserRequest,
-    User, WhoAmIRequest,
+    DeleteUserRequest, GetJwksRequest, GetRevocationListRequest, GetRoleRequest, GetUserRequest, ListApiTokensRequest,
+    ListAuditEventsRequest, ListPermissionsRequest, ListRoleBindingsRequest, ListRolesRequest, ListUsersRequest,
+    LoginRequest, LogoutRequest, Permission, RefreshTokenRequest, Role, RoleBinding, RotateSigningKeyRequest,
+    UpdateRoleRequest, UpdateUserRequest, User, WhoAmIRequest,
 };
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
@@ -85,6 +85,7 @@ enum Case {
     Logout,
     WhoAmI,
     GetJwks,
+    GetRevocationList,
     RotateSigningKey,
     CreateUser,
     GetTargetUser,
@@ -167,6 +168,7 @@ const TABLE: &[Row] = &[
     row("AuthService.Login",              "unknown user, wrong password", Case::LoginWrongPassword,        open(UNAUTHENTICATED)),
     row("AuthService.RefreshToken",       "never-issued token",           Case::RefreshBogusToken,         open(UNAUTHENTICATED)),
     row("AuthService.GetJwks",            "{}",                           Case::GetJwks,                   open(OK)),
+    row("AuthService.GetRevocationList",  "{}",                           Case::GetRevocationList,         open(OK)),
     // Self-service.
     row("AuthService.Logout",             "own session (fresh login)",    Case::Logout,                    gated(OK, OK)),
     row("AuthService.WhoAmI",             "{}",                           Case::WhoAmI,                    gated(OK, OK)),
@@ -386,6 +388,11 @@ async fn call(fx: &Fixture, case: Case, who: Who, target: &str) -> Result<String
         }
         Case::WhoAmI => show(auth.auth().who_am_i(with(WhoAmIRequest {}, token)).await),
         Case::GetJwks => show(auth.auth().get_jwks(with(GetJwksRequest {}, token)).await),
+        Case::GetRevocationList => show(
+            auth.auth()
+                .get_revocation_list(with(GetRevocationListRequest {}, token))
+                .await,
+        ),
         Case::RotateSigningKey => show(
             auth.auth()
                 .rotate_signing_key(with(RotateSigningKeyRequest {}, token))
@@ -822,7 +829,7 @@ async fn every_rpc_answers_every_identity_as_the_table_says(url: &str) {
         covered, declared,
         "the table must cover exactly the RPCs the protos declare"
     );
-    assert_eq!(declared.len(), 26, "{declared:?}");
+    assert_eq!(declared.len(), 27, "{declared:?}");
 
     let fx = fixture(url).await;
     let mut failures = Vec::new();

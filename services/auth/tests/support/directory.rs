@@ -208,3 +208,61 @@ impl Drop for Fixture {
         }
     }
 }
+
+impl Fixture {
+    /// Adds a person under ou=people with this uid (which the test makes unique), like [`Fixture::add_person`];
+    /// the entry is named by its uid, or by its cn (`cn=Given <uid> Sur <uid>`) as some directories name people.
+    pub async fn add_person_with_uid(&self, uid: &str, named_by_cn: bool) -> Person {
+        let dn = if named_by_cn {
+            format!("cn=Given {uid} Sur {uid},{}", self.people())
+        } else {
+            format!("uid={uid},{}", self.people())
+        };
+        let person = Person {
+            uid: uid.to_owned(),
+            dn,
+            password: uuid::Uuid::new_v4().to_string(),
+            mail: format!("{}@cube.test", uid.to_lowercase()),
+            given_name: format!("Given {uid}"),
+            surname: format!("Sur {uid}"),
+        };
+        let cn = format!("{} {}", person.given_name, person.surname);
+        let attrs: Vec<(&str, HashSet<&str>)> = vec![
+            ("objectClass", HashSet::from(["inetOrgPerson"])),
+            ("uid", HashSet::from([person.uid.as_str()])),
+            ("cn", HashSet::from([cn.as_str()])),
+            ("sn", HashSet::from([person.surname.as_str()])),
+            ("givenName", HashSet::from([person.given_name.as_str()])),
+            ("mail", HashSet::from([person.mail.as_str()])),
+            ("userPassword", HashSet::from([person.password.as_str()])),
+        ];
+        self.add(&person.dn, attrs).await;
+        person
+    }
+
+    /// Removes a member from a group.
+    pub async fn remove_member(&self, group: &str, member: &str) {
+        let mut ldap = self.admin().await;
+        ldap.modify(group, vec![Mod::Delete("member", HashSet::from([member]))])
+            .await
+            .expect("modify request")
+            .success()
+            .unwrap_or_else(|e| panic!("remove member {member} from {group}: {e}"));
+        let _ = ldap.unbind().await;
+    }
+
+    /// Deletes an entry the test added (a person no group lists any more, or a group).
+    pub async fn delete(&self, dn: &str) {
+        let mut ldap = self.admin().await;
+        ldap.delete(dn)
+            .await
+            .expect("delete request")
+            .success()
+            .unwrap_or_else(|e| panic!("delete {dn}: {e}"));
+        let _ = ldap.unbind().await;
+        self.created
+            .lock()
+            .expect("created list")
+            .retain(|created| created != dn);
+    }
+}

@@ -7,6 +7,7 @@
 )]
 
 pub mod directory;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +47,12 @@ pub fn args(database_url: &str) -> AuthArgs {
     let mut args = AuthArgs::embedded(database_url.to_owned(), Some(ADMIN_PASSWORD.to_owned()))
         .unwrap_or_else(|error| panic!("auth flags: {error}"));
     args.ldap.server = None;
+    args
+}
+
+/// Trusts loopback as a proxy, so that a test's `x-forwarded-for` names the client address of its logins.
+pub fn trusting_loopback(mut args: AuthArgs) -> AuthArgs {
+    args.trusted_proxies = vec![std::net::IpAddr::from([127, 0, 0, 1])];
     args
 }
 
@@ -161,6 +168,26 @@ impl Harness {
             })
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// Logs in as if from `client`, which the service believes when it trusts 127.0.0.1 as a proxy (see
+    /// [`trusting_loopback`]).
+    pub async fn try_login_from(
+        &self,
+        username: &str,
+        password: &str,
+        client: std::net::IpAddr,
+    ) -> Result<LoginResponse, tonic::Status> {
+        let mut request = tonic::Request::new(LoginRequest {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        });
+        let forwarded = client
+            .to_string()
+            .parse()
+            .unwrap_or_else(|error| panic!("address as metadata: {error}"));
+        request.metadata_mut().insert("x-forwarded-for", forwarded);
+        self.auth().login(request).await.map(tonic::Response::into_inner)
     }
 
     /// Logs in as admin and returns the access token.

@@ -7,11 +7,13 @@ pub mod jws;
 mod layer;
 mod principal;
 mod remote;
+mod username;
 mod verifier;
 
 pub use layer::{Gate, bearer_token, forward_token};
 pub use principal::{ADMIN_ROLE, Credential, Permission, Principal};
 pub use remote::RemoteAuthority;
+pub use username::{MAX_USERNAME_BYTES, canonical_username};
 /// Builds the gate of a service other than auth: tokens verified with keys from the auth service behind
 /// `auth`, API tokens checked with it, and revocations followed on `bus` (as a consumer group of this process
 /// alone, named after `service`). Keep the returned feed alive while serving.
@@ -36,6 +38,7 @@ pub async fn service_gate(
 }
 
 pub use verifier::{
-    API_TOKEN_PREFIX, Authority, Revocation, RevocationFeed, TOKEN_REVOKED, USER_DEACTIVATED, Verifier,
-    VerifierOptions, unix_now,
+    API_TOKEN_PREFIX, Authority, Digest, Revocation, RevocationFeed, RevokedCredential, RevokedSubject,
+    SIGNING_KEY_ROTATED, TOKEN_REVOKED, USER_DEACTIVATED, Verifier, VerifierOptions, digest, digest_from_hex,
+    digest_hex, unix_now,
 };

@@ -1,16 +1,18 @@
-//! The auth service as seen from another service: its public keys and its answer to "who holds this API token".
+//! The auth service as seen from another service: its public keys, its answer to "who holds this API token", and
+//! the revocations in force.
 
 use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
-use cube_proto::cube::auth::v1::{CredentialKind, GetJwksRequest, WhoAmIRequest};
+use cube_proto::cube::auth::v1::{CredentialKind, GetJwksRequest, GetRevocationListRequest, WhoAmIRequest};
 use futures::future::BoxFuture;
 
 use super::jws::PublicKey;
 use super::principal::{Credential, Principal};
-use super::verifier::{Authority, unix_now};
+use super::verifier::{Authority, RevokedCredential, unix_now};
 use crate::channel::Channel;
 use crate::error::ApiError;
 
-/// Asks the auth service, over a [`Channel`], for keys (`GetJwks`) and API-token checks (`WhoAmI` with the token).
+/// Asks the auth service, over a [`Channel`], for keys (`GetJwks`), API-token checks (`WhoAmI` with the token) and
+/// revocations (`GetRevocationList`).
 #[derive(Debug, Clone)]
 pub struct RemoteAuthority {
     client: AuthServiceClient<Channel>,
@@ -100,6 +102,28 @@ impl Authority for RemoteAuthority {
                 issued_at: unix_now(),
                 expires_at: credential.expire_time.map(|time| time.seconds),
             })
+        })
+    }
+
+    fn revocations(&self) -> BoxFuture<'_, Result<Vec<RevokedCredential>, ApiError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let list = client
+                .get_revocation_list(GetRevocationListRequest {})
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            Ok(list
+                .revocations
+                .iter()
+                .filter_map(|revoked| {
+                    let credential = RevokedCredential::from_proto(revoked);
+                    if credential.is_none() {
+                        tracing::warn!(kind = revoked.kind, "ignoring a malformed revocation auth listed");
+                    }
+                    credential
+                })
+                .collect())
         })
     }
 }

@@ -1,15 +1,16 @@
 //! Verifies bearer tokens locally: access tokens by their Ed25519 signature with keys fetched from auth (again
-//! whenever an unknown key id turns up), API tokens by asking auth, both cached; and refuses revoked credentials,
-//! which auth announces on the event bus.
+//! when an unknown key id turns up, at most once per interval), API tokens by asking auth, both cached; and
+//! refuses revoked credentials, which it loads from auth before it answers its first call and then follows on
+//! the event bus.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cube_bus::{BusError, EventBus};
-use cube_proto::cube::auth::v1::{RevokedKind, TokenRevoked, UserDeactivated};
+use cube_proto::cube::auth::v1::{RevokedKind, SigningKeyRotated, TokenRevoked, UserDeactivated};
 use futures::StreamExt as _;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
 use prost::Message as _;
 
 use super::jws::{self, PublicKey, TokenError};
@@ -23,6 +24,8 @@ pub const API_TOKEN_PREFIX: &str = "cube_";
 pub const TOKEN_REVOKED: &str = "token.revoked";
 /// The bus topic auth announces deactivated (or deleted) users on.
 pub const USER_DEACTIVATED: &str = "user.deactivated";
+/// The bus topic auth announces signing-key rotations on.
+pub const SIGNING_KEY_ROTATED: &str = "signing_key.rotated";
 
 /// Where a [`Verifier`] gets what it cannot work out alone: the auth service, over the network or in-process.
 pub trait Authority: Send + Sync + 'static {
@@ -31,6 +34,9 @@ pub trait Authority: Send + Sync + 'static {
 
     /// Checks an API token and returns its holder; `UNAUTHENTICATED` when it is unknown, revoked or expired.
     fn introspect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>>;
+
+    /// Returns the revocations still in force, which a verifier loads before it answers its first call.
+    fn revocations(&self) -> BoxFuture<'_, Result<Vec<RevokedCredential>, ApiError>>;
 }
 
 /// How a [`Verifier`] caches and checks.
@@ -41,7 +47,9 @@ pub struct VerifierOptions {
     /// How long an API token, once checked with auth, is trusted without asking again. Revocation events cut
     /// it short; without them this bounds how late a revocation takes effect.
     pub api_token_ttl: Duration,
-    /// The shortest time between two key fetches, so tokens with made-up key ids cannot flood auth.
+    /// The shortest time between two key fetches, so tokens with made-up key ids cannot flood auth. A token with
+    /// an unknown key id that comes sooner is refused at once, and the keys are fetched again when the interval
+    /// ends, so a key rotated meanwhile is known at most this long after its first token was refused.
     pub key_refetch_interval: Duration,
     /// The most verified tokens kept.
     pub cache_capacity: usize,
@@ -54,7 +62,7 @@ impl Default for VerifierOptions {
         Self {
             issuer: "cube".into(),
             api_token_ttl: Duration::from_secs(2),
-            key_refetch_interval: Duration::from_secs(1),
+            key_refetch_interval: Duration::from_millis(500),
             cache_capacity: 50_000,
             leeway_seconds: 60,
         }
@@ -79,9 +87,25 @@ struct Inner {
     authority: Arc<dyn Authority>,
     options: VerifierOptions,
     keys: RwLock<HashMap<String, PublicKey>>,
-    last_key_fetch: tokio::sync::Mutex<Option<Instant>>,
+    key_fetch: Mutex<KeyFetch>,
     cache: RwLock<HashMap<Box<str>, Cached>>,
     revocations: RwLock<Revocations>,
+    /// Set once the revocations in force have been loaded from the authority.
+    revocations_loaded: tokio::sync::OnceCell<()>,
+}
+
+/// A key fetch that every caller with an unknown key id shares: `Err` holds why auth could not be asked.
+type SharedFetch = Shared<BoxFuture<'static, Result<(), String>>>;
+
+/// The state of key fetching, shared by every call.
+#[derive(Default)]
+struct KeyFetch {
+    /// When the last fetch started.
+    last: Option<Instant>,
+    /// The fetch under way, if any.
+    running: Option<SharedFetch>,
+    /// Whether a fetch is scheduled for the end of the current interval.
+    trailing: bool,
 }
 
 struct Cached {
@@ -92,40 +116,153 @@ struct Cached {
     recheck_at: Option<Instant>,
 }
 
-/// Revoked credentials, each kept until it would have expired anyway.
+impl RevokedCredential {
+    /// Returns the revocation as `GetRevocationList` lists it.
+    pub fn to_proto(&self) -> cube_proto::cube::auth::v1::RevokedCredential {
+        let time = |seconds: i64| prost_types::Timestamp { seconds, nanos: 0 };
+        cube_proto::cube::auth::v1::RevokedCredential {
+            kind: self.subject.kind() as i32,
+            subject_sha256: digest_hex(&self.digest),
+            time: (self.issued_until != i64::MAX).then(|| time(self.issued_until)),
+            expire_time: Some(time(self.forget_after)),
+        }
+    }
+
+    /// Reads a revocation as `GetRevocationList` lists it; `None` when it is malformed.
+    pub fn from_proto(revoked: &cube_proto::cube::auth::v1::RevokedCredential) -> Option<Self> {
+        Some(Self {
+            subject: RevokedSubject::of_kind(revoked.kind())?,
+            digest: digest_from_hex(&revoked.subject_sha256)?,
+            issued_until: revoked.time.as_ref().map_or(i64::MAX, |time| time.seconds),
+            forget_after: revoked.expire_time.as_ref()?.seconds,
+        })
+    }
+}
+
+/// Revoked credentials by what they name and its digest, each kept until it would have expired anyway.
 #[derive(Default)]
 struct Revocations {
-    sessions: HashMap<String, i64>,
-    api_tokens: HashMap<String, i64>,
-    /// Username → (every credential issued at or before this time is refused, forget after).
-    users: HashMap<String, (i64, i64)>,
-    /// Username → (access tokens issued at or before this time are refused, forget after).
-    user_access_tokens: HashMap<String, (i64, i64)>,
+    /// (what, digest) → (credentials issued at or before this Unix second are refused, forget after).
+    entries: HashMap<(RevokedSubject, Digest), (i64, i64)>,
 }
 
 impl Revocations {
     fn refuses(&self, principal: &Principal) -> bool {
-        let before = |map: &HashMap<String, (i64, i64)>| {
-            map.get(&principal.username)
-                .is_some_and(|(not_before, _)| principal.issued_at <= *not_before)
+        if self.entries.is_empty() {
+            return false;
+        }
+        let user = digest(&principal.username);
+        let issued_before = |subject: RevokedSubject| {
+            self.entries
+                .get(&(subject, user))
+                .is_some_and(|(issued_until, _)| principal.issued_at <= *issued_until)
         };
-        if before(&self.users) {
+        if issued_before(RevokedSubject::User) {
             return true;
         }
         match &principal.credential {
             Credential::AccessToken { session, .. } => {
-                self.sessions.contains_key(session) || before(&self.user_access_tokens)
+                self.entries.contains_key(&(RevokedSubject::Session, digest(session)))
+                    || issued_before(RevokedSubject::UserAccessTokens)
             }
-            Credential::ApiToken { name, .. } => self.api_tokens.contains_key(name),
+            Credential::ApiToken { name, .. } => self.entries.contains_key(&(RevokedSubject::ApiToken, digest(name))),
         }
     }
 
-    fn prune(&mut self, now: i64) {
-        self.sessions.retain(|_, expire| *expire > now);
-        self.api_tokens.retain(|_, expire| *expire > now);
-        self.users.retain(|_, (_, expire)| *expire > now);
-        self.user_access_tokens.retain(|_, (_, expire)| *expire > now);
+    /// Adds a revocation; of two for the same subject the wider one holds.
+    fn apply(&mut self, revoked: &RevokedCredential, now: i64) {
+        if revoked.forget_after <= now {
+            return;
+        }
+        let entry = self
+            .entries
+            .entry((revoked.subject, revoked.digest))
+            .or_insert((i64::MIN, i64::MIN));
+        entry.0 = entry.0.max(revoked.issued_until);
+        entry.1 = entry.1.max(revoked.forget_after);
     }
+
+    fn prune(&mut self, now: i64) {
+        self.entries.retain(|_, (_, forget_after)| *forget_after > now);
+    }
+}
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// Returns the SHA-256 digest of `text`: how revocations name sessions, API tokens and users.
+pub fn digest(text: &str) -> Digest {
+    let mut digest = [0; 32];
+    digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
+    digest
+}
+
+/// Returns a digest in lowercase hex.
+pub fn digest_hex(digest: &Digest) -> String {
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Reads a digest written in hex; `None` when it is not 64 hex digits.
+pub fn digest_from_hex(hex: &str) -> Option<Digest> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut digest = [0; 32];
+    for (byte, pair) in digest.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// What a [`RevokedCredential`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RevokedSubject {
+    /// A login session and every access token issued in it, by session id (without `sessions/`).
+    Session,
+    /// One API token, by resource name (`users/{username}/apiTokens/{token}`).
+    ApiToken,
+    /// Every credential of a user issued until a time, by username.
+    User,
+    /// Every access token of a user issued until a time, by username.
+    UserAccessTokens,
+}
+
+impl RevokedSubject {
+    /// The kind the API names it by.
+    pub fn kind(self) -> RevokedKind {
+        match self {
+            Self::Session => RevokedKind::Session,
+            Self::ApiToken => RevokedKind::ApiToken,
+            Self::User => RevokedKind::User,
+            Self::UserAccessTokens => RevokedKind::UserAccessTokens,
+        }
+    }
+
+    /// The subject of a kind; `None` for `REVOKED_KIND_UNSPECIFIED`.
+    pub fn of_kind(kind: RevokedKind) -> Option<Self> {
+        match kind {
+            RevokedKind::Session => Some(Self::Session),
+            RevokedKind::ApiToken => Some(Self::ApiToken),
+            RevokedKind::User => Some(Self::User),
+            RevokedKind::UserAccessTokens => Some(Self::UserAccessTokens),
+            RevokedKind::Unspecified => None,
+        }
+    }
+}
+
+/// A revocation in force as auth stores and lists it: what it names is known only by digest, so the list can
+/// be handed to any caller without naming users or sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedCredential {
+    /// What is revoked.
+    pub subject: RevokedSubject,
+    /// The SHA-256 digest of the session id, API token name or username.
+    pub digest: Digest,
+    /// Credentials issued at or before this Unix second are refused; `i64::MAX` (all of them) for sessions and
+    /// API tokens.
+    pub issued_until: i64,
+    /// When the revocation may be forgotten (Unix seconds): what it names would have expired by then.
+    pub forget_after: i64,
 }
 
 /// A revocation to apply, as announced by auth.
@@ -164,6 +301,38 @@ pub enum Revocation {
 /// How long a user-wide revocation is remembered: longer than any access token or API-token cache lives.
 const USER_REVOCATION_MEMORY: i64 = 24 * 60 * 60;
 
+impl Revocation {
+    /// Returns the revocation as it is stored and listed, its subject digested.
+    pub fn credential(&self) -> RevokedCredential {
+        match self {
+            Self::Session { id, expires_at } => RevokedCredential {
+                subject: RevokedSubject::Session,
+                digest: digest(id.strip_prefix("sessions/").unwrap_or(id)),
+                issued_until: i64::MAX,
+                forget_after: *expires_at,
+            },
+            Self::ApiToken { name, expires_at } => RevokedCredential {
+                subject: RevokedSubject::ApiToken,
+                digest: digest(name),
+                issued_until: i64::MAX,
+                forget_after: *expires_at,
+            },
+            Self::User { username, at } => RevokedCredential {
+                subject: RevokedSubject::User,
+                digest: digest(username),
+                issued_until: *at,
+                forget_after: at.saturating_add(USER_REVOCATION_MEMORY),
+            },
+            Self::UserAccessTokens { username, at } => RevokedCredential {
+                subject: RevokedSubject::UserAccessTokens,
+                digest: digest(username),
+                issued_until: *at,
+                forget_after: at.saturating_add(USER_REVOCATION_MEMORY),
+            },
+        }
+    }
+}
+
 /// Returns the current time in seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -185,9 +354,10 @@ impl Verifier {
                 authority,
                 options,
                 keys: RwLock::new(HashMap::new()),
-                last_key_fetch: tokio::sync::Mutex::new(None),
+                key_fetch: Mutex::new(KeyFetch::default()),
                 cache: RwLock::new(HashMap::new()),
                 revocations: RwLock::new(Revocations::default()),
+                revocations_loaded: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -196,8 +366,9 @@ impl Verifier {
     ///
     /// # Errors
     /// `UNAUTHENTICATED` when the token is malformed, forged, expired or revoked; `UNAVAILABLE` when auth
-    /// cannot be asked.
+    /// cannot be asked (also while the revocations in force have not been loaded from it).
     pub async fn verify(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
+        self.load_revocations().await?;
         let now = unix_now();
         if let Some(principal) = self.cached(token, now) {
             return self.unless_revoked(principal);
@@ -277,7 +448,7 @@ impl Verifier {
         let key = match self.key(&kid) {
             Some(key) => key,
             None => {
-                self.refetch_keys(&kid).await?;
+                self.refetch_keys().await?;
                 self.key(&kid).ok_or_else(|| refuse(TokenError::UnknownKey(kid)))?
             }
         };
@@ -290,59 +461,138 @@ impl Verifier {
         keys.get(kid).cloned()
     }
 
-    /// Fetches the keys again, at most once per refetch interval: a call that comes sooner waits for the
-    /// interval to pass (callers queue on the lock, and those behind find the key already fetched), so a freshly
-    /// rotated key is never refused and made-up key ids cannot flood auth.
-    async fn refetch_keys(&self, kid: &str) -> Result<(), ApiError> {
-        let mut last = self.inner.last_key_fetch.lock().await;
-        if self.key(kid).is_some() {
-            return Ok(());
-        }
-        if let Some(at) = *last {
-            let interval = self.inner.options.key_refetch_interval;
-            if at.elapsed() < interval {
-                tokio::time::sleep(interval.saturating_sub(at.elapsed())).await;
+    /// Makes sure the keys are fresh for a token with a key id not seen yet: waits for the fetch under way, or
+    /// starts one when the last is at least an interval old; otherwise returns at once (the token is refused) and
+    /// schedules a fetch for the end of the interval. So made-up key ids neither flood auth nor make anyone wait,
+    /// and a freshly rotated key is known within one interval.
+    async fn refetch_keys(&self) -> Result<(), ApiError> {
+        let running = {
+            let mut fetch = self.inner.key_fetch.lock().unwrap_or_else(PoisonError::into_inner);
+            match (&fetch.running, fetch.last) {
+                (Some(running), _) => running.clone(),
+                (None, Some(last)) if last.elapsed() < self.inner.options.key_refetch_interval => {
+                    if !fetch.trailing {
+                        fetch.trailing = true;
+                        let wait = self.inner.options.key_refetch_interval.saturating_sub(last.elapsed());
+                        let verifier = self.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            let running = {
+                                let mut fetch = verifier.inner.key_fetch.lock().unwrap_or_else(PoisonError::into_inner);
+                                fetch.trailing = false;
+                                match &fetch.running {
+                                    Some(running) => running.clone(),
+                                    None => verifier.start_key_fetch(&mut fetch),
+                                }
+                            };
+                            if let Err(error) = running.await {
+                                tracing::warn!(%error, "fetching the keys that verify access tokens");
+                            }
+                        });
+                    }
+                    return Ok(());
+                }
+                (None, _) => self.start_key_fetch(&mut fetch),
+            }
+        };
+        running.await.map_err(|error| ApiError::Unavailable {
+            service: "auth".into(),
+            source: error.into(),
+        })
+    }
+
+    /// Starts a key fetch as a task of its own, so it completes even when every caller waiting for it gives up.
+    fn start_key_fetch(&self, fetch: &mut KeyFetch) -> SharedFetch {
+        fetch.last = Some(Instant::now());
+        let verifier = self.clone();
+        let task = tokio::spawn(async move {
+            let outcome = match verifier.inner.authority.public_keys().await {
+                Ok(keys) => {
+                    let keys = keys.into_iter().map(|key| (key.kid.clone(), key)).collect();
+                    *verifier.inner.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+                    Ok(())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            verifier
+                .inner
+                .key_fetch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .running = None;
+            outcome
+        });
+        let running = task
+            .map(|joined| joined.unwrap_or_else(|error| Err(error.to_string())))
+            .boxed()
+            .shared();
+        fetch.running = Some(running.clone());
+        running
+    }
+
+    /// Follows a key rotation: tokens of the retired keys are refused from now on, and the keys are fetched
+    /// again at once (the announcement comes from auth, so no interval applies).
+    async fn keys_rotated(&self, retired: &[String]) {
+        {
+            let mut keys = self.inner.keys.write().unwrap_or_else(PoisonError::into_inner);
+            for kid in retired {
+                keys.remove(kid);
             }
         }
-        let keys = self.inner.authority.public_keys().await?;
-        *last = Some(Instant::now());
-        let keys = keys.into_iter().map(|key| (key.kid.clone(), key)).collect();
-        *self.inner.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+        // Tokens already verified with a retired key are in the cache: drop them all, they are re-verified cheaply.
+        if !retired.is_empty() {
+            self.inner.cache.write().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+        let running = {
+            let mut fetch = self.inner.key_fetch.lock().unwrap_or_else(PoisonError::into_inner);
+            match &fetch.running {
+                Some(running) => running.clone(),
+                None => self.start_key_fetch(&mut fetch),
+            }
+        };
+        if let Err(error) = running.await {
+            tracing::warn!(%error, "fetching the keys after a rotation");
+        }
+    }
+
+    /// Loads the revocations in force from the authority, once: calls wait for the load under way, and a failed
+    /// load is tried again by the next call, which until then is `UNAVAILABLE`, so a restarted service never
+    /// accepts a credential revoked before it started.
+    async fn load_revocations(&self) -> Result<(), ApiError> {
+        self.inner
+            .revocations_loaded
+            .get_or_try_init(|| async {
+                let revoked = self.inner.authority.revocations().await?;
+                let now = unix_now();
+                let mut revocations = self.inner.revocations.write().unwrap_or_else(PoisonError::into_inner);
+                for revocation in &revoked {
+                    revocations.apply(revocation, now);
+                }
+                tracing::debug!(count = revoked.len(), "loaded the revocations in force");
+                Ok(())
+            })
+            .await?;
         Ok(())
     }
 
     /// Applies a revocation: from now on the credentials it names are refused.
-    pub fn revoke(&self, revocation: Revocation) {
+    pub fn revoke(&self, revocation: &Revocation) {
         let now = unix_now();
         let mut revocations = self.inner.revocations.write().unwrap_or_else(PoisonError::into_inner);
         revocations.prune(now);
-        match revocation {
-            Revocation::Session { id, expires_at } => {
-                let id = id.strip_prefix("sessions/").map_or(id.clone(), str::to_owned);
-                revocations.sessions.insert(id, expires_at);
-            }
-            Revocation::ApiToken { name, expires_at } => {
-                revocations.api_tokens.insert(name, expires_at);
-            }
-            Revocation::User { username, at } => {
-                revocations.users.insert(username, (at, at + USER_REVOCATION_MEMORY));
-            }
-            Revocation::UserAccessTokens { username, at } => {
-                revocations
-                    .user_access_tokens
-                    .insert(username, (at, at + USER_REVOCATION_MEMORY));
-            }
-        }
+        revocations.apply(&revocation.credential(), now);
     }
 
     /// Subscribes to auth's revocation events on `bus` (as consumer group `group`, which must be unique to this
-    /// process so that every replica sees every event) and applies them until the returned feed is dropped.
+    /// process so that every replica sees every event) and applies them until the returned feed is dropped; then
+    /// loads the revocations in force (retrying until auth answers), so that nothing revoked before this process
+    /// started, nor between the load and the subscription, is missed.
     ///
     /// # Errors
     /// Returns an error when the subscriptions cannot be made.
     pub async fn follow(&self, bus: &Arc<dyn EventBus>, group: &str) -> Result<RevocationFeed, BusError> {
         let mut tasks = Vec::new();
-        for topic in [TOKEN_REVOKED, USER_DEACTIVATED] {
+        for topic in [TOKEN_REVOKED, USER_DEACTIVATED, SIGNING_KEY_ROTATED] {
             // From the oldest event still held: revocations announced before this process started apply too.
             let mut subscription = bus.subscribe_retained(topic, group, "verifier").await?;
             let verifier = self.clone();
@@ -356,9 +606,16 @@ impl Verifier {
                             continue;
                         }
                     };
-                    match decode(topic, &delivery.payload) {
-                        Some(revocation) => verifier.revoke(revocation),
-                        None => tracing::warn!(topic, id = %delivery.id, "undecodable revocation event"),
+                    if topic == SIGNING_KEY_ROTATED {
+                        match SigningKeyRotated::decode(delivery.payload.as_ref()) {
+                            Ok(rotated) => verifier.keys_rotated(&rotated.retired_kids).await,
+                            Err(error) => tracing::warn!(%error, id = %delivery.id, "undecodable key rotation event"),
+                        }
+                    } else {
+                        match decode(topic, &delivery.payload) {
+                            Some(revocation) => verifier.revoke(&revocation),
+                            None => tracing::warn!(topic, id = %delivery.id, "undecodable revocation event"),
+                        }
                     }
                     if let Err(error) = delivery.ack().await {
                         tracing::warn!(%error, topic, "acknowledging a revocation event");
@@ -366,6 +623,13 @@ impl Verifier {
                 }
             }));
         }
+        let verifier = self.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Err(error) = verifier.load_revocations().await {
+                tracing::warn!(%error, "loading the revocations in force; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
         Ok(RevocationFeed { tasks })
     }
 }
@@ -396,7 +660,7 @@ fn decode(topic: &str, payload: &[u8]) -> Option<Revocation> {
             username: username(&event.user)?,
             at: seconds(event.time),
         }),
-        RevokedKind::Unspecified => None,
+        RevokedKind::User | RevokedKind::Unspecified => None,
     }
 }
 
@@ -411,5 +675,135 @@ impl Drop for RevocationFeed {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(username: &str, session: &str, issued_at: i64) -> Principal {
+        Principal {
+            username: username.into(),
+            roles: Vec::new(),
+            groups: Vec::new(),
+            credential: Credential::AccessToken {
+                id: "jti".into(),
+                session: session.into(),
+            },
+            issued_at,
+            expires_at: Some(issued_at + 900),
+        }
+    }
+
+    #[test]
+    fn revocations_refuse_what_they_name_and_nothing_else() {
+        let now = 1_000_000;
+        let mut revocations = Revocations::default();
+        for revocation in [
+            Revocation::Session {
+                id: "sessions/s1".into(),
+                expires_at: now + 900,
+            },
+            Revocation::UserAccessTokens {
+                username: "erin".into(),
+                at: now,
+            },
+            Revocation::User {
+                username: "dave".into(),
+                at: now,
+            },
+            // Already expired: forgotten at once.
+            Revocation::Session {
+                id: "old".into(),
+                expires_at: now - 1,
+            },
+        ] {
+            revocations.apply(&revocation.credential(), now);
+        }
+        assert!(
+            revocations.refuses(&access("alice", "s1", now - 10)),
+            "the session, bare id"
+        );
+        assert!(
+            !revocations.refuses(&access("alice", "s2", now - 10)),
+            "another session"
+        );
+        assert!(
+            !revocations.refuses(&access("alice", "old", now - 10)),
+            "an expired revocation"
+        );
+        assert!(
+            revocations.refuses(&access("erin", "s3", now)),
+            "issued in the second of the revocation"
+        );
+        assert!(!revocations.refuses(&access("erin", "s3", now + 1)), "issued after it");
+        assert!(revocations.refuses(&access("dave", "s4", now - 100)));
+        let api_token = Principal {
+            credential: Credential::ApiToken {
+                name: "users/dave/apiTokens/t".into(),
+                scopes: Vec::new(),
+            },
+            ..access("dave", "", now - 1)
+        };
+        assert!(
+            revocations.refuses(&api_token),
+            "a user revocation covers API tokens too"
+        );
+        revocations.prune(now + 901);
+        assert!(
+            !revocations.refuses(&access("alice", "s1", now - 10)),
+            "pruned after its expiry"
+        );
+    }
+
+    #[test]
+    fn of_two_revocations_of_one_user_the_later_holds() {
+        let mut revocations = Revocations::default();
+        let revoke = |at: i64| {
+            Revocation::User {
+                username: "dave".into(),
+                at,
+            }
+            .credential()
+        };
+        revocations.apply(&revoke(200), 0);
+        revocations.apply(&revoke(100), 0);
+        assert!(revocations.refuses(&access("dave", "s", 150)));
+    }
+
+    #[test]
+    fn listed_revocations_read_back_as_they_were() {
+        for revocation in [
+            Revocation::Session {
+                id: "s1".into(),
+                expires_at: 50,
+            },
+            Revocation::ApiToken {
+                name: "users/a/apiTokens/t".into(),
+                expires_at: 60,
+            },
+            Revocation::User {
+                username: "a".into(),
+                at: 70,
+            },
+            Revocation::UserAccessTokens {
+                username: "a".into(),
+                at: 80,
+            },
+        ] {
+            let credential = revocation.credential();
+            let listed = credential.to_proto();
+            assert_eq!(listed.subject_sha256.len(), 64);
+            assert_eq!(RevokedCredential::from_proto(&listed), Some(credential));
+        }
+        let mut malformed = Revocation::User {
+            username: "a".into(),
+            at: 1,
+        }
+        .credential()
+        .to_proto();
+        malformed.subject_sha256 = "zz".repeat(32);
+        assert_eq!(RevokedCredential::from_proto(&malformed), None);
     }
 }
