@@ -199,6 +199,7 @@ async fn loopback_listener() -> TcpListener {
 pub async fn start_echo() -> Running {
     start_server(
         cube_kit::Server::new("echo", ECHO_PACKAGE)
+            .describe(echo::FILE_DESCRIPTOR_SET)
             .without_authentication()
             .add_service(EchoServiceServer::new(Echo)),
     )
@@ -209,6 +210,7 @@ pub async fn start_echo() -> Running {
 pub async fn start_echo_behind(gate: cube_kit::identity::Gate) -> Running {
     start_server(
         cube_kit::Server::new("echo", ECHO_PACKAGE)
+            .describe(echo::FILE_DESCRIPTOR_SET)
             .authenticate(gate)
             .add_service(EchoServiceServer::new(Echo)),
     )
@@ -240,6 +242,7 @@ pub async fn start_server(server: cube_kit::Server) -> Running {
 /// Returns the echo service's routes, for calling it in-process.
 pub fn echo_routes() -> tonic::service::Routes {
     cube_kit::Server::new("echo", ECHO_PACKAGE)
+        .describe(echo::FILE_DESCRIPTOR_SET)
         .without_authentication()
         .add_service(EchoServiceServer::new(Echo))
         .into_routes()

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cube_kit::dn;
-use cube_kit::identity::Principal;
+use cube_kit::identity::{Principal, canonical_username};
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::projects::v1::member::Subject;
@@ -133,28 +133,16 @@ fn group_dn(field: &str, given: &str) -> Result<String, ApiError> {
     Ok(dn)
 }
 
-/// Checks a username in `users/{username}`.
+/// Reads `users/{username}` or `users/me` into a canonical username (see [`canonical_username`]).
 fn username_in(field: &str, name: &str, caller: &Principal) -> Result<String, ApiError> {
     let id = name
         .strip_prefix("users/")
         .ok_or_else(|| ApiError::invalid(field, format!("expected users/{{username}}, got {name:?}")))?;
+    let id = canonical_username(field, id)?;
     if id == "me" {
         return Ok(caller.username.clone());
     }
-    let bytes = id.as_bytes();
-    let valid = (2..=63).contains(&bytes.len())
-        && bytes[0].is_ascii_lowercase()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
-    if !valid {
-        return Err(ApiError::invalid(
-            field,
-            format!("{id:?} is not a username: ^[a-z][a-z0-9-]{{0,61}}[a-z0-9]$"),
-        ));
-    }
-    Ok(id.to_owned())
+    Ok(id)
 }
 
 /// Checks the display name and description of a project.
