@@ -303,8 +303,9 @@ impl Login {
     }
 
     /// Re-reads an LDAP user from the directory before their session is refreshed: updates their profile, groups
-    /// and roles (expiring their earlier access tokens when they lost any), ends every session of a user the
-    /// directory no longer has, and refuses to refresh while the directory cannot be asked.
+    /// and roles (expiring their earlier access tokens when they lost any), deactivates a user the directory no
+    /// longer has (every session and API token of theirs ends), and refuses to refresh while the directory cannot
+    /// be asked.
     async fn reread(&self, row: user::Model, client: Option<std::net::IpAddr>) -> Result<user::Model, ApiError> {
         let core = &self.0;
         let username = row.username.clone();
@@ -329,7 +330,17 @@ impl Login {
                     .all(&txn)
                     .await
                     .map_err(db_error)?;
-                let revocations = core.revoke_sessions(&txn, &sessions).await?;
+                let mut revocations = core.revoke_sessions(&txn, &sessions).await?;
+                // Deactivated, not deleted: their API tokens stop working too, and an admin who finds them back
+                // in the directory reactivates them with their history intact.
+                user::Entity::update_many()
+                    .col_expr(user::Column::Active, Expr::value(false))
+                    .col_expr(user::Column::UpdatedMs, Expr::value(now_ms()))
+                    .filter(user::Column::Username.eq(username.clone()))
+                    .exec(&txn)
+                    .await
+                    .map_err(db_error)?;
+                revocations.push(core.deactivate(&txn, &username, false).await?);
                 audit(
                     &txn,
                     Audit {
@@ -338,13 +349,14 @@ impl Login {
                         target: &format!("users/{username}"),
                         success: false,
                         client,
-                        detail: "the user is no longer in the LDAP directory: their sessions are ended",
+                        detail: "the user is no longer in the LDAP directory: deactivated, their sessions ended",
                     },
                 )
                 .await?;
                 txn.commit().await.map_err(db_error)?;
+                core.profiles.forget(&username);
                 core.committed(revocations);
-                tracing::info!(user = %username, "ldap user gone from the directory: ended their sessions");
+                tracing::info!(user = %username, "ldap user gone from the directory: deactivated, sessions ended");
                 Err(ApiError::Unauthenticated {
                     message: "the account is no longer in the directory: the session has ended".into(),
                 })

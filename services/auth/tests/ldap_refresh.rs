@@ -4,7 +4,7 @@
 
 mod support;
 
-use cube_proto::cube::auth::v1::{LoginResponse, RefreshTokenRequest, WhoAmIRequest};
+use cube_proto::cube::auth::v1::{ApiToken, CreateApiTokenRequest, LoginResponse, RefreshTokenRequest, WhoAmIRequest};
 use tonic::Code;
 
 use support::directory::{Fixture, args as ldap_args};
@@ -133,6 +133,22 @@ async fn a_deleted_entry_ends_every_session_at_the_next_refresh(url: &str) {
     let laptop = auth.login(&person.uid, &person.password).await;
     let phone = auth.login(&person.uid, &person.password).await;
     refresh(&auth, &laptop.refresh_token).await;
+    let api_token = auth
+        .tokens()
+        .create_api_token(authed(
+            CreateApiTokenRequest {
+                parent: "users/me".into(),
+                api_token: Some(ApiToken {
+                    display_name: "ci".into(),
+                    ..ApiToken::default()
+                }),
+            },
+            &laptop.access_token,
+        ))
+        .await
+        .expect("an API token")
+        .into_inner()
+        .secret;
 
     fx.delete(&person.dn).await;
     let status = expect_code(
@@ -143,7 +159,12 @@ async fn a_deleted_entry_ends_every_session_at_the_next_refresh(url: &str) {
     assert!(status.message().contains("no longer in the directory"), "{status:?}");
     // Every session of the user ended: the phone's and the laptop's access tokens are refused, and so is the
     // laptop's refresh token, which was never used since.
-    for (what, token) in [("phone", &phone.access_token), ("laptop", &laptop.access_token)] {
+    // The user is deactivated: every session ended, and the API token made before is refused too.
+    for (what, token) in [
+        ("phone", &phone.access_token),
+        ("laptop", &laptop.access_token),
+        ("API", &api_token),
+    ] {
         expect_code(
             roles(&auth, token).await,
             Code::Unauthenticated,
