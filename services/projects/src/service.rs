@@ -498,6 +498,8 @@ impl Projects {
                 message: format!("projects/{id} changed while this update was applied: read it again and retry"),
             });
         }
+        // Settings and quotas are cached beside the members by the scheduler: the same event clears them.
+        self.0.members_changed(&id).await;
         let row = project::Entity::find_by_id(id.clone())
             .one(&self.0.db)
             .await

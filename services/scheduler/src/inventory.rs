@@ -1,8 +1,9 @@
 //! The node inventory: one Kubernetes client per registered cluster, and shared watches (kube-runtime
-//! reflectors) of its Nodes, of the Pods bound to them and of the Pods still waiting for a node, from which every
-//! query computes labels, what each node offers and what its pods request, and which pods wait and why.
+//! reflectors) of its Nodes, of the Pods bound to them and of the Pods still waiting for a node. The node views
+//! (labels, what each node offers and what its pods request) are kept up to date change by change as the watch
+//! events arrive ([`NodeIndex`]), so no query rebuilds them; which pods wait and why is read from the watches.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -42,6 +43,20 @@ impl Amounts {
         self.gpus += other.gpus;
         for (name, amount) in &other.other {
             *self.other.entry(name.clone()).or_default() += amount;
+        }
+    }
+
+    /// Takes `other` off these amounts (a pod that went), dropping extended resources that reach nothing.
+    fn sub(&mut self, other: &Amounts) {
+        self.cpu_millis -= other.cpu_millis;
+        self.memory_bytes -= other.memory_bytes;
+        self.gpus -= other.gpus;
+        for (name, amount) in &other.other {
+            let entry = self.other.entry(name.clone()).or_default();
+            *entry -= amount;
+            if *entry == 0 {
+                self.other.remove(name);
+            }
         }
     }
 
@@ -154,12 +169,182 @@ struct Watch {
     waiting: Store<Pod>,
     /// How many changes the watches have applied: the inventory's generation.
     changes: Arc<AtomicU64>,
-    /// The node views of one generation, computed once for every query of that generation.
-    views: Arc<Mutex<Option<Generation>>>,
+    /// The node views, updated by every event of the Node and bound Pod watches.
+    index: Arc<Mutex<NodeIndex>>,
 }
 
-/// Node views as of one generation of a cluster's watches.
-type Generation = (u64, Arc<Vec<NodeView>>);
+/// A cluster's nodes as placement sees them, ordered by name; shared, so handing them out copies nothing.
+pub type Nodes = Arc<Vec<Arc<NodeView>>>;
+
+/// How quantities are read: which resource names count as GPUs.
+#[derive(Debug, Clone)]
+struct Units {
+    gpu_resources: Vec<String>,
+}
+
+/// What one bound pod requests of its node.
+type Bound = (String, Amounts);
+
+/// A cluster's node views kept up to date change by change: a Node event replaces that node's view, a bound Pod
+/// event moves that pod's requests on and off its node's view; a watch that lists everything again (after a
+/// restart) replaces the whole of its side once the list is complete.
+#[derive(Debug, Default)]
+struct NodeIndex {
+    /// Node views by name, with what their bound pods request.
+    nodes: BTreeMap<String, Arc<NodeView>>,
+    /// What the unfinished pods bound to each node request, by node name (also of nodes not seen yet).
+    requested: HashMap<String, Amounts>,
+    /// Each unfinished bound pod's node and requests, by `namespace/name`.
+    pods: HashMap<String, Bound>,
+    /// Nodes listed since the Node watch restarted, applied whole when the list is complete.
+    listing_nodes: Option<Vec<Node>>,
+    /// Pods listed since the bound Pod watch restarted, likewise.
+    listing_pods: Option<Vec<Pod>>,
+    /// The views as one list, made when first asked for after a change.
+    snapshot: Option<Nodes>,
+    /// Grows whenever a node comes, goes, or changes its labels or allocatable amounts.
+    shapes: u64,
+}
+
+/// Whether two views of a node differ in what placement judges: labels or allocatable amounts.
+fn shape_changed(old: &NodeView, new: &NodeView) -> bool {
+    old.labels != new.labels || old.allocatable != new.allocatable
+}
+
+fn locked(index: &Mutex<NodeIndex>) -> std::sync::MutexGuard<'_, NodeIndex> {
+    index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+impl NodeIndex {
+    /// The views in name order.
+    fn snapshot(&mut self) -> Nodes {
+        if let Some(snapshot) = &self.snapshot {
+            return snapshot.clone();
+        }
+        let snapshot: Nodes = Arc::new(self.nodes.values().cloned().collect());
+        self.snapshot = Some(snapshot.clone());
+        snapshot
+    }
+
+    fn node_event(&mut self, units: &Units, event: &watcher::Event<Node>) {
+        match event {
+            watcher::Event::Apply(node) => self.apply_node(units, node),
+            watcher::Event::Delete(node) => {
+                let name = node.metadata.name.as_deref().unwrap_or_default();
+                if self.nodes.remove(name).is_some() {
+                    self.shapes += 1;
+                    self.snapshot = None;
+                }
+            }
+            watcher::Event::Init => self.listing_nodes = Some(Vec::new()),
+            watcher::Event::InitApply(node) => self.listing_nodes.get_or_insert_default().push(node.clone()),
+            watcher::Event::InitDone => {
+                let listed = self.listing_nodes.take().unwrap_or_default();
+                let names: BTreeSet<&str> = listed.iter().filter_map(|node| node.metadata.name.as_deref()).collect();
+                let before = self.nodes.len();
+                self.nodes.retain(|name, _| names.contains(name.as_str()));
+                if self.nodes.len() != before {
+                    self.shapes += 1;
+                    self.snapshot = None;
+                }
+                for node in &listed {
+                    self.apply_node(units, node);
+                }
+            }
+        }
+    }
+
+    fn apply_node(&mut self, units: &Units, node: &Node) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let view = units.view(node, self.requested.get(&name).cloned());
+        match self.nodes.get(&name) {
+            // Status heartbeats and the like change nothing a view holds.
+            Some(old) if **old == view => return,
+            Some(old) if !shape_changed(old, &view) => {}
+            _ => self.shapes += 1,
+        }
+        self.nodes.insert(name, Arc::new(view));
+        self.snapshot = None;
+    }
+
+    fn pod_event(&mut self, units: &Units, event: &watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Apply(pod) => {
+                let bound = units.bound(pod);
+                self.set_pod(pod_key(pod), bound);
+            }
+            watcher::Event::Delete(pod) => self.set_pod(pod_key(pod), None),
+            watcher::Event::Init => self.listing_pods = Some(Vec::new()),
+            watcher::Event::InitApply(pod) => self.listing_pods.get_or_insert_default().push(pod.clone()),
+            watcher::Event::InitDone => {
+                let listed: HashMap<String, Option<Bound>> = self
+                    .listing_pods
+                    .take()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|pod| (pod_key(pod), units.bound(pod)))
+                    .collect();
+                let gone: Vec<String> = self
+                    .pods
+                    .keys()
+                    .filter(|key| !listed.contains_key(*key))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.set_pod(key, None);
+                }
+                for (key, bound) in listed {
+                    self.set_pod(key, bound);
+                }
+            }
+        }
+    }
+
+    /// Records what the pod `key` requests of which node now (`None`: nothing, it is gone or finished), moving
+    /// its requests between node views as needed.
+    fn set_pod(&mut self, key: String, bound: Option<Bound>) {
+        let old = match &bound {
+            Some(bound) => self.pods.insert(key, bound.clone()),
+            None => self.pods.remove(&key),
+        };
+        if old == bound {
+            return;
+        }
+        if let Some((node, amounts)) = old {
+            let requested = self.requested.entry(node.clone()).or_default();
+            requested.sub(&amounts);
+            if *requested == Amounts::default() {
+                self.requested.remove(&node);
+            }
+            self.refresh_requested(&node);
+        }
+        if let Some((node, amounts)) = bound {
+            self.requested.entry(node.clone()).or_default().add(&amounts);
+            self.refresh_requested(&node);
+        }
+    }
+
+    /// Puts what node `name`'s pods request into its view.
+    fn refresh_requested(&mut self, name: &str) {
+        let requested = self.requested.get(name).cloned().unwrap_or_default();
+        if let Some(view) = self.nodes.get_mut(name)
+            && view.requested != requested
+        {
+            let mut changed = (**view).clone();
+            changed.requested = requested;
+            *view = Arc::new(changed);
+            self.snapshot = None;
+        }
+    }
+}
 
 /// A cluster of the inventory: the configuration it was connected with, and its watches or why it has none.
 struct Member {
@@ -179,7 +364,7 @@ impl Drop for Member {
 /// The inventory of every registered cluster; [`Fleet::reload`] follows a changed registry.
 pub struct Fleet {
     clusters: RwLock<BTreeMap<String, Arc<Member>>>,
-    options: InventoryOptions,
+    units: Arc<Units>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -196,12 +381,13 @@ impl std::fmt::Debug for Fleet {
 }
 
 /// Drives a reflector until the task is aborted, logging watch errors (the watcher retries by itself).
-/// Counts every change the reflector applies in `changes`.
+/// Hands every event to `seen` once the reflector has applied it, then counts it in `changes`.
 fn drive<K>(
     cluster: String,
     api: Api<K>,
     config: watcher::Config,
     changes: Arc<AtomicU64>,
+    mut seen: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -213,7 +399,10 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 // The store has the change by now.
-                Ok(_) => changes.fetch_add(1, AtomicOrdering::Release),
+                Ok(event) => {
+                    seen(&event);
+                    changes.fetch_add(1, AtomicOrdering::Release)
+                }
                 Err(error) => {
                     tracing::warn!(%cluster, %error, "watching the cluster");
                     continue;
@@ -226,15 +415,20 @@ where
 
 /// Connects to a cluster that has a Kubernetes API and starts watching its Nodes, its bound Pods and its waiting
 /// Pods; a cluster that cannot be connected to is kept, with the reason, and reported unhealthy.
-async fn member(cluster: &ClusterConfig) -> Member {
+async fn member(cluster: &ClusterConfig, units: &Arc<Units>) -> Member {
     match cluster.client().await {
         Ok(client) => {
             let changes = Arc::new(AtomicU64::new(0));
+            let index = Arc::new(Mutex::new(NodeIndex::default()));
             let (nodes, node_task) = drive(
                 cluster.name.clone(),
                 Api::<Node>::all(client.clone()),
                 watcher::Config::default(),
                 changes.clone(),
+                {
+                    let (index, units) = (index.clone(), units.clone());
+                    move |event| locked(&index).node_event(&units, event)
+                },
             );
             // Only pods bound to a node and not finished request anything of it.
             let bound =
@@ -244,6 +438,10 @@ async fn member(cluster: &ClusterConfig) -> Member {
                 Api::<Pod>::all(client.clone()),
                 bound,
                 changes.clone(),
+                {
+                    let (index, units) = (index.clone(), units.clone());
+                    move |event| locked(&index).pod_event(&units, event)
+                },
             );
             let unbound = watcher::Config::default().fields("spec.nodeName=,status.phase=Pending");
             let (waiting, waiting_task) = drive(
@@ -251,6 +449,7 @@ async fn member(cluster: &ClusterConfig) -> Member {
                 Api::<Pod>::all(client.clone()),
                 unbound,
                 changes.clone(),
+                |_| {},
             );
             Member {
                 config: cluster.clone(),
@@ -260,7 +459,7 @@ async fn member(cluster: &ClusterConfig) -> Member {
                     pods,
                     waiting,
                     changes,
-                    views: Arc::new(Mutex::new(None)),
+                    index,
                 }),
                 tasks: vec![node_task, pod_task, waiting_task],
             }
@@ -281,7 +480,9 @@ impl Fleet {
     pub async fn connect(registry: &ClusterRegistry, options: InventoryOptions) -> Self {
         let fleet = Self {
             clusters: RwLock::new(BTreeMap::new()),
-            options,
+            units: Arc::new(Units {
+                gpu_resources: options.gpu_resources,
+            }),
         };
         fleet.reload(registry).await;
         fleet
@@ -299,7 +500,7 @@ impl Fleet {
             });
             let member = match kept {
                 Some(member) => member.clone(),
-                None => Arc::new(member(cluster).await),
+                None => Arc::new(member(cluster, &self.units).await),
             };
             next.insert(cluster.name.clone(), member);
         }
@@ -373,50 +574,25 @@ impl Fleet {
         Ok(self.watch(cluster)?.changes.load(AtomicOrdering::Acquire))
     }
 
-    /// Returns the cluster's nodes, ordered by name, with what their pods request. They are computed once per
-    /// [generation](Self::generation).
+    /// Returns a number that grows whenever a node of the cluster comes, goes, or changes its labels or
+    /// allocatable amounts (not when pods come and go), so a caller can keep what it derived from the nodes'
+    /// shapes until it changes.
     ///
     /// # Errors
     /// Returns an error when the cluster is not watched.
-    pub fn nodes(&self, cluster: &str) -> Result<Arc<Vec<NodeView>>, InventoryError> {
+    pub fn shape_generation(&self, cluster: &str) -> Result<u64, InventoryError> {
         let watch = self.watch(cluster)?;
-        let generation = watch.changes.load(AtomicOrdering::Acquire);
-        if let Ok(cached) = watch.views.lock()
-            && let Some((seen, views)) = cached.as_ref()
-            && *seen == generation
-        {
-            return Ok(views.clone());
-        }
-        let views = Arc::new(self.compute_nodes(&watch));
-        if let Ok(mut cached) = watch.views.lock() {
-            *cached = Some((generation, views.clone()));
-        }
-        Ok(views)
+        Ok(locked(&watch.index).shapes)
     }
 
-    fn compute_nodes(&self, watch: &Watch) -> Vec<NodeView> {
-        let mut requested: BTreeMap<String, Amounts> = BTreeMap::new();
-        for pod in watch.pods.state() {
-            let Some(spec) = &pod.spec else { continue };
-            let Some(node) = &spec.node_name else { continue };
-            let finished = pod
-                .status
-                .as_ref()
-                .and_then(|status| status.phase.as_deref())
-                .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
-            if finished {
-                continue;
-            }
-            requested.entry(node.clone()).or_default().add(&self.pod_requests(&pod));
-        }
-        let mut views: Vec<NodeView> = watch
-            .nodes
-            .state()
-            .iter()
-            .map(|node| self.view(node, requested.remove(&node.metadata.name.clone().unwrap_or_default())))
-            .collect();
-        views.sort_by(|a, b| a.name.cmp(&b.name));
-        views
+    /// Returns the cluster's nodes, ordered by name, with what their pods request, as of the last watch event.
+    /// The views are kept up to date event by event, so this copies no node.
+    ///
+    /// # Errors
+    /// Returns an error when the cluster is not watched.
+    pub fn nodes(&self, cluster: &str) -> Result<Nodes, InventoryError> {
+        let watch = self.watch(cluster)?;
+        Ok(locked(&watch.index).snapshot())
     }
 
     /// Returns the cluster's pods that wait for a node, ordered by namespace and name.
@@ -450,7 +626,7 @@ impl Fleet {
                         .as_ref()
                         .and_then(|spec| spec.node_selector.clone())
                         .unwrap_or_default(),
-                    requests: self.pod_requests(pod),
+                    requests: self.units.pod_requests(pod),
                     since,
                     unschedulable: scheduled
                         .filter(|condition| condition.reason.as_deref() == Some("Unschedulable"))
@@ -476,6 +652,19 @@ impl Fleet {
             .chain(watch.waiting.state().iter())
             .filter_map(|pod| workload_of(pod))
             .collect())
+    }
+}
+
+impl Units {
+    /// The node a pod is bound to and what it requests of it; `None` for a pod not bound or finished.
+    fn bound(&self, pod: &Pod) -> Option<Bound> {
+        let node = pod.spec.as_ref()?.node_name.clone()?;
+        let finished = pod
+            .status
+            .as_ref()
+            .and_then(|status| status.phase.as_deref())
+            .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+        (!finished).then(|| (node, self.pod_requests(pod)))
     }
 
     /// What a pod requests: the larger of its containers' sum and any one init container (Kubernetes' rule).
@@ -509,7 +698,7 @@ impl Fleet {
                 "memory" => amounts.memory_bytes += quantity_millis(&quantity.0).unwrap_or(0) / 1000,
                 "pods" | "ephemeral-storage" => {}
                 // GPUs of every vendor count in `gpus`, and each vendor's own in `other`.
-                gpu if self.options.gpu_resources.iter().any(|known| known == gpu) => {
+                gpu if self.gpu_resources.iter().any(|known| known == gpu) => {
                     let count = quantity_millis(&quantity.0).unwrap_or(0) / 1000;
                     amounts.gpus += count;
                     *amounts.other.entry(gpu.to_owned()).or_default() += count;
@@ -630,6 +819,108 @@ pub fn selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn units() -> Units {
+        Units {
+            gpu_resources: vec!["nvidia.com/gpu".into()],
+        }
+    }
+
+    fn node(name: &str, org: &str, cpu: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"org": org}},
+            "status": {"allocatable": {"cpu": cpu, "memory": "8Gi", "nvidia.com/gpu": "4"},
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn pod(name: &str, node: &str, cpu: &str, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"nodeName": node, "containers": [{"name": "main",
+                "resources": {"requests": {"cpu": cpu, "nvidia.com/gpu": "1"}}}]},
+            "status": {"phase": phase},
+        }))
+        .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// What each node's pods request, by node, as the index holds it.
+    fn requested(index: &mut NodeIndex) -> Vec<(String, i64, i64)> {
+        index
+            .snapshot()
+            .iter()
+            .map(|view| (view.name.clone(), view.requested.cpu_millis, view.requested.gpus))
+            .collect()
+    }
+
+    #[test]
+    fn node_views_follow_each_watch_event_without_a_rebuild() {
+        let units = units();
+        let mut index = NodeIndex::default();
+        // A pod may be seen before its node.
+        index.pod_event(&units, &watcher::Event::Apply(pod("early", "b", "500m", "Running")));
+        for name in ["b", "a"] {
+            index.node_event(&units, &watcher::Event::Apply(node(name, "vision", "8")));
+        }
+        assert_eq!(requested(&mut index), [("a".into(), 0, 0), ("b".into(), 500, 1)]);
+        let shapes = index.shapes;
+
+        index.pod_event(&units, &watcher::Event::Apply(pod("p", "a", "2", "Running")));
+        assert_eq!(requested(&mut index), [("a".into(), 2000, 1), ("b".into(), 500, 1)]);
+        // The same pod again, a heartbeat of a node: nothing changes, the same list is handed out.
+        let before = index.snapshot();
+        index.pod_event(&units, &watcher::Event::Apply(pod("p", "a", "2", "Running")));
+        index.node_event(&units, &watcher::Event::Apply(node("a", "vision", "8")));
+        assert!(
+            Arc::ptr_eq(&before, &index.snapshot()),
+            "unchanged views are not copied"
+        );
+        assert_eq!(index.shapes, shapes, "pods do not change the nodes' shapes");
+
+        // Finished or deleted pods give their requests back.
+        index.pod_event(&units, &watcher::Event::Apply(pod("p", "a", "2", "Succeeded")));
+        index.pod_event(&units, &watcher::Event::Delete(pod("early", "b", "500m", "Running")));
+        assert_eq!(requested(&mut index), [("a".into(), 0, 0), ("b".into(), 0, 0)]);
+        assert!(index.pods.is_empty() && index.requested.is_empty());
+
+        // A label change is a new shape; a deleted node goes.
+        index.node_event(&units, &watcher::Event::Apply(node("a", "speech", "8")));
+        assert_eq!(index.shapes, shapes + 1);
+        assert_eq!(index.snapshot()[0].resource_group, "speech");
+        index.node_event(&units, &watcher::Event::Delete(node("b", "vision", "8")));
+        assert_eq!(index.shapes, shapes + 2);
+        assert_eq!(requested(&mut index), [("a".into(), 0, 0)]);
+    }
+
+    #[test]
+    fn a_watch_that_lists_again_replaces_its_side_once_the_list_is_complete() {
+        let units = units();
+        let mut index = NodeIndex::default();
+        for name in ["a", "b"] {
+            index.node_event(&units, &watcher::Event::Apply(node(name, "vision", "8")));
+        }
+        index.pod_event(&units, &watcher::Event::Apply(pod("gone", "a", "1", "Running")));
+        index.pod_event(&units, &watcher::Event::Apply(pod("kept", "b", "1", "Running")));
+
+        // The watches restart; while listing, the views stay as they were.
+        index.node_event(&units, &watcher::Event::Init);
+        index.pod_event(&units, &watcher::Event::Init);
+        index.node_event(&units, &watcher::Event::InitApply(node("b", "vision", "16")));
+        index.node_event(&units, &watcher::Event::InitApply(node("c", "vision", "8")));
+        index.pod_event(&units, &watcher::Event::InitApply(pod("kept", "b", "1", "Running")));
+        index.pod_event(&units, &watcher::Event::InitApply(pod("new", "c", "3", "Running")));
+        assert_eq!(requested(&mut index), [("a".into(), 1000, 1), ("b".into(), 1000, 1)]);
+
+        index.node_event(&units, &watcher::Event::InitDone);
+        index.pod_event(&units, &watcher::Event::InitDone);
+        assert_eq!(requested(&mut index), [("b".into(), 1000, 1), ("c".into(), 3000, 1)]);
+        assert_eq!(index.snapshot()[0].allocatable.cpu_millis, 16_000);
+        assert!(
+            !index.requested.contains_key("a"),
+            "the pod missing from the list was dropped"
+        );
+    }
 
     #[test]
     fn quantities_parse_in_thousandths() {

@@ -412,7 +412,7 @@ impl Clusters {
     }
 
     /// The nodes of a cluster, or why there are none to show.
-    fn nodes(&self, cluster: &ClusterConfig) -> Result<Arc<Vec<NodeView>>, Error> {
+    fn nodes(&self, cluster: &ClusterConfig) -> Result<inventory::Nodes, Error> {
         self.fleet.nodes(&cluster.name).map_err(|error| {
             Error::from(ApiError::FailedPrecondition {
                 message: error.to_string(),

@@ -62,7 +62,7 @@ type Verdict = (BTreeMap<String, String>, BTreeMap<String, u64>, Option<String>)
 /// One cluster's node shapes and the verdicts reached against them.
 #[derive(Debug, Default)]
 struct ClusterVerdicts {
-    /// The inventory generation the shapes were last checked at, and when.
+    /// The inventory's shape generation the shapes were last checked at, and when.
     generation: Option<u64>,
     checked: Option<Instant>,
     /// A hash of every node's name, labels and allocatable amounts: what a verdict depends on.
@@ -85,7 +85,7 @@ pub(crate) struct Verdicts {
     clusters: Mutex<HashMap<String, ClusterVerdicts>>,
 }
 
-fn nodes_fingerprint(nodes: &[NodeView]) -> u64 {
+fn nodes_fingerprint(nodes: &[Arc<NodeView>]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     nodes.len().hash(&mut hasher);
     for node in nodes {
@@ -111,7 +111,8 @@ impl Verdicts {
     /// could or when the cluster has no node inventory (the local cluster of `cube up`).
     fn judge(&self, fleet: &Fleet, placement: &Placement) -> Option<String> {
         let cluster = &placement.cluster;
-        let generation = fleet.generation(cluster).ok()?;
+        // Pods coming and going leave the shapes as they are: only a node's labels or allocatable amounts count.
+        let generation = fleet.shape_generation(cluster).ok()?;
         let key = ask_hash(&placement.node_selector, &placement.requests);
         let lock = || self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
         let shapes = {
@@ -147,7 +148,7 @@ impl Verdicts {
                 let unchanged = lock()
                     .get(cluster)
                     .is_some_and(|known| known.fingerprint == Some(fingerprint));
-                let shapes = (!unchanged).then(|| Arc::new(nodes.iter().map(shape).collect()));
+                let shapes = (!unchanged).then(|| Arc::new(nodes.iter().map(|node| shape(node)).collect()));
                 let mut clusters = lock();
                 let known = clusters.entry(cluster.clone()).or_default();
                 if let Some(shapes) = shapes

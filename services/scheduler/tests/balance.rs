@@ -2,7 +2,7 @@
 //! minimum, properties over random clusters, and the size the issue benchmarks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cube_scheduler::balance::{
     BalanceNode, BalancePolicy, Move, MoveReason, NodeClass, PUBLIC_GROUP, PendingPod, Resources, plan,
@@ -668,29 +668,26 @@ fn large() -> Vec<(String, Vec<BalanceNode>, Vec<PendingPod>)> {
     vec![("big".to_owned(), nodes, pending)]
 }
 
+/// The plan at the size the issue benchmarks keeps to its move limits and moves no node twice. How long it takes
+/// is measured by `scheduler-bench` (its plan section), not asserted here: a shared test machine makes durations
+/// flaky.
 #[test]
-fn five_thousand_nodes_plan_quickly() {
+fn five_thousand_nodes_plan_within_the_move_limits() {
     let clusters = large();
-    let policy = BalancePolicy::default();
-    let start = Instant::now();
-    let moves = plan(&clusters, &policy);
-    let elapsed = start.elapsed();
-    println!(
-        "plan over 5,000 nodes and 100 groups: {elapsed:?} in this build, {} moves",
-        moves.len()
-    );
+    let moves = plan(&clusters, &BalancePolicy::default());
     assert!(moves.len() <= 2, "one move per class at most: {moves:#?}");
-    assert!(elapsed < Duration::from_millis(500), "plan took {elapsed:?}");
 
     let policy = BalancePolicy {
         max_moves_per_class: 1_000,
         ..BalancePolicy::default()
     };
-    let start = Instant::now();
     let moves = plan(&clusters, &policy);
-    let elapsed = start.elapsed();
-    println!("with up to 1,000 moves per class: {elapsed:?}, {} moves", moves.len());
-    assert!(elapsed < Duration::from_millis(500), "plan took {elapsed:?}");
+    assert!(moves.len() <= 2_000, "{} moves", moves.len());
+    let mut nodes: Vec<&str> = moves.iter().map(|movement| movement.node.as_str()).collect();
+    nodes.sort_unstable();
+    let planned = nodes.len();
+    nodes.dedup();
+    assert_eq!(nodes.len(), planned, "a node planned to move twice");
 }
 
 fn arbitrary_node() -> impl Strategy<Value = BalanceNode> {

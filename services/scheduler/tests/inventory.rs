@@ -113,7 +113,7 @@ async fn the_inventory_follows_nodes_labels_and_bound_pods_within_a_second() {
             .expect("nodes")
             .iter()
             .filter(|node| node.labels.get("cube-test-run") == Some(&run))
-            .cloned()
+            .map(|node| NodeView::clone(node))
             .collect()
     };
     eventually("both nodes, ready, with their allocatable", FOLLOW, || async {

@@ -120,7 +120,7 @@ fn blocker_value(resource: &str, amount: i64) -> f64 {
 /// What keeps a waiting pod off the cluster's nodes: a sentence, and a blocker when the nodes lack something.
 /// Nodes are narrowed resource by resource (GPUs, CPU, memory, then extended resources): the first resource no
 /// remaining node has enough of free is the blocker, measured on the node with the most of it free.
-fn judge_pod(cluster: &str, pod: &WaitingPod, nodes: &[NodeView]) -> (String, Option<Blocker>) {
+fn judge_pod(cluster: &str, pod: &WaitingPod, nodes: &[std::sync::Arc<NodeView>]) -> (String, Option<Blocker>) {
     let selector = &pod.node_selector;
     let labels = labels_text(selector);
     let blocker = |resource: &str| Blocker {
@@ -133,6 +133,7 @@ fn judge_pod(cluster: &str, pod: &WaitingPod, nodes: &[NodeView]) -> (String, Op
     };
     let matching: Vec<&NodeView> = nodes
         .iter()
+        .map(|node| &**node)
         .filter(|node| selector.iter().all(|(key, value)| node.labels.get(key) == Some(value)))
         .collect();
     if matching.is_empty() {
@@ -313,7 +314,8 @@ mod tests {
                 8,
                 0,
             ),
-        ];
+        ]
+        .map(std::sync::Arc::new);
         let (text, blocker) = judge_pod("kube", &pod(&t4, 2, 1_000), &nodes);
         assert_eq!(
             text,

@@ -33,18 +33,19 @@ use cube_kit::{ApiError, Channel, FieldViolation};
 use cube_proto::cube::projects::v1::MembersChanged;
 use cube_proto::cube::scheduler::v1::admission_service_server::AdmissionService;
 use cube_proto::cube::scheduler::v1::{
-    Admission, AdmissionState, AdmitRequest, Blocker, BlockerKind, ExplainPendingRequest, Explanation,
-    GetProjectUsageRequest, ProjectUsage, ReleaseRequest, ReleaseResponse,
+    Admission, AdmissionState, AdmitError, AdmitRequest, BatchAdmitRequest, BatchAdmitResponse, BatchAdmitResult,
+    Blocker, BlockerKind, ExplainPendingRequest, Explanation, GetProjectUsageRequest, ProjectUsage, ReleaseRequest,
+    ReleaseResponse, batch_admit_result,
 };
 use cube_proto::prost::Message as _;
 use futures::StreamExt as _;
 use sea_orm::DatabaseConnection;
 use tonic::{Request, Response, Status};
 
-use self::quota::{Amount, StoredBlocker, blockers, queued_reason, scopes};
+use self::quota::{Amount, StoredBlocker, blockers, queued_reason, scopes, scopes_json};
 use self::reconcile::Reconciler;
-use self::store::{Outcome, Store, retrying};
-use crate::ask::{GpuVendors, Shared};
+use self::store::{BatchItem, Batched, Outcome, Store, retrying};
+use crate::ask::{GpuVendors, ProjectView, Shared};
 use crate::inventory::Fleet;
 use crate::model::reservation;
 use crate::names;
@@ -54,13 +55,20 @@ use crate::{ClusterRegistry, DOMAIN};
 /// The topic projects announces membership changes on (`cube.projects.v1.MembersChanged`).
 const MEMBERS_CHANGED: &str = "project.members.changed";
 
+/// The most workloads one `BatchAdmit` admits.
+const MAX_BATCH: usize = 1_000;
+
+/// A workload ready to be admitted: its reservation, scopes and amount.
+type Prepared = BatchItem;
+
 /// Admission's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdmissionArgs {
     /// How long a project's quota and settings, and the caller's membership, are kept per project and user
-    /// (0 turns the cache off). A change of a project's quota reaches admission and placement within this time;
-    /// a change of its members at once (the `project.members.changed` event), or else within this time.
-    #[arg(long = "quota-cache-ttl", env = "CUBE_QUOTA_CACHE_TTL", default_value = "2s", value_parser = parse_duration)]
+    /// (0 turns the cache off). Changes reach admission and placement at once through the projects service's
+    /// `project.members.changed` event (members, member quotas, the project's quota and settings); this is how
+    /// long a change whose event was lost can go unseen.
+    #[arg(long = "quota-cache-ttl", env = "CUBE_QUOTA_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
     pub quota_cache_ttl: Duration,
     /// How often admitted reservations are reconciled with the pods of every cluster (0 turns it off).
     #[arg(long = "reconcile-interval", env = "CUBE_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
@@ -96,7 +104,7 @@ pub struct AdmissionOptions {
 impl Default for AdmissionOptions {
     fn default() -> Self {
         Self {
-            quota_cache_ttl: Duration::from_secs(2),
+            quota_cache_ttl: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(60),
             reservation_grace: Duration::from_secs(600),
         }
@@ -226,35 +234,44 @@ impl Admissions {
         Some(self.inner.reconciler.clone().every(interval))
     }
 
-    async fn admit(&self, request: Request<AdmitRequest>) -> Result<Admission, ApiError> {
-        let caller = Principal::of(&request)?;
-        let body = request.get_ref();
-        let mut violations: Vec<FieldViolation> = Vec::new();
+    /// Reads an `Admit` request (its `project` given as `project`), adding a violation, with its field's path
+    /// after `prefix` (`requests[3].`), for each malformed field.
+    fn read_request(
+        body: &AdmitRequest,
+        project: &str,
+        prefix: &str,
+        violations: &mut Vec<FieldViolation>,
+    ) -> Option<crate::ask::Ask> {
+        let mut found = Vec::new();
         let ask = crate::ask::read(
             crate::ask::Fields {
-                project: &body.project,
+                project,
                 kind: body.kind(),
                 cpu: &body.cpu,
                 memory: &body.memory,
                 gpu: &body.gpu,
             },
-            &mut violations,
+            &mut found,
         );
-        let named = match names::project_id("project", &body.project) {
+        let named = match names::project_id("project", project) {
             Ok(project) => names::workload_in("workload", &body.workload, &project),
             Err(_) => names::workload_project("workload", &body.workload).map(|_| ()),
         };
         if let Err(violation) = named {
-            violations.insert(0, violation);
+            found.insert(0, violation);
         }
-        let (Some(ask), true) = (ask, violations.is_empty()) else {
-            return Err(ApiError::InvalidArgument(violations));
-        };
+        let clean = found.is_empty();
+        violations.extend(found.into_iter().map(|violation| FieldViolation {
+            field: format!("{prefix}{}", violation.field),
+            ..violation
+        }));
+        ask.filter(|_| clean)
+    }
+
+    /// What admitting `workload` of `ask` for `caller` stores and reserves, against the limits of `view`.
+    fn prepare(&self, caller: &Principal, workload: &str, ask: &crate::ask::Ask, view: &ProjectView) -> Prepared {
         let gpu_type = ask.gpu_type(&self.inner.vendors);
-        let project = ask.project.clone();
         let kind = ask.kind.label();
-        // A non-member is refused here, before anything about the workload is read.
-        let view = self.inner.shared.projects.view(&request, &caller, &project).await?;
         let amount = Amount {
             cpu_millis: i64::try_from(ask.cpu.request_millis()).unwrap_or(i64::MAX),
             memory_bytes: i64::try_from(ask.memory.request_bytes()).unwrap_or(i64::MAX),
@@ -263,13 +280,10 @@ impl Admissions {
             services: i64::from(kind == "service"),
             runs: i64::from(kind == "train"),
         };
-        let scopes = scopes(&project, &caller.username, gpu_type.as_deref(), Some(&view));
-        let store = &self.inner.store;
-        store.ensure_scopes(&scopes).await?;
-
-        let mut row = reservation::Model {
-            workload: body.workload.clone(),
-            project: project.clone(),
+        let scopes = scopes(&ask.project, &caller.username, gpu_type.as_deref(), Some(view));
+        let row = reservation::Model {
+            workload: workload.to_owned(),
+            project: ask.project.clone(),
             username: caller.username.clone(),
             kind: kind.to_owned(),
             cpu_millis: amount.cpu_millis,
@@ -280,57 +294,177 @@ impl Admissions {
             reason: String::new(),
             blockers: "[]".into(),
             created_ms: cube_kit::time::now_ms(),
+            scopes: scopes_json(&scopes),
+        };
+        BatchItem { row, scopes, amount }
+    }
+
+    async fn admit(&self, request: Request<AdmitRequest>) -> Result<Admission, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.get_ref();
+        let mut violations: Vec<FieldViolation> = Vec::new();
+        let ask = Self::read_request(body, &body.project, "", &mut violations);
+        let (Some(ask), true) = (ask, violations.is_empty()) else {
+            return Err(ApiError::InvalidArgument(violations));
+        };
+        // A non-member is refused here, before anything about the workload is read.
+        let view = self.inner.shared.projects.view(&request, &caller, &ask.project).await?;
+        let prepared = self.prepare(&caller, &body.workload, &ask, &view);
+        self.inner.store.ensure_scopes(&prepared.scopes).await?;
+        self.admit_prepared(&caller, prepared).await
+    }
+
+    /// Admits or queues a prepared workload: one statement for a new one (see [`store`]), and a few more when it
+    /// has an admission already or does not fit.
+    async fn admit_prepared(&self, caller: &Principal, prepared: Prepared) -> Result<Admission, ApiError> {
+        let BatchItem { row, scopes, amount } = prepared;
+        let store = &self.inner.store;
+        let project = row.project.clone();
+        let already_exists = || ApiError::AlreadyExists {
+            kind: "admission",
+            name: row.workload.clone(),
         };
         // A new workload is inserted straight away; one that has an admission already is read only then.
         let mut replacing = false;
-        let mut rounds = 0;
-        loop {
-            rounds += 1;
-            if rounds > 8 {
-                return Err(concurrent_change(&row.workload));
-            }
+        for _ in 0..8 {
             match retrying(|| store.try_admit(&row, &scopes, &amount, replacing)).await? {
                 Outcome::Admitted => return Ok(admission(&row)),
-                Outcome::Full => break,
                 Outcome::Exists => match store.find(&row.workload).await? {
                     None => replacing = false,
                     Some(existing) if existing.project != project => {
-                        // Stored before admissions were bound to their project, under a project the name does
-                        // not lie in: it never was this workload's admission, and gives way to it.
-                        tracing::warn!(
-                            workload = %existing.workload,
-                            held_in = %existing.project,
-                            user = %existing.username,
-                            "released an admission stored under another project than its workload's"
-                        );
-                        retrying(|| store.release_row(&existing)).await?;
+                        self.give_way(&existing).await?;
                         replacing = false;
                     }
-                    Some(existing) if existing.username != caller.username => {
-                        return Err(ApiError::AlreadyExists {
-                            kind: "admission",
-                            name: row.workload.clone(),
-                        });
-                    }
+                    Some(existing) if existing.username != caller.username => return Err(already_exists()),
                     Some(existing) if existing.state == "admitted" => return Ok(admission(&existing)),
                     Some(_) => replacing = true,
                 },
+                Outcome::Full => {
+                    let used = store.usage_of(&scopes).await?;
+                    let blockers = blockers(&scopes, &amount, &used);
+                    let queued = reservation::Model {
+                        state: "queued".into(),
+                        reason: queued_reason(&blockers),
+                        blockers: serde_json::to_string(&blockers).unwrap_or_else(|_| "[]".into()),
+                        ..row.clone()
+                    };
+                    let stored = retrying(|| store.store_queued(&queued, replacing)).await?;
+                    if stored.project != project {
+                        self.give_way(&stored).await?;
+                        replacing = false;
+                    } else if stored.username != caller.username {
+                        // Another caller stored an admission of the name meanwhile.
+                        return Err(already_exists());
+                    } else if stored.state == "queued" && stored != queued && !replacing {
+                        // The user's own queued admission: it is brought up to date (or admitted) next round.
+                        replacing = true;
+                    } else {
+                        return Ok(admission(&stored));
+                    }
+                }
             }
         }
-        let used = store.usage_of(&scopes).await?;
-        let blockers = blockers(&scopes, &amount, &used);
-        row.state = "queued".into();
-        row.reason = queued_reason(&blockers);
-        row.blockers = serde_json::to_string(&blockers).unwrap_or_else(|_| "[]".into());
-        let stored = retrying(|| store.store_queued(&row, replacing)).await?;
-        if stored.username != caller.username || stored.project != project {
-            // Another caller stored an admission of the name meanwhile.
-            return Err(ApiError::AlreadyExists {
-                kind: "admission",
-                name: row.workload.clone(),
+        Err(concurrent_change(&row.workload))
+    }
+
+    /// Releases an admission stored before admissions were bound to their project, under a project its name does
+    /// not lie in: it never was this workload's admission, and gives way to it.
+    async fn give_way(&self, existing: &reservation::Model) -> Result<(), ApiError> {
+        tracing::warn!(
+            workload = %existing.workload,
+            held_in = %existing.project,
+            user = %existing.username,
+            "released an admission stored under another project than its workload's"
+        );
+        retrying(|| self.inner.store.release_row(existing)).await?;
+        Ok(())
+    }
+
+    async fn batch_admit(&self, request: Request<BatchAdmitRequest>) -> Result<BatchAdmitResponse, ApiError> {
+        let caller = Principal::of(&request)?;
+        let body = request.get_ref();
+        let mut violations: Vec<FieldViolation> = Vec::new();
+        let project = names::project_id("project", &body.project)
+            .map_err(|violation| violations.push(violation))
+            .ok();
+        if body.requests.is_empty() || body.requests.len() > MAX_BATCH {
+            violations.push(FieldViolation::new(
+                "requests",
+                format!(
+                    "holds {} workloads; a batch holds 1 to {MAX_BATCH}",
+                    body.requests.len()
+                ),
+            ));
+        }
+        let mut asks = Vec::new();
+        let mut named: HashMap<&str, usize> = HashMap::new();
+        for (index, item) in body.requests.iter().enumerate().take(MAX_BATCH) {
+            let prefix = format!("requests[{index}].");
+            if !item.project.is_empty() && item.project != body.project {
+                violations.push(FieldViolation::new(
+                    format!("{prefix}project"),
+                    format!("must be empty or the batch's project {}", names::shown(&body.project)),
+                ));
+            }
+            if let Some(first) = named.insert(item.workload.as_str(), index) {
+                violations.push(FieldViolation::new(
+                    format!("{prefix}workload"),
+                    format!("names the workload requests[{first}] names too; name each workload once"),
+                ));
+            }
+            asks.push(Self::read_request(item, &body.project, &prefix, &mut violations));
+        }
+        let (Some(project), true) = (project, violations.is_empty()) else {
+            return Err(ApiError::InvalidArgument(violations));
+        };
+        let view = self.inner.shared.projects.view(&request, &caller, &project).await?;
+        let items: Vec<Prepared> = body
+            .requests
+            .iter()
+            .zip(asks)
+            .filter_map(|(item, ask)| ask.map(|ask| self.prepare(&caller, &item.workload, &ask, &view)))
+            .collect();
+        let mut all_scopes: Vec<quota::Scope> = Vec::new();
+        for item in &items {
+            for scope in &item.scopes {
+                if !all_scopes.iter().any(|known| known.row == scope.row) {
+                    all_scopes.push(scope.clone());
+                }
+            }
+        }
+        let store = &self.inner.store;
+        store.ensure_scopes(&all_scopes).await?;
+        let outcomes = retrying(|| store.admit_batch(&items)).await?;
+        let mut results = Vec::with_capacity(items.len());
+        for (item, outcome) in items.into_iter().zip(outcomes) {
+            let workload = item.row.workload.clone();
+            let answer = match outcome {
+                Batched::Admitted(row) | Batched::Queued(row) => Ok(admission(&row)),
+                // Stored under another project before admissions were bound to theirs: `Admit` releases it.
+                Batched::Exists(existing) if existing.project != project => self.admit_prepared(&caller, item).await,
+                Batched::Exists(existing) if existing.username != caller.username => Err(ApiError::AlreadyExists {
+                    kind: "admission",
+                    name: existing.workload.clone(),
+                }),
+                Batched::Exists(existing) => Ok(admission(&existing)),
+            };
+            let result = match answer {
+                Ok(admission) => batch_admit_result::Result::Admission(admission),
+                Err(error) if matches!(error, ApiError::Internal(_) | ApiError::Unavailable { .. }) => {
+                    return Err(error);
+                }
+                Err(error) => batch_admit_result::Result::Error(AdmitError {
+                    code: error.code() as i32,
+                    reason: error.reason() as i32,
+                    message: error.to_string(),
+                }),
+            };
+            results.push(BatchAdmitResult {
+                workload,
+                result: Some(result),
             });
         }
-        Ok(admission(&stored))
+        Ok(BatchAdmitResponse { results })
     }
 
     /// The admission of `workload` if the caller may see it: the name lies under a project the caller is a
@@ -450,6 +584,13 @@ impl Admissions {
 impl AdmissionService for Admissions {
     async fn admit(&self, request: Request<AdmitRequest>) -> Result<Response<Admission>, Status> {
         Admissions::admit(self, request)
+            .await
+            .map(Response::new)
+            .map_err(|error| error.status(DOMAIN))
+    }
+
+    async fn batch_admit(&self, request: Request<BatchAdmitRequest>) -> Result<Response<BatchAdmitResponse>, Status> {
+        Admissions::batch_admit(self, request)
             .await
             .map(Response::new)
             .map_err(|error| error.status(DOMAIN))

@@ -108,6 +108,61 @@ pub(super) fn scopes(project: &str, username: &str, gpu_type: Option<&str>, view
     scopes
 }
 
+/// A scope as a reservation stores it (`reservations.scopes`): its row and the limits it was checked against,
+/// those it does not have left out.
+#[derive(Serialize)]
+struct StoredScope<'a> {
+    scope: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_millis: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_millis: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notebooks: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    services: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runs: Option<i64>,
+}
+
+/// The scopes and their limits as JSON, for `reservations.scopes` (which MariaDB's reserve trigger reads).
+pub(super) fn scopes_json(scopes: &[Scope]) -> String {
+    let stored: Vec<StoredScope<'_>> = scopes
+        .iter()
+        .map(|scope| StoredScope {
+            scope: &scope.row,
+            cpu_millis: scope.limits.cpu_millis,
+            memory_bytes: scope.limits.memory_bytes,
+            gpu_millis: scope.limits.gpu_millis,
+            notebooks: scope.limits.notebooks,
+            services: scope.limits.services,
+            runs: scope.limits.runs,
+        })
+        .collect();
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
+}
+
+/// Whether `amount` fits in every scope, given what each scope's row holds (`used`, by row; a missing row holds
+/// nothing): the decision the database statements make, for a batch whose rows are locked.
+pub(super) fn fits(scopes: &[Scope], amount: &Amount, used: &HashMap<String, usage::Model>) -> bool {
+    blockers(scopes, amount, used).is_empty()
+}
+
+/// Adds `amount` to what each scope's row holds in `used`.
+pub(super) fn add_to(scopes: &[Scope], amount: &Amount, used: &mut HashMap<String, usage::Model>) {
+    for scope in scopes {
+        let row = used.entry(scope.row.clone()).or_insert_with(|| empty_usage(&scope.row));
+        row.cpu_millis += amount.cpu_millis;
+        row.memory_bytes += amount.memory_bytes;
+        row.gpu_millis += amount.gpu_millis;
+        row.notebooks += amount.notebooks;
+        row.services += amount.services;
+        row.runs += amount.runs;
+    }
+}
+
 pub(super) fn scopes_of(row: &reservation::Model) -> Vec<Scope> {
     let gpu_type = Some(row.gpu_type.as_str()).filter(|gpu_type| !gpu_type.is_empty());
     scopes(&row.project, &row.username, gpu_type, None)
