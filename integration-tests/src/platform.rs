@@ -1,8 +1,7 @@
 //! The platform as the scheduler's tests and benchmarks run it: auth, projects and the scheduler in this process on
-//! loopback ports, the scheduler watching a real kube-apiserver of the test environment; and guards for the fake
-//! nodes and namespaces the tests make there.
+//! loopback ports, the scheduler watching a real kube-apiserver of the test environment; and, from
+//! `cube_testkit::kubernetes`, guards for the fake nodes and namespaces the tests make there.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +17,8 @@ use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient
 use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Quota, Settings};
 use cube_scheduler::balancer::BalanceSettings;
 use cube_scheduler::{ClusterConfig, ClusterRegistry, Options, Scheduler};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
-use serde_json::json;
+pub use cube_testkit::kubernetes::{FakeNode, TestNamespace, clean_up};
+use kube::Client;
 
 use crate::{Running, connect, start_server};
 
@@ -43,121 +40,6 @@ pub async fn kube_client(path: &str) -> Client {
         .client()
         .await
         .expect("a client of the test cluster")
-}
-
-/// Runs `cleanup` to completion on a runtime of its own: `Drop` cannot await, and it also runs while a panic unwinds.
-pub fn clean_up(cleanup: impl Future<Output = ()> + Send + 'static) {
-    let _ = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(cleanup);
-    })
-    .join();
-}
-
-/// A fake node with `labels` and, besides CPU, memory and pods, the extended resources `devices` allocatable,
-/// Ready; deleted with the guard, also when making it fails halfway.
-pub struct FakeNode {
-    client: Client,
-    /// The node's name.
-    pub name: String,
-}
-
-impl FakeNode {
-    /// Creates the node.
-    pub async fn create(client: &Client, labels: serde_json::Value, devices: &[(&str, u32)]) -> Self {
-        let guard = Self {
-            client: client.clone(),
-            name: format!("place-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
-        };
-        let name = &guard.name;
-        let nodes = Api::<Node>::all(client.clone());
-        let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("node");
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("creating a node");
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let mut allocatable = json!({"cpu": "32", "memory": "128Gi", "pods": "110"});
-        for (resource, amount) in devices {
-            allocatable[*resource] = json!(amount.to_string());
-        }
-        let status = json!({"status": {
-            "allocatable": allocatable,
-            "capacity": allocatable,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test",
-                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
-        }});
-        nodes
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("node status");
-        // New nodes are tainted not-ready until a kubelet reports; the test plays the kubelet.
-        nodes
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"taints": null}})),
-            )
-            .await
-            .expect("untainting the node");
-        guard
-    }
-}
-
-impl Drop for FakeNode {
-    fn drop(&mut self) {
-        let nodes = Api::<Node>::all(self.client.clone());
-        let name = self.name.clone();
-        clean_up(async move {
-            let _ = nodes.delete(&name, &DeleteParams::default()).await;
-        });
-    }
-}
-
-/// A namespace for a test's pods; deleted with the guard, its pods first and at once (no kubelet of a fake node
-/// would ever confirm that they stopped).
-pub struct TestNamespace {
-    client: Client,
-    /// The namespace's name.
-    pub name: String,
-}
-
-impl TestNamespace {
-    /// Creates the node.
-    pub async fn create(client: &Client, name: String) -> Self {
-        let guard = Self {
-            client: client.clone(),
-            name,
-        };
-        let namespace: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": guard.name}})).expect("namespace");
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &namespace)
-            .await
-            .expect("creating a namespace");
-        guard
-    }
-
-    /// The namespace's pods.
-    pub fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.name)
-    }
-}
-
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        let (pods, namespaces) = (self.pods(), Api::<Namespace>::all(self.client.clone()));
-        let name = self.name.clone();
-        clean_up(async move {
-            let _ = pods
-                .delete_collection(&DeleteParams::default().grace_period(0), &ListParams::default())
-                .await;
-            let _ = namespaces.delete(&name, &DeleteParams::default()).await;
-        });
-    }
 }
 
 /// Auth, projects and the scheduler, running, with signed-in users.

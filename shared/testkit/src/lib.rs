@@ -3,6 +3,11 @@
 //! A setting comes from the process environment first (`CUBE_TEST_POSTGRES_URL=… cargo nextest run`), then from
 //! the file `.cube-test/env` at the workspace root, which the script writes. A test that needs a dependency nobody
 //! started fails with a message that says how to start it: it never passes silently.
+//!
+//! [`kubernetes`] has what tests on the environment's kube-apiserver need: fake nodes, namespaces that clean up,
+//! and a fake kubelet that plays the pods bound to the fake nodes.
+
+pub mod kubernetes;
 
 use std::path::PathBuf;
 use std::time::Duration;

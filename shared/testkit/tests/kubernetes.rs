@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cube_testkit::{eventually, require};
+use cube_testkit::eventually;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -14,21 +14,15 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Returns a client for the test control plane's admin, from the kubeconfig the script wrote.
 async fn client() -> Client {
-    let path = require("CUBE_TEST_KUBECONFIG");
-    let kubeconfig = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("read kubeconfig {path}: {e}"));
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("load kubeconfig {path}: {e}"));
-    Client::try_from(config).expect("kube client")
+    cube_testkit::kubernetes::client().await
 }
 
 /// Returns a name no other test run uses: `prefix` and a lowercase suffix, valid as a DNS label and a label value.
