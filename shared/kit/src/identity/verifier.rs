@@ -110,6 +110,8 @@ struct KeyFetch {
 
 struct Cached {
     principal: Arc<Principal>,
+    /// The digests revocations name the principal by, computed once.
+    subjects: Subjects,
     /// Unix seconds (access tokens) after which the entry is no longer used.
     until_unix: i64,
     /// For API tokens: when to ask auth again.
@@ -147,25 +149,27 @@ struct Revocations {
 }
 
 impl Revocations {
-    fn refuses(&self, principal: &Principal) -> bool {
+    fn refuses(&self, principal: &Principal, subjects: &Subjects) -> bool {
         if self.entries.is_empty() {
             return false;
         }
-        let user = digest(&principal.username);
         let issued_before = |subject: RevokedSubject| {
             self.entries
-                .get(&(subject, user))
+                .get(&(subject, subjects.user))
                 .is_some_and(|(issued_until, _)| principal.issued_at <= *issued_until)
         };
         if issued_before(RevokedSubject::User) {
             return true;
         }
         match &principal.credential {
-            Credential::AccessToken { session, .. } => {
-                self.entries.contains_key(&(RevokedSubject::Session, digest(session)))
+            Credential::AccessToken { .. } => {
+                self.entries
+                    .contains_key(&(RevokedSubject::Session, subjects.credential))
                     || issued_before(RevokedSubject::UserAccessTokens)
             }
-            Credential::ApiToken { name, .. } => self.entries.contains_key(&(RevokedSubject::ApiToken, digest(name))),
+            Credential::ApiToken { .. } => self
+                .entries
+                .contains_key(&(RevokedSubject::ApiToken, subjects.credential)),
         }
     }
 
@@ -189,6 +193,25 @@ impl Revocations {
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
+
+/// What revocations name a principal by: the digests of its username and of its session or API token.
+#[derive(Clone, Copy)]
+struct Subjects {
+    user: Digest,
+    credential: Digest,
+}
+
+impl Subjects {
+    fn of(principal: &Principal) -> Self {
+        Self {
+            user: digest(&principal.username),
+            credential: match &principal.credential {
+                Credential::AccessToken { session, .. } => digest(session),
+                Credential::ApiToken { name, .. } => digest(name),
+            },
+        }
+    }
+}
 
 /// Returns the SHA-256 digest of `text`: how revocations name sessions, API tokens and users.
 pub fn digest(text: &str) -> Digest {
@@ -370,8 +393,8 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
         self.load_revocations().await?;
         let now = unix_now();
-        if let Some(principal) = self.cached(token, now) {
-            return self.unless_revoked(principal);
+        if let Some((principal, subjects)) = self.cached(token, now) {
+            return self.unless_revoked(principal, &subjects);
         }
         let (principal, until_unix, recheck_at) = if token.starts_with(API_TOKEN_PREFIX) {
             let principal = self.inner.authority.introspect(token).await?;
@@ -397,21 +420,23 @@ impl Verifier {
             (principal, claims.exp, None)
         };
         let principal = Arc::new(principal);
-        self.remember(token, &principal, until_unix, recheck_at, now);
-        self.unless_revoked(principal)
+        let subjects = Subjects::of(&principal);
+        self.remember(token, &principal, subjects, until_unix, recheck_at, now);
+        self.unless_revoked(principal, &subjects)
     }
 
-    fn cached(&self, token: &str, now: i64) -> Option<Arc<Principal>> {
+    fn cached(&self, token: &str, now: i64) -> Option<(Arc<Principal>, Subjects)> {
         let cache = self.inner.cache.read().unwrap_or_else(PoisonError::into_inner);
         let entry = cache.get(token)?;
         let fresh = entry.until_unix > now && entry.recheck_at.is_none_or(|at| Instant::now() < at);
-        fresh.then(|| Arc::clone(&entry.principal))
+        fresh.then(|| (Arc::clone(&entry.principal), entry.subjects))
     }
 
     fn remember(
         &self,
         token: &str,
         principal: &Arc<Principal>,
+        subjects: Subjects,
         until_unix: i64,
         recheck_at: Option<Instant>,
         now: i64,
@@ -428,15 +453,16 @@ impl Verifier {
             token.into(),
             Cached {
                 principal: Arc::clone(principal),
+                subjects,
                 until_unix,
                 recheck_at,
             },
         );
     }
 
-    fn unless_revoked(&self, principal: Arc<Principal>) -> Result<Arc<Principal>, ApiError> {
+    fn unless_revoked(&self, principal: Arc<Principal>, subjects: &Subjects) -> Result<Arc<Principal>, ApiError> {
         let revocations = self.inner.revocations.read().unwrap_or_else(PoisonError::into_inner);
-        if revocations.refuses(&principal) {
+        if revocations.refuses(&principal, subjects) {
             return Err(unauthenticated("the token has been revoked"));
         }
         Ok(principal)
@@ -682,6 +708,10 @@ impl Drop for RevocationFeed {
 mod tests {
     use super::*;
 
+    fn refused(revocations: &Revocations, principal: &Principal) -> bool {
+        revocations.refuses(principal, &Subjects::of(principal))
+    }
+
     fn access(username: &str, session: &str, issued_at: i64) -> Principal {
         Principal {
             username: username.into(),
@@ -722,23 +752,26 @@ mod tests {
             revocations.apply(&revocation.credential(), now);
         }
         assert!(
-            revocations.refuses(&access("alice", "s1", now - 10)),
+            refused(&revocations, &access("alice", "s1", now - 10)),
             "the session, bare id"
         );
         assert!(
-            !revocations.refuses(&access("alice", "s2", now - 10)),
+            !refused(&revocations, &access("alice", "s2", now - 10)),
             "another session"
         );
         assert!(
-            !revocations.refuses(&access("alice", "old", now - 10)),
+            !refused(&revocations, &access("alice", "old", now - 10)),
             "an expired revocation"
         );
         assert!(
-            revocations.refuses(&access("erin", "s3", now)),
+            refused(&revocations, &access("erin", "s3", now)),
             "issued in the second of the revocation"
         );
-        assert!(!revocations.refuses(&access("erin", "s3", now + 1)), "issued after it");
-        assert!(revocations.refuses(&access("dave", "s4", now - 100)));
+        assert!(
+            !refused(&revocations, &access("erin", "s3", now + 1)),
+            "issued after it"
+        );
+        assert!(refused(&revocations, &access("dave", "s4", now - 100)));
         let api_token = Principal {
             credential: Credential::ApiToken {
                 name: "users/dave/apiTokens/t".into(),
@@ -747,12 +780,12 @@ mod tests {
             ..access("dave", "", now - 1)
         };
         assert!(
-            revocations.refuses(&api_token),
+            refused(&revocations, &api_token),
             "a user revocation covers API tokens too"
         );
         revocations.prune(now + 901);
         assert!(
-            !revocations.refuses(&access("alice", "s1", now - 10)),
+            !refused(&revocations, &access("alice", "s1", now - 10)),
             "pruned after its expiry"
         );
     }
@@ -769,7 +802,7 @@ mod tests {
         };
         revocations.apply(&revoke(200), 0);
         revocations.apply(&revoke(100), 0);
-        assert!(revocations.refuses(&access("dave", "s", 150)));
+        assert!(refused(&revocations, &access("dave", "s", 150)));
     }
 
     #[test]
