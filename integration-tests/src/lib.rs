@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod grpc_web;
 pub mod platform;
+pub mod shape;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -90,6 +90,9 @@ pub struct BusOptions {
     pub batch_size: usize,
     /// Longest time one Redis read blocks waiting for new events.
     pub block: Duration,
+    /// The prefix of the bus's Redis keys, so that several Cube installations (or test platforms) can share one
+    /// Redis without seeing each other's events; `cube` by default.
+    pub namespace: String,
 }
 
 impl Default for BusOptions {
@@ -99,6 +102,7 @@ impl Default for BusOptions {
             max_len: 100_000,
             batch_size: 32,
             block: Duration::from_secs(2),
+            namespace: "cube".to_owned(),
         }
     }
 }

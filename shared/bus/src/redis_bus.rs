@@ -13,7 +13,6 @@ use tokio::time::Instant;
 use crate::{Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name, validate_names};
 
 /// Prefix of the Redis keys that hold topics.
-const KEY_PREFIX: &str = "cube:events:";
 /// Name of the stream entry field that holds an event's payload.
 const PAYLOAD_FIELD: &str = "p";
 /// Pause before the first retry of a failed subscription read; it doubles with every further failure.
@@ -23,7 +22,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Extra time a blocking read is given over its BLOCK before the connection gives up on the reply.
 const BLOCK_REPLY_GRACE: Duration = Duration::from_secs(5);
 
-/// Keeps topics in Redis Streams, one stream per topic (`cube:events:{topic}`), with consumer groups.
+/// Keeps topics in Redis Streams, one stream per topic (`{namespace}:events:{topic}`, the namespace `cube` by
+/// default), with consumer groups.
 ///
 /// Publishing is `XADD` with an approximate `MAXLEN` cap; a subscription reads with `XREADGROUP … BLOCK` on a
 /// connection of its own (taken out of the pool, so blocked reads never starve it), acknowledges with `XACK` and
@@ -46,9 +46,15 @@ impl RedisBus {
         }
     }
 
-    /// Returns the Redis key of the stream that holds `topic`.
-    pub fn stream_key(topic: &str) -> String {
-        format!("{KEY_PREFIX}{topic}")
+    /// Returns the Redis key of the stream that holds `topic` in `namespace` ([`BusOptions::namespace`]):
+    /// `{namespace}:events:{topic}`.
+    pub fn stream_key(namespace: &str, topic: &str) -> String {
+        format!("{namespace}:events:{topic}")
+    }
+
+    /// Returns the key of `topic`'s stream in this bus's namespace.
+    fn key(&self, topic: &str) -> String {
+        Self::stream_key(&self.options.namespace, topic)
     }
 }
 
@@ -65,7 +71,7 @@ impl EventBus for RedisBus {
         Box::pin(async move {
             validate_name("topic", topic)?;
             let mut xadd = redis::cmd("XADD");
-            xadd.arg(Self::stream_key(topic));
+            xadd.arg(self.key(topic));
             if self.options.max_len > 0 {
                 xadd.arg("MAXLEN").arg("~").arg(self.options.max_len);
             }
@@ -110,7 +116,7 @@ impl RedisBus {
             validate_names(topic, group, consumer)?;
             let handle = Arc::new(GroupHandle {
                 pool: self.pool.clone(),
-                key: Self::stream_key(topic),
+                key: self.key(topic),
                 topic: topic.to_owned(),
                 group: group.to_owned(),
             });

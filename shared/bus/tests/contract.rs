@@ -61,6 +61,7 @@ impl Ctx {
             max_len: 10_000,
             batch_size: 16,
             block: Duration::from_millis(200),
+            ..BusOptions::default()
         })
     }
 
@@ -88,7 +89,7 @@ impl Ctx {
             .lock()
             .expect("topics lock is never poisoned")
             .iter()
-            .map(|t| RedisBus::stream_key(t))
+            .map(|t| RedisBus::stream_key(&BusOptions::default().namespace, t))
             .collect();
         if keys.is_empty() {
             return;
@@ -474,7 +475,7 @@ async fn streams_are_capped_near_max_len(ctx: Arc<Ctx>) {
     let pool = ctx.pool.as_ref().expect("a redis context has a pool");
     let mut conn = pool.get().await.expect("a redis connection");
     let len: usize = deadpool_redis::redis::cmd("XLEN")
-        .arg(RedisBus::stream_key(&topic))
+        .arg(RedisBus::stream_key(&BusOptions::default().namespace, &topic))
         .query_async(&mut conn)
         .await
         .expect("XLEN should succeed");
@@ -490,7 +491,7 @@ async fn redis_subscription_survives_its_stream_being_deleted() {
 async fn subscription_survives_its_stream_being_deleted(ctx: Arc<Ctx>) {
     let bus = ctx.bus();
     let topic = ctx.topic("deleted");
-    let key = RedisBus::stream_key(&topic);
+    let key = RedisBus::stream_key(&BusOptions::default().namespace, &topic);
     let pool = ctx.pool.clone().expect("a redis context has a pool");
     let mut sub = subscribe(&bus, &topic, "g", "c").await;
     publish(&bus, &topic, "first").await;

@@ -40,6 +40,13 @@ pub mod cube {
             type ServiceCodec<T, U> = crate::codec::CubeCodec<T, U, crate::codec::Scheduler>;
         }
     }
+    /// Kubernetes and local workload changes, their history and live streams.
+    pub mod watcher {
+        /// Version 1 of `cube.watcher.v1`.
+        pub mod v1 {
+            tonic::include_proto!("cube.watcher.v1");
+        }
+    }
     /// Messages and enums every Cube API shares.
     pub mod common {
         /// Version 1 of `cube.common`.

@@ -82,40 +82,87 @@ where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    use futures::FutureExt as _;
-    use sea_orm::ConnectionTrait as _;
+    let database = FreshDatabase::create(backend).await;
+    body(database.url.clone()).await;
+}
 
-    let base = match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("tempdir: {error}"));
-            let url = format!("sqlite://{}", dir.path().join("test.db").display());
-            body(url).await;
-            return;
+/// An empty database of its own on one backend, dropped with the guard (also while a panic unwinds): a fresh
+/// `cube_test_<uuid>` database on the servers, a fresh file in a temporary directory for SQLite.
+pub struct FreshDatabase {
+    /// The database's URL.
+    pub url: String,
+    place: Place,
+}
+
+/// Where a [`FreshDatabase`] lives, to remove it.
+enum Place {
+    /// A file in this directory, removed with it.
+    File { _dir: tempfile::TempDir },
+    /// A database `name` on the server at `base`.
+    Server {
+        backend: Backend,
+        base: String,
+        name: String,
+    },
+}
+
+impl FreshDatabase {
+    /// Creates the database, and panics saying why when the backend cannot be reached.
+    pub async fn create(backend: Backend) -> Self {
+        use sea_orm::ConnectionTrait as _;
+
+        let base = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("tempdir: {error}"));
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                return Self {
+                    url,
+                    place: Place::File { _dir: dir },
+                };
+            }
+            Backend::Postgres => require("CUBE_TEST_POSTGRES_URL"),
+            Backend::MariaDb => require("CUBE_TEST_MYSQL_URL"),
+        };
+        let name = format!("cube_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(&base)
+            .await
+            .unwrap_or_else(|error| panic!("connecting to {backend:?} at {base}: {error}"));
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|error| panic!("creating the test database: {error}"));
+        let _ = admin.close().await;
+        Self {
+            url: with_database(&base, &name),
+            place: Place::Server { backend, base, name },
         }
-        Backend::Postgres => require("CUBE_TEST_POSTGRES_URL"),
-        Backend::MariaDb => require("CUBE_TEST_MYSQL_URL"),
-    };
-    let name = format!("cube_test_{}", uuid::Uuid::new_v4().simple());
-    let admin = sea_orm::Database::connect(&base)
-        .await
-        .unwrap_or_else(|error| panic!("connecting to {backend:?} at {base}: {error}"));
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap_or_else(|error| panic!("creating the test database: {error}"));
-    let outcome = std::panic::AssertUnwindSafe(body(with_database(&base, &name)))
-        .catch_unwind()
-        .await;
-    let drop = match backend {
-        Backend::Postgres => format!("DROP DATABASE {name} WITH (FORCE)"),
-        _ => format!("DROP DATABASE {name}"),
-    };
-    let dropped = admin.execute_unprepared(&drop).await;
-    let _ = admin.close().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
     }
-    dropped.unwrap_or_else(|error| panic!("dropping the test database: {error}"));
+}
+
+impl Drop for FreshDatabase {
+    fn drop(&mut self) {
+        let Place::Server { backend, base, name } = &self.place else {
+            return;
+        };
+        let (backend, base, name) = (*backend, base.clone(), name.clone());
+        kubernetes::clean_up(async move {
+            use sea_orm::ConnectionTrait as _;
+
+            let drop = match backend {
+                Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                _ => format!("DROP DATABASE IF EXISTS {name}"),
+            };
+            match sea_orm::Database::connect(&base).await {
+                Ok(admin) => {
+                    if let Err(error) = admin.execute_unprepared(&drop).await {
+                        eprintln!("dropping the test database {name}: {error}");
+                    }
+                    let _ = admin.close().await;
+                }
+                Err(error) => eprintln!("dropping the test database {name}: {error}"),
+            }
+        });
+    }
 }
 
 /// Returns `url` with its database name replaced by `name`.

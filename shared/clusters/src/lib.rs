@@ -1,0 +1,1 @@
+//! The clusters Cube runs work on (being moved here from the scheduler).
