@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use cube_bus::{BusOptions, EventBus, MemoryBus};
 use cube_proto::cube::scheduler::v1::NodeMove;
-use cube_scheduler::balancer::{BalanceSettings, Balancer, MOVED_TOPIC, Round};
+use cube_scheduler::balancer::{BalanceSettings, Balancer, LEASE_NAME, MOVED_TOPIC, Round};
 use cube_scheduler::inventory::{Fleet, InventoryOptions};
 use cube_scheduler::model::{Migrator, node_move};
 use cube_scheduler::{ClusterConfig, ClusterRegistry};
 use cube_testkit::{eventually, require};
 use futures::StreamExt as _;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -370,8 +371,9 @@ async fn two_replicas_never_both_move_nodes() {
     }
     let setup = setup(vec![cluster("bravo", &kubeconfig)]).await;
     seen(&setup.fleet, "bravo", &run, 12, 16).await;
+    // The lease outlasts the waits between rounds, so only a replica that stops renewing loses it.
     let settings = BalanceSettings {
-        lease_seconds: 3,
+        lease_seconds: 60,
         ..settings(&run, &scenario.namespace)
     };
     let first = Arc::new(balancer(&setup, settings.clone(), "replica-1"));
@@ -417,9 +419,21 @@ async fn two_replicas_never_both_move_nodes() {
         "the other replica was kept out of every round"
     );
 
-    // The holder stops; once its lease expires, the other replica takes over.
+    // The holder stops; once its lease has expired (its last renewal is made older than the lease), the other
+    // replica takes over.
     let standby = if holder == "replica-1" { second } else { first };
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let leases = Api::<Lease>::namespaced(client(&kubeconfig).await, &scenario.namespace);
+    let stale = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(120),
+    );
+    leases
+        .patch(
+            LEASE_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"renewTime": stale}})),
+        )
+        .await
+        .expect("aging the holder's lease");
     let round = standby.run(&[]).await.expect("a round");
     assert!(
         round.skipped.is_empty(),
