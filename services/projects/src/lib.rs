@@ -12,7 +12,7 @@ mod settings;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cube_bus::EventBus;
+use cube_bus::{EventBus, Start};
 use cube_kit::config::{AuthClientArgs, DatabaseArgs, RedisArgs, parse_duration};
 use cube_kit::identity::{RevocationFeed, service_gate};
 use cube_kit::{ApiError, Channel, Server, db};
@@ -129,7 +129,12 @@ impl Projects {
         // for membership changes (each forgets what it cached).
         let mut users = bus.subscribe(USER_CREATED, "projects", &instance).await?;
         let mut changes = bus
-            .subscribe(MEMBERS_CHANGED, &format!("projects-members-{instance}"), &instance)
+            .subscribe_instance(
+                MEMBERS_CHANGED,
+                &format!("projects-members-{instance}"),
+                &instance,
+                Start::Latest,
+            )
             .await?;
         let joining = {
             let core = core.clone();

@@ -56,7 +56,35 @@ pub trait EventBus: Send + Sync + 'static {
         group: &'a str,
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>>;
+
+    /// Subscribes with a consumer group of this process instance's own, for events every replica must see (cache
+    /// invalidations, revocations): the group is `instance:{group}` (`group` must be unique to the instance, e.g.
+    /// carry a random id), created at the end of the topic or, `from` [`Start::Oldest`], at its oldest event.
+    ///
+    /// The group is removed when the subscription is dropped, so a topic does not collect the groups of stopped
+    /// instances; groups of instances that died without removing theirs are removed by the next instance
+    /// subscription to the topic once every consumer of theirs has been idle for
+    /// [`BusOptions::dead_instance_after`].
+    fn subscribe_instance<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        from: Start,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>>;
 }
+
+/// Where a new consumer group starts reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// At the end of the topic: only events published afterwards.
+    Latest,
+    /// At the oldest event the topic still holds.
+    Oldest,
+}
+
+/// The prefix of the consumer groups [`EventBus::subscribe_instance`] makes.
+pub const INSTANCE_GROUP_PREFIX: &str = "instance:";
 
 /// Identifies an event within its topic; opaque, in the `<milliseconds>-<sequence>` form of Redis stream ids.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -90,6 +118,9 @@ pub struct BusOptions {
     pub batch_size: usize,
     /// Longest time one Redis read blocks waiting for new events.
     pub block: Duration,
+    /// How long every consumer of an instance's group must have been idle before another instance takes the group
+    /// for one of a dead instance and removes it. A live consumer reads at least every [`BusOptions::block`].
+    pub dead_instance_after: Duration,
     /// The prefix of the bus's Redis keys, so that several Cube installations (or test platforms) can share one
     /// Redis without seeing each other's events; `cube` by default.
     pub namespace: String,
@@ -102,6 +133,7 @@ impl Default for BusOptions {
             max_len: 100_000,
             batch_size: 32,
             block: Duration::from_secs(2),
+            dead_instance_after: Duration::from_secs(600),
             namespace: "cube".to_owned(),
         }
     }
@@ -173,6 +205,16 @@ pub struct Subscription {
     group: String,
     consumer: String,
     inner: BoxStream<'static, Result<Delivery, BusError>>,
+    /// Removes an instance's group when the subscription is dropped.
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(remove) = self.on_drop.take() {
+            remove();
+        }
+    }
 }
 
 impl Subscription {
@@ -182,7 +224,14 @@ impl Subscription {
             group: group.to_owned(),
             consumer: consumer.to_owned(),
             inner,
+            on_drop: None,
         }
+    }
+
+    /// Makes dropping the subscription run `remove` (which removes the group).
+    fn removing_group_on_drop(mut self, remove: impl FnOnce() + Send + 'static) -> Self {
+        self.on_drop = Some(Box::new(remove));
+        self
     }
 
     /// Returns the topic this subscription reads.

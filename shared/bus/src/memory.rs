@@ -8,7 +8,10 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::{Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name, validate_names};
+use crate::{
+    Acker, BusError, BusOptions, Delivery, EventBus, EventId, INSTANCE_GROUP_PREFIX, Start, Subscription,
+    validate_name, validate_names,
+};
 
 /// Runs the bus inside this process, for `cube up`: the semantics of [`crate::RedisBus`] without Redis.
 ///
@@ -82,6 +85,42 @@ impl EventBus for MemoryBus {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         self.join(topic, group, consumer, true)
+    }
+
+    fn subscribe_instance<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        from: Start,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        Box::pin(async move {
+            let group = format!("{INSTANCE_GROUP_PREFIX}{group}");
+            let subscription = self.join(topic, &group, consumer, from == Start::Oldest).await?;
+            let shared = Arc::clone(&self.shared);
+            let topic = topic.to_owned();
+            Ok(subscription.removing_group_on_drop(move || {
+                let mut topics = shared.lock();
+                if let Some(state) = topics.get_mut(&topic) {
+                    state.groups.remove(&group);
+                    state.trim(shared.options.max_len);
+                }
+            }))
+        })
+    }
+}
+
+impl MemoryBus {
+    /// The consumer groups of `topic`, sorted.
+    pub fn groups(&self, topic: &str) -> Vec<String> {
+        let mut groups: Vec<String> = self
+            .shared
+            .lock()
+            .get(topic)
+            .map(|state| state.groups.keys().cloned().collect())
+            .unwrap_or_default();
+        groups.sort();
+        groups
     }
 }
 

@@ -1,4 +1,4 @@
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -10,9 +10,11 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::{Acker, BusError, BusOptions, Delivery, EventBus, EventId, Subscription, validate_name, validate_names};
+use crate::{
+    Acker, BusError, BusOptions, Delivery, EventBus, EventId, INSTANCE_GROUP_PREFIX, Start, Subscription,
+    validate_name, validate_names,
+};
 
-/// Prefix of the Redis keys that hold topics.
 /// Name of the stream entry field that holds an event's payload.
 const PAYLOAD_FIELD: &str = "p";
 /// Pause before the first retry of a failed subscription read; it doubles with every further failure.
@@ -100,6 +102,119 @@ impl EventBus for RedisBus {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         self.join(topic, group, consumer, "0")
+    }
+
+    fn subscribe_instance<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        from: Start,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        Box::pin(async move {
+            let group = format!("{INSTANCE_GROUP_PREFIX}{group}");
+            let start = match from {
+                Start::Latest => "$",
+                Start::Oldest => "0",
+            };
+            let subscription = self.join(topic, &group, consumer, start).await?;
+            {
+                // The consumer exists from now on, so its group is never taken for a dead instance's.
+                let mut conn = self.pool.get().await?;
+                redis::cmd("XGROUP")
+                    .arg("CREATECONSUMER")
+                    .arg(self.key(topic))
+                    .arg(&group)
+                    .arg(consumer)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                self.remove_dead_instances(&mut conn, topic, &group).await;
+            }
+            let pool = self.pool.clone();
+            let key = self.key(topic);
+            Ok(subscription.removing_group_on_drop(move || {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    tracing::warn!(%key, %group, "no runtime to remove an instance's consumer group on");
+                    return;
+                };
+                runtime.spawn(async move {
+                    let removed = async {
+                        let mut conn = pool.get().await?;
+                        destroy_group(&mut conn, &key, &group).await
+                    };
+                    if let Err(error) = removed.await {
+                        tracing::warn!(%error, %key, %group, "removing an instance's consumer group");
+                    }
+                });
+            }))
+        })
+    }
+}
+
+/// Removes consumer group `group` of the stream at `key`.
+async fn destroy_group(conn: &mut impl ConnectionLike, key: &str, group: &str) -> Result<(), BusError> {
+    redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(key)
+        .arg(group)
+        .query_async::<()>(conn)
+        .await?;
+    tracing::debug!(%key, %group, "removed consumer group");
+    Ok(())
+}
+
+impl RedisBus {
+    /// Removes the instance groups of `topic` other than `own` all of whose consumers have been idle for
+    /// [`BusOptions::dead_instance_after`]: groups of instances that died without removing theirs. Failures are
+    /// logged; the next instance tries again.
+    async fn remove_dead_instances(&self, conn: &mut impl ConnectionLike, topic: &str, own: &str) {
+        let key = self.key(topic);
+        let idle_limit = u64::try_from(self.options.dead_instance_after.as_millis()).unwrap_or(u64::MAX);
+        let groups: Vec<HashMap<String, redis::Value>> =
+            match redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(conn).await {
+                Ok(groups) => groups,
+                Err(error) => {
+                    tracing::warn!(%error, %key, "listing consumer groups");
+                    return;
+                }
+            };
+        for group in groups {
+            let Some(name) = group
+                .get("name")
+                .and_then(|name| redis::from_redis_value::<String>(name.clone()).ok())
+            else {
+                continue;
+            };
+            if name == own || !name.starts_with(INSTANCE_GROUP_PREFIX) {
+                continue;
+            }
+            let consumers: Vec<HashMap<String, redis::Value>> = match redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&key)
+                .arg(&name)
+                .query_async(conn)
+                .await
+            {
+                Ok(consumers) => consumers,
+                Err(error) => {
+                    tracing::warn!(%error, %key, group = %name, "listing a group's consumers");
+                    continue;
+                }
+            };
+            let idle = |consumer: &HashMap<String, redis::Value>| {
+                consumer
+                    .get("idle")
+                    .and_then(|idle| redis::from_redis_value::<u64>(idle.clone()).ok())
+                    .is_some_and(|idle| idle >= idle_limit)
+            };
+            // A group without consumers is being made (its consumer comes right after): never take it for dead.
+            if !consumers.is_empty() && consumers.iter().all(idle) {
+                match destroy_group(conn, &key, &name).await {
+                    Ok(()) => tracing::info!(%key, group = %name, "removed the consumer group of a dead instance"),
+                    Err(error) => tracing::warn!(%error, %key, group = %name, "removing a dead instance's group"),
+                }
+            }
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cube_bus::{BusError, BusOptions, Delivery, EventBus, EventId, MemoryBus, RedisBus, Subscription};
+use cube_bus::{BusError, BusOptions, Delivery, EventBus, EventId, MemoryBus, RedisBus, Start, Subscription};
 use deadpool_redis::{Pool, Runtime};
 use futures::{FutureExt, StreamExt};
 use tokio::time::{Instant, timeout};
@@ -527,4 +527,90 @@ async fn subscription_survives_its_stream_being_deleted(ctx: Arc<Ctx>) {
         .expect("in time")
         .expect("the reading task should not panic");
     assert_eq!((delivery.payload, delivery.delivery_count), (payload("second"), 1));
+}
+
+/// The consumer groups of `topic`'s stream in Redis.
+async fn redis_groups(pool: &Pool, topic: &str) -> Vec<String> {
+    let mut conn = pool.get().await.expect("a redis connection");
+    let groups: Vec<std::collections::HashMap<String, deadpool_redis::redis::Value>> =
+        deadpool_redis::redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(RedisBus::stream_key(&BusOptions::default().namespace, topic))
+            .query_async(&mut conn)
+            .await
+            .expect("XINFO GROUPS");
+    let mut names: Vec<String> = groups
+        .iter()
+        .filter_map(|group| deadpool_redis::redis::from_redis_value(group.get("name")?.clone()).ok())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn memory_an_instance_group_goes_with_its_subscription() {
+    let bus = MemoryBus::new(BusOptions::default());
+    let shared = bus
+        .subscribe("test.instances", "workers", "c")
+        .await
+        .expect("a shared group");
+    let own = bus
+        .subscribe_instance("test.instances", "cache-abc", "c", Start::Latest)
+        .await
+        .expect("an instance group");
+    assert_eq!(bus.groups("test.instances"), ["instance:cache-abc", "workers"]);
+    drop(own);
+    assert_eq!(bus.groups("test.instances"), ["workers"]);
+    drop(shared);
+}
+
+#[tokio::test]
+async fn redis_an_instance_group_goes_with_its_subscription() {
+    run(Backend::Redis, |ctx| async move {
+        let bus = ctx.bus();
+        let pool = ctx.pool.clone().expect("a redis context has a pool");
+        let topic = ctx.topic("instances");
+        let _shared = subscribe(&bus, &topic, "workers", "c").await;
+        let mut own = bus
+            .subscribe_instance(&topic, "cache-abc", "c", Start::Latest)
+            .await
+            .expect("an instance group");
+        assert_eq!(redis_groups(&pool, &topic).await, ["instance:cache-abc", "workers"]);
+        publish(&bus, &topic, "seen").await;
+        assert_eq!(next(&mut own).await.payload, Bytes::from("seen"));
+        drop(own);
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        while redis_groups(&pool, &topic).await != ["workers"] {
+            assert!(Instant::now() < deadline, "the instance's group is still there");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_the_group_of_a_dead_instance_is_removed_by_the_next_instance() {
+    run(Backend::Redis, |ctx| async move {
+        let pool = ctx.pool.clone().expect("a redis context has a pool");
+        let topic = ctx.topic("dead-instances");
+        let bus = ctx.bus_with(BusOptions {
+            dead_instance_after: Duration::from_millis(100),
+            block: Duration::from_millis(50),
+            ..BusOptions::default()
+        });
+        // An instance that was killed: its group stays, its consumer stops reading. A shared group stays too.
+        let dead = bus
+            .subscribe_instance(&topic, "cache-dead", "c", Start::Latest)
+            .await
+            .expect("an instance group");
+        std::mem::forget(dead);
+        let _shared = subscribe(&bus, &topic, "workers", "c").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _live = bus
+            .subscribe_instance(&topic, "cache-live", "c", Start::Latest)
+            .await
+            .expect("an instance group");
+        assert_eq!(redis_groups(&pool, &topic).await, ["instance:cache-live", "workers"]);
+    })
+    .await;
 }

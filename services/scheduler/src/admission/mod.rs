@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use cube_bus::EventBus;
+use cube_bus::{EventBus, Start};
 use cube_kit::config::parse_duration;
 use cube_kit::identity::Principal;
 use cube_kit::task::Background;
@@ -181,7 +181,12 @@ impl Admissions {
         let instance = cube_kit::identity::jws::random_id(9)
             .unwrap_or_else(|_| format!("{}-{}", std::process::id(), cube_kit::time::now_ms()));
         let mut changes = bus
-            .subscribe(MEMBERS_CHANGED, &format!("scheduler-quotas-{instance}"), &instance)
+            .subscribe_instance(
+                MEMBERS_CHANGED,
+                &format!("scheduler-quotas-{instance}"),
+                &instance,
+                Start::Latest,
+            )
             .await?;
         let follow = {
             let shared = shared.clone();
