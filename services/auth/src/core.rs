@@ -15,13 +15,13 @@ use cube_proto::cube::auth::v1::{RevokedKind, TokenRevoked, User, UserDeactivate
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _,
+    QueryOrder as _,
 };
 use tokio::sync::Notify;
 
 use crate::credentials::{self, Keyring};
 use crate::ldap::Directory;
-use crate::model::{audit_event, outbox, refresh_token, role, role_binding, session, user};
+use crate::model::{audit_event, refresh_token, role, role_binding, session, user};
 use crate::throttle::LoginThrottle;
 
 /// The domain in auth's `ErrorInfo`s.
@@ -300,49 +300,23 @@ pub(crate) async fn audit(db: &impl ConnectionTrait, event: Audit<'_>) -> Result
     Ok(())
 }
 
-/// Writes a bus event into the outbox on `db`, to be published once the transaction commits.
+/// Writes a bus event into the shared outbox on `db` (the change's transaction), to be published once the
+/// transaction commits.
 pub(crate) async fn enqueue(
     db: &impl ConnectionTrait,
     topic: &str,
     event: &impl prost::Message,
 ) -> Result<(), ApiError> {
-    outbox::Entity::insert(outbox::ActiveModel {
-        topic: Set(topic.to_owned()),
-        payload: Set(event.encode_to_vec()),
-        created_ms: Set(now_ms()),
-        ..Default::default()
-    })
-    .exec(db)
-    .await
-    .map_err(db_error)?;
+    cube_kit::outbox::enqueue(db, topic, event)
+        .await
+        .map_err(ApiError::internal)?;
     Ok(())
 }
 
-/// Publishes the outbox on the bus, oldest first, and deletes what was published: woken by `notify` after each
-/// commit and every second in case a wake-up was missed (or another replica wrote the row).
+/// Relays the outbox to the bus: woken by `notify` after each commit, and every second in case a wake-up was
+/// missed (or another replica wrote the row).
 pub(crate) async fn relay_outbox(db: DatabaseConnection, bus: Arc<dyn EventBus>, notify: Arc<Notify>) {
-    loop {
-        match publish_outbox(&db, bus.as_ref()).await {
-            Ok(true) => continue,
-            Ok(false) => {}
-            Err(error) => tracing::warn!(%error, "publishing the outbox"),
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), notify.notified()).await;
-    }
-}
-
-/// Publishes one batch; `Ok(true)` when there may be more.
-async fn publish_outbox(db: &DatabaseConnection, bus: &dyn EventBus) -> Result<bool, Box<dyn std::error::Error>> {
-    let batch = outbox::Entity::find()
-        .order_by_asc(outbox::Column::Id)
-        .limit(100)
-        .all(db)
-        .await?;
-    for row in &batch {
-        bus.publish(&row.topic, row.payload.clone().into()).await?;
-        outbox::Entity::delete_by_id(row.id).exec(db).await?;
-    }
-    Ok(batch.len() == 100)
+    cube_kit::outbox::relay(db, bus, notify, cube_kit::outbox::RelayOptions::default()).await;
 }
 
 impl Core {

@@ -255,32 +255,6 @@ pub mod audit_event {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// Events written in the same transaction as the change they announce, published on the bus afterwards.
-pub mod outbox {
-    use sea_orm::entity::prelude::*;
-
-    /// A row of `outbox`.
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
-    #[sea_orm(table_name = "outbox")]
-    pub struct Model {
-        /// Increasing id: publication order.
-        #[sea_orm(primary_key)]
-        pub id: i64,
-        /// The bus topic.
-        pub topic: String,
-        /// The encoded event.
-        pub payload: Vec<u8>,
-        /// Written, Unix ms.
-        pub created_ms: i64,
-    }
-
-    /// No relations are navigated.
-    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
-
-    impl ActiveModelBehavior for ActiveModel {}
-}
-
 /// Revocations in force, which every service's verifier loads before it answers after a start.
 pub mod revocation {
     use sea_orm::entity::prelude::*;
@@ -316,7 +290,12 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTables), Box::new(CreateRevocations)]
+        vec![
+            Box::new(CreateTables),
+            Box::new(CreateRevocations),
+            cube_kit::outbox::migration(),
+            Box::new(MoveOutbox),
+        ]
     }
 }
 
@@ -346,10 +325,27 @@ impl MigrationTrait for CreateTables {
             schema.create_table_from_entity(refresh_token::Entity),
             schema.create_table_from_entity(signing_key::Entity),
             schema.create_table_from_entity(audit_event::Entity),
-            schema.create_table_from_entity(outbox::Entity),
         ] {
             db.execute(&statement).await?;
         }
+        // The outbox auth had before cube-kit's; `MoveOutbox` moves its rows over and drops it.
+        manager
+            .create_table(
+                Table::create()
+                    .table(Alias::new(LEGACY_OUTBOX))
+                    .col(
+                        ColumnDef::new(Alias::new("id"))
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Alias::new("topic")).string().not_null())
+                    .col(ColumnDef::new(Alias::new("payload")).blob().not_null())
+                    .col(ColumnDef::new(Alias::new("created_ms")).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
         let indexes = [
             (
                 "idx_role_bindings_subject",
@@ -385,6 +381,44 @@ impl MigrationTrait for CreateTables {
             manager.create_index(index.to_owned()).await?;
         }
         Ok(())
+    }
+}
+
+/// The table of auth's own outbox, replaced by cube-kit's.
+const LEGACY_OUTBOX: &str = "outbox";
+
+/// Moves the events left in auth's own outbox into cube-kit's, each under a new event id, and drops the old table.
+struct MoveOutbox;
+
+impl MigrationName for MoveOutbox {
+    fn name(&self) -> &str {
+        "m20261203_000002_move_outbox_to_kit"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for MoveOutbox {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        let select = Query::select()
+            .columns([Alias::new("topic"), Alias::new("payload")])
+            .from(Alias::new(LEGACY_OUTBOX))
+            .order_by(Alias::new("id"), Order::Asc)
+            .to_owned();
+        for row in db.query_all(&select).await? {
+            let topic: String = row.try_get("", "topic")?;
+            let payload: Vec<u8> = row.try_get("", "payload")?;
+            cube_kit::outbox::enqueue_encoded(db, &topic, payload)
+                .await
+                .map_err(|error| DbErr::Migration(error.to_string()))?;
+        }
+        manager
+            .drop_table(Table::drop().table(Alias::new(LEGACY_OUTBOX)).to_owned())
+            .await
     }
 }
 

@@ -36,6 +36,16 @@ pub trait EventBus: Send + Sync + 'static {
     /// Appends an event to `topic` and returns its id once the event is stored.
     fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>>;
 
+    /// Appends an event like [`EventBus::publish`], carrying `key`, an id the publisher gave the event that stays
+    /// the same when it publishes the event again (the outbox's event id), so that consumers can deduplicate on
+    /// [`Delivery::key`].
+    fn publish_keyed<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<EventId, BusError>>;
+
     /// Subscribes `consumer` of `group` to `topic`, creating the group at the end of the topic if it is new.
     ///
     /// When the returned future resolves the group exists, so every event published afterwards reaches it. The
@@ -158,6 +168,9 @@ pub struct Delivery {
     pub topic: String,
     /// The bytes the publisher sent.
     pub payload: Bytes,
+    /// The key the publisher gave the event with [`EventBus::publish_keyed`]: the same on every publication of one
+    /// event, unlike [`Delivery::id`], so consumers deduplicate on it.
+    pub key: Option<String>,
     /// How many times the event has been delivered in this group: 1 the first time, more on redelivery.
     pub delivery_count: u64,
     acker: Acker,
@@ -184,6 +197,7 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("id", &self.id)
             .field("topic", &self.topic)
+            .field("key", &self.key)
             .field("payload_len", &self.payload.len())
             .field("delivery_count", &self.delivery_count)
             .finish_non_exhaustive()

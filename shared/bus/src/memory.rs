@@ -44,29 +44,16 @@ impl std::fmt::Debug for MemoryBus {
 
 impl EventBus for MemoryBus {
     fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
-        Box::pin(async move {
-            validate_name("topic", topic)?;
-            let (id, notify) = {
-                let mut topics = self.shared.lock();
-                let state = topics.entry(topic.to_owned()).or_default();
-                let seq = state.next_seq;
-                state.next_seq += 1;
-                let millis = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis();
-                let id = EventId::new(format!("{millis}-{seq}"));
-                state.events.push_back(Event {
-                    seq,
-                    id: id.clone(),
-                    payload,
-                });
-                state.trim(self.shared.options.max_len);
-                (id, Arc::clone(&state.notify))
-            };
-            notify.notify_waiters();
-            Ok(id)
-        })
+        self.append(topic, None, payload)
+    }
+
+    fn publish_keyed<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<EventId, BusError>> {
+        self.append(topic, Some(key.to_owned()), payload)
     }
 
     fn subscribe<'a>(
@@ -106,6 +93,41 @@ impl EventBus for MemoryBus {
                     state.trim(shared.options.max_len);
                 }
             }))
+        })
+    }
+}
+
+impl MemoryBus {
+    /// Appends an event, with the publisher's key when it gave one.
+    fn append<'a>(
+        &'a self,
+        topic: &'a str,
+        key: Option<String>,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<EventId, BusError>> {
+        Box::pin(async move {
+            validate_name("topic", topic)?;
+            let (id, notify) = {
+                let mut topics = self.shared.lock();
+                let state = topics.entry(topic.to_owned()).or_default();
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                let millis = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis();
+                let id = EventId::new(format!("{millis}-{seq}"));
+                state.events.push_back(Event {
+                    seq,
+                    id: id.clone(),
+                    key,
+                    payload,
+                });
+                state.trim(self.shared.options.max_len);
+                (id, Arc::clone(&state.notify))
+            };
+            notify.notify_waiters();
+            Ok(id)
         })
     }
 }
@@ -222,6 +244,7 @@ impl Topic {
 struct Event {
     seq: u64,
     id: EventId,
+    key: Option<String>,
     payload: Bytes,
 }
 
@@ -393,6 +416,7 @@ impl Consumer {
         Delivery {
             id: event.id.clone(),
             topic: self.group.topic.clone(),
+            key: event.key.clone(),
             payload: event.payload.clone(),
             delivery_count,
             acker: Acker::Memory {

@@ -17,6 +17,8 @@ use crate::{
 
 /// Name of the stream entry field that holds an event's payload.
 const PAYLOAD_FIELD: &str = "p";
+/// Name of the stream entry field that holds the key a publisher gave an event.
+const KEY_FIELD: &str = "k";
 /// Pause before the first retry of a failed subscription read; it doubles with every further failure.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between retries of a failed subscription read.
@@ -60,6 +62,34 @@ impl RedisBus {
     }
 }
 
+impl RedisBus {
+    /// Appends an event with `XADD`, with the publisher's key when it gave one.
+    fn append<'a>(
+        &'a self,
+        topic: &'a str,
+        key: Option<&'a str>,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<EventId, BusError>> {
+        Box::pin(async move {
+            validate_name("topic", topic)?;
+            let mut xadd = redis::cmd("XADD");
+            xadd.arg(self.key(topic));
+            if self.options.max_len > 0 {
+                xadd.arg("MAXLEN").arg("~").arg(self.options.max_len);
+            }
+            xadd.arg("*").arg(PAYLOAD_FIELD).arg(payload.as_ref());
+            if let Some(key) = key {
+                xadd.arg(KEY_FIELD).arg(key);
+            }
+            let mut conn = self.pool.get().await?;
+            unblock_abandoned(&self.abandoned, &mut conn).await;
+            let reply: Value = xadd.query_async(&mut conn).await?;
+            let id = text(&reply).ok_or_else(|| BusError::unexpected("XADD", format!("{reply:?}")))?;
+            Ok(EventId::new(id))
+        })
+    }
+}
+
 impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBus")
@@ -70,20 +100,16 @@ impl std::fmt::Debug for RedisBus {
 
 impl EventBus for RedisBus {
     fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
-        Box::pin(async move {
-            validate_name("topic", topic)?;
-            let mut xadd = redis::cmd("XADD");
-            xadd.arg(self.key(topic));
-            if self.options.max_len > 0 {
-                xadd.arg("MAXLEN").arg("~").arg(self.options.max_len);
-            }
-            xadd.arg("*").arg(PAYLOAD_FIELD).arg(payload.as_ref());
-            let mut conn = self.pool.get().await?;
-            unblock_abandoned(&self.abandoned, &mut conn).await;
-            let reply: Value = xadd.query_async(&mut conn).await?;
-            let id = text(&reply).ok_or_else(|| BusError::unexpected("XADD", format!("{reply:?}")))?;
-            Ok(EventId::new(id))
-        })
+        self.append(topic, None, payload)
+    }
+
+    fn publish_keyed<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<EventId, BusError>> {
+        self.append(topic, Some(key), payload)
     }
 
     fn subscribe<'a>(
@@ -528,6 +554,7 @@ impl Reader {
         self.buffer.push_back(Ok(Delivery {
             id: EventId::new(entry.id),
             topic: self.handle.topic.clone(),
+            key: entry.key,
             payload,
             delivery_count,
             acker: Acker::Redis(Arc::clone(&self.handle)),
@@ -593,6 +620,7 @@ fn is_missing_group(error: &BusError) -> bool {
 /// One stream entry as read from Redis.
 struct Entry {
     id: String,
+    key: Option<String>,
     payload: EntryPayload,
 }
 
@@ -673,6 +701,7 @@ fn parse_entry(command: &'static str, entry: Value) -> Result<Entry, BusError> {
         Value::Nil => {
             return Ok(Entry {
                 id,
+                key: None,
                 payload: EntryPayload::Trimmed,
             });
         }
@@ -689,14 +718,18 @@ fn parse_entry(command: &'static str, entry: Value) -> Result<Entry, BusError> {
             return Err(BusError::unexpected(command, format!("fields of {id}: {other:?}")));
         }
     };
-    let payload = pairs
-        .into_iter()
-        .find_map(|(field, value)| match (text(&field), value) {
-            (Some(field), Value::BulkString(bytes)) if field == PAYLOAD_FIELD => Some(Bytes::from(bytes)),
-            _ => None,
-        });
+    let mut payload = None;
+    let mut key = None;
+    for (field, value) in pairs {
+        match (text(&field).as_deref(), value) {
+            (Some(PAYLOAD_FIELD), Value::BulkString(bytes)) => payload = Some(Bytes::from(bytes)),
+            (Some(KEY_FIELD), value) => key = text(&value),
+            _ => {}
+        }
+    }
     Ok(Entry {
         id,
+        key,
         payload: payload.map_or(EntryPayload::Missing, EntryPayload::Present),
     })
 }
