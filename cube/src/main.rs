@@ -247,7 +247,7 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
     // channel to projects is bound once projects is built.
     let (projects_for_scheduler, projects_late) = Channel::late();
     let scheduler = cube_scheduler::Scheduler::start(
-        cube_scheduler::ClusterRegistry::embedded(),
+        cube_clusters::ClusterRegistry::embedded(),
         cube_scheduler::Peers {
             auth: auth_channel.clone(),
             projects: projects_for_scheduler,

@@ -2,16 +2,16 @@
 //! to browsers and SDKs, answers CORS, and forwards each call by its proto package to the service that owns it.
 //!
 //! The gateway serves its own health (`grpc.health.v1`, where a service name under a routed package is asked of
-//! that service) and a reflection service describing every Cube API. It checks what it forwards: framing, message
-//! size, `grpc-timeout`, and that a method taking one request message gets exactly one, answering problems with
-//! gRPC errors carrying `google.rpc` details. Methods it knows from its descriptor sets are named in its metrics;
-//! calls to any other path share the label value `unknown`.
+//! that service) and a reflection service listing the services it routes, its health and its reflection. It checks
+//! what it forwards: framing, message size, `grpc-timeout`, and that a method taking one request message gets
+//! exactly one, answering problems with gRPC errors carrying `google.rpc` details. Methods it knows from its
+//! descriptor sets are named in its metrics; calls to any other path share the label value `unknown`.
 
 mod edge;
 mod frames;
 mod proxy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -80,6 +80,13 @@ const DEFAULT_ROUTES: [&str; 7] = [
     "cube.notebook.v1=http://cube-notebook:8080",
     "cube.serving.v1=http://cube-serving:8080",
     "cube.watcher.v1=http://cube-watcher:8080",
+];
+
+/// The services the gateway serves itself rather than forwards: health and both versions of reflection.
+const OWN_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
 ];
 
 /// Why the gateway could not be built.
@@ -215,11 +222,7 @@ impl Gateway {
     /// Returns the methods the gateway's metrics name: those it forwards, and its own health and reflection.
     fn metric_methods(forwarded: &HashMap<String, MethodInfo>) -> MethodSet {
         let own = MethodSet::of_services(
-            &[
-                "grpc.health.v1.Health",
-                "grpc.reflection.v1.ServerReflection",
-                "grpc.reflection.v1alpha.ServerReflection",
-            ],
+            &OWN_SERVICES,
             &[
                 tonic_health::pb::FILE_DESCRIPTOR_SET,
                 tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
@@ -231,14 +234,35 @@ impl Gateway {
         MethodSet::new(paths)
     }
 
+    /// Returns the services reflection lists: those the gateway forwards, and its own health and reflection.
+    /// Services its descriptor sets declare that no route serves (internal contracts such as
+    /// `cube.common.v1.ProjectWorkloadService`) stay unlisted, though their types can still be looked up.
+    fn listed_services(forwarded: &HashMap<String, MethodInfo>) -> BTreeSet<String> {
+        let mut services: BTreeSet<String> = forwarded.values().map(|method| method.service.clone()).collect();
+        services.extend(OWN_SERVICES.map(String::from));
+        services
+    }
+
     fn routes(self, request_timeout: Duration, methods: HashMap<String, MethodInfo>) -> Result<Routes, ServeError> {
-        let mut v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        let mut v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for set in &self.descriptor_sets {
+        let mut v1 = tonic_reflection::server::Builder::configure();
+        let mut v1alpha = tonic_reflection::server::Builder::configure();
+        for set in [
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]
+        .into_iter()
+        .chain(self.descriptor_sets.iter().copied())
+        {
             v1 = v1.register_encoded_file_descriptor_set(set);
             v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
+        }
+        // Both reflection descriptors are registered above, so neither builder adds its own a second time.
+        v1 = v1.include_reflection_service(false);
+        v1alpha = v1alpha.include_reflection_service(false);
+        for service in Self::listed_services(&methods) {
+            v1 = v1.with_service_name(service.clone());
+            v1alpha = v1alpha.with_service_name(service);
         }
         let proxy = proxy::Proxy::new(self.upstreams, methods, self.max_message_bytes, request_timeout);
         let routes = Routes::default()

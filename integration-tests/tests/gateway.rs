@@ -597,3 +597,61 @@ async fn made_up_methods_do_not_grow_the_gateways_metrics() {
     shutdown.cancel();
     server.await.expect("gateway task").expect("gateway");
 }
+
+#[tokio::test]
+async fn reflection_lists_only_the_services_the_gateway_serves() {
+    // The services listed through one version of the reflection API (the two differ only in their types).
+    macro_rules! listed_services {
+        ($version:ident, $gateway:expr) => {{
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            let request = tonic_reflection::pb::$version::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let response = ServerReflectionClient::new(connect($gateway).await)
+                .server_reflection_info(futures::stream::iter([request]))
+                .await
+                .expect("reflection")
+                .into_inner()
+                .next()
+                .await
+                .expect("a response")
+                .expect("ok");
+            let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+                panic!("unexpected reflection response {response:?}");
+            };
+            list.service
+                .into_iter()
+                .map(|service| service.name)
+                .collect::<Vec<String>>()
+        }};
+    }
+
+    let echo = start_echo().await;
+    let channel = Channel::remote(&echo.url()).expect("echo url");
+    // Listing services asks no upstream, so any channel serves as the projects route.
+    let gateway = start_gateway(echo_gateway(channel.clone(), 1 << 20).route("cube.projects.v1", channel)).await;
+    for names in [listed_services!(v1, &gateway), listed_services!(v1alpha, &gateway)] {
+        for served in [
+            "cube.projects.v1.ProjectService",
+            "cube.testing.v1.EchoService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(
+                names.iter().any(|name| name == served),
+                "{served} missing from {names:?}"
+            );
+        }
+        // Described by the gateway's descriptor sets, but served by no route.
+        for unrouted in ["cube.common.v1.ProjectWorkloadService", "cube.auth.v1.AuthService"] {
+            assert!(
+                !names.iter().any(|name| name == unrouted),
+                "{unrouted} listed in {names:?}"
+            );
+        }
+    }
+}

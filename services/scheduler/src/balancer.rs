@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use cube_bus::EventBus;
+use cube_clusters::ClusterRegistry;
 use cube_kit::identity::Principal;
 use cube_kit::page;
 use cube_kit::task::Background;
@@ -32,10 +33,10 @@ use sea_orm::{
 use serde::Deserialize;
 use tonic::{Request, Response, Status};
 
+use crate::Error;
 use crate::balance::{self, BalanceNode, BalancePolicy, Move, MoveReason, NodeClass, ORG_LABEL, PendingPod};
 use crate::inventory::{Fleet, NodeView, WaitingPod, selector_matches};
 use crate::model::node_move;
-use crate::{ClusterRegistry, Error};
 
 /// The bus topic each move is published on, as a `cube.scheduler.v1.NodeMove`.
 pub const MOVED_TOPIC: &str = "scheduler.node.moved";

@@ -15,7 +15,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 
-use crate::{ClusterConfig, ClusterRegistry};
+use cube_clusters::{ClusterConfig, ClusterRegistry};
 
 /// The pod annotation naming the workload a pod belongs to (`projects/vision/notebooks/alice-lab`), as admitted:
 /// the workload services set it on every pod, and admission reconciles its reservations with the pods that carry
@@ -413,10 +413,10 @@ where
     (reader, task)
 }
 
-/// Connects to a cluster that has a Kubernetes API and starts watching its Nodes, its bound Pods and its waiting
-/// Pods; a cluster that cannot be connected to is kept, with the reason, and reported unhealthy.
-async fn member(cluster: &ClusterConfig, units: &Arc<Units>) -> Member {
-    match cluster.client().await {
+/// Starts watching the Nodes, bound Pods and waiting Pods of a cluster that has a Kubernetes API, through the
+/// registry's client for it; a cluster that cannot be connected to is kept, with the reason, and reported unhealthy.
+async fn member(registry: &ClusterRegistry, cluster: &ClusterConfig, units: &Arc<Units>) -> Member {
+    match registry.client(&cluster.name).await.map_err(|error| error.to_string()) {
         Ok(client) => {
             let changes = Arc::new(AtomicU64::new(0));
             let index = Arc::new(Mutex::new(NodeIndex::default()));
@@ -495,12 +495,12 @@ impl Fleet {
         let mut next = BTreeMap::new();
         for cluster in registry.clusters().iter() {
             // Only how the cluster is reached matters to its watches; a new default or namespace keeps them.
-            let kept = current.get(&cluster.name).filter(|member| {
-                member.config.kubeconfig == cluster.kubeconfig && member.config.in_cluster == cluster.in_cluster
-            });
+            let kept = current
+                .get(&cluster.name)
+                .filter(|member| member.config.same_connection(cluster));
             let member = match kept {
                 Some(member) => member.clone(),
-                None => Arc::new(member(cluster, &self.units).await),
+                None => Arc::new(member(registry, cluster, &self.units).await),
             };
             next.insert(cluster.name.clone(), member);
         }

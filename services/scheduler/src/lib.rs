@@ -1,5 +1,5 @@
-//! Cube's scheduler service (`cube.scheduler.v1`): the registry of clusters work runs on. Node inventory,
-//! placement, quota admission and the balancer arrive with the issue that builds them.
+//! Cube's scheduler service (`cube.scheduler.v1`): the clusters work runs on (their registry is `cube-clusters`,
+//! their health and node inventory are the scheduler's), placement, quota admission and the balancer.
 
 pub mod admission;
 mod ask;
@@ -12,12 +12,16 @@ mod names;
 mod place;
 pub mod placement;
 
+/// The registry [`Scheduler::start`] takes and the clusters in it, re-exported so that callers of the scheduler
+/// need not name `cube-clusters` themselves.
+pub use cube_clusters::{ClusterConfig, ClusterRegistry, RegistryError};
 pub use error::Error;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use cube_bus::EventBus;
+use cube_clusters::ClustersArgs;
 use cube_kit::config::AuthClientArgs;
 use cube_kit::identity::{Gate, Principal, RevocationFeed, service_gate};
 use cube_kit::task::Background;
@@ -36,7 +40,6 @@ use cube_proto::cube::scheduler::v1::placement_service_server::PlacementServiceS
 use crate::balancer::{BalanceSettings, Balancer};
 use crate::inventory::{Amounts, Fleet, InventoryOptions, NodeView, selector_matches};
 use crate::placement::PlacementConfig;
-use serde::Deserialize;
 use tonic::{Request, Response, Status};
 
 /// The domain in the scheduler's `ErrorInfo`s.
@@ -45,9 +48,9 @@ pub(crate) const DOMAIN: &str = "scheduler.cube.dev";
 /// The scheduler's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SchedulerArgs {
-    /// The cluster file: JSON `{"clusters": [{"name": "dev", "default": true, "kubeconfig": "/path", …}]}`.
-    #[arg(long = "clusters-file", env = "CUBE_CLUSTERS_FILE")]
-    pub clusters_file: PathBuf,
+    /// The clusters work runs on.
+    #[command(flatten)]
+    pub clusters: ClustersArgs,
     /// Where admissions (reserved quota) are stored.
     #[command(flatten)]
     pub database: cube_kit::config::DatabaseArgs,
@@ -86,255 +89,6 @@ pub struct Options {
     pub admission: admission::AdmissionOptions,
     /// The balancer's settings.
     pub balance: BalanceSettings,
-}
-
-/// One cluster as the cluster file describes it.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterConfig {
-    /// The cluster's name (DNS-label rules).
-    pub name: String,
-    /// Whether projects without a cluster setting run here.
-    #[serde(default)]
-    pub default: bool,
-    /// The kubeconfig file reaching it; none for in-cluster or for `cube up`'s local cluster.
-    #[serde(default)]
-    pub kubeconfig: Option<PathBuf>,
-    /// Whether to reach it through the scheduler's own service account.
-    #[serde(default)]
-    pub in_cluster: bool,
-    /// Default namespace of pipelines.
-    #[serde(default = "pipeline")]
-    pub pipeline_namespace: String,
-    /// Default namespace of notebooks.
-    #[serde(default = "jupyter")]
-    pub notebook_namespace: String,
-    /// Default namespace of inference services.
-    #[serde(default = "service")]
-    pub service_namespace: String,
-    /// The service DNS domain.
-    #[serde(default = "cluster_local")]
-    pub service_domain: String,
-    /// The host users reach notebooks and services at.
-    #[serde(default)]
-    pub external_host: String,
-}
-
-impl ClusterConfig {
-    /// A cluster with the default namespaces (`pipeline`, `jupyter`, `service`) and domain (`cluster.local`),
-    /// reached through `kubeconfig`; with none, a cluster with no Kubernetes API, like `cube up`'s `local`.
-    pub fn new(name: impl Into<String>, kubeconfig: Option<PathBuf>) -> Self {
-        Self {
-            name: name.into(),
-            default: false,
-            kubeconfig,
-            in_cluster: false,
-            pipeline_namespace: pipeline(),
-            notebook_namespace: jupyter(),
-            service_namespace: service(),
-            service_domain: cluster_local(),
-            external_host: String::new(),
-        }
-    }
-
-    /// Connects a client to the cluster's API server: through its kubeconfig, or the pod's service account.
-    ///
-    /// # Errors
-    /// Returns why not, e.g. that the cluster has no Kubernetes API.
-    pub async fn client(&self) -> Result<kube::Client, String> {
-        let config = if let Some(path) = &self.kubeconfig {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|error| format!("reading the kubeconfig {}: {error}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|error| format!("loading the kubeconfig {}: {error}", path.display()))?
-        } else if self.in_cluster {
-            kube::Config::incluster().map_err(|error| format!("in-cluster configuration: {error}"))?
-        } else {
-            return Err("no Kubernetes API (no kubeconfig, not in-cluster): work runs as local processes".into());
-        };
-        kube::Client::try_from(config).map_err(|error| format!("building the client: {error}"))
-    }
-}
-
-fn pipeline() -> String {
-    "pipeline".into()
-}
-fn jupyter() -> String {
-    "jupyter".into()
-}
-fn service() -> String {
-    "service".into()
-}
-fn cluster_local() -> String {
-    "cluster.local".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClusterFile {
-    clusters: Vec<ClusterConfig>,
-}
-
-/// Why a cluster file was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The file could not be read.
-    #[error("reading the cluster file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// The file is not the expected JSON.
-    #[error("the cluster file {path} is not valid: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, and what is expected.
-        reason: String,
-    },
-}
-
-/// The clusters work can run on, the default one first; [`ClusterRegistry::reload`] reads its file again.
-/// Clones share the same registry.
-#[derive(Debug, Clone)]
-pub struct ClusterRegistry {
-    clusters: Arc<RwLock<Arc<Vec<ClusterConfig>>>>,
-    file: Option<PathBuf>,
-}
-
-/// Checks a name against DNS-label rules (2 to 63 lowercase letters, digits and dashes, starting with a letter).
-pub fn valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (2..=63).contains(&bytes.len())
-        && bytes[0].is_ascii_lowercase()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-}
-
-/// Reads and checks a cluster file.
-fn read_cluster_file(path: &Path) -> Result<Vec<ClusterConfig>, RegistryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let invalid = |reason: String| RegistryError::Invalid {
-        path: path.to_owned(),
-        reason,
-    };
-    let file: ClusterFile = serde_json::from_str(&text).map_err(|error| {
-        invalid(format!(
-            "{error}; expected {{\"clusters\": [{{\"name\": \"dev\", \"default\": true, \"kubeconfig\": \"/path\"}}]}}"
-        ))
-    })?;
-    checked(file.clusters).map_err(invalid)
-}
-
-/// Checks clusters and puts the default one (the one marked, or else the first) first.
-fn checked(mut clusters: Vec<ClusterConfig>) -> Result<Vec<ClusterConfig>, String> {
-    if clusters.is_empty() {
-        return Err("it lists no clusters".into());
-    }
-    for (index, cluster) in clusters.iter().enumerate() {
-        if !valid_name(&cluster.name) {
-            return Err(format!(
-                "clusters[{index}].name {:?} must be 2 to 63 lowercase letters, digits and dashes, starting with a letter",
-                cluster.name
-            ));
-        }
-        if clusters[..index].iter().any(|other| other.name == cluster.name) {
-            return Err(format!("clusters[{index}].name {:?} appears twice", cluster.name));
-        }
-    }
-    match clusters.iter().filter(|cluster| cluster.default).count() {
-        0 => clusters[0].default = true,
-        1 => {}
-        _ => return Err("more than one cluster is marked default".into()),
-    }
-    clusters.sort_by_key(|cluster| !cluster.default);
-    Ok(clusters)
-}
-
-impl ClusterRegistry {
-    /// Reads the cluster file at `path`; [`Self::reload`] reads it again.
-    ///
-    /// # Errors
-    /// Returns an error naming the file and what is wrong in it.
-    pub fn load(path: &Path) -> Result<Self, RegistryError> {
-        Ok(Self {
-            clusters: Arc::new(RwLock::new(Arc::new(read_cluster_file(path)?))),
-            file: Some(path.to_owned()),
-        })
-    }
-
-    /// Builds a registry from clusters; the one marked default (or else the first) becomes the default.
-    ///
-    /// # Errors
-    /// Returns what is wrong: no clusters, a bad or repeated name, several defaults.
-    pub fn new(clusters: Vec<ClusterConfig>) -> Result<Self, String> {
-        Ok(Self {
-            clusters: Arc::new(RwLock::new(Arc::new(checked(clusters)?))),
-            file: None,
-        })
-    }
-
-    /// The registry of `cube up`: one local cluster, `local`, where work runs as processes on this machine.
-    pub fn embedded() -> Self {
-        let local = ClusterConfig {
-            default: true,
-            ..ClusterConfig::new("local", None)
-        };
-        Self {
-            clusters: Arc::new(RwLock::new(Arc::new(vec![local]))),
-            file: None,
-        }
-    }
-
-    /// Reads the cluster file again and, when it is valid, replaces the registered clusters with its clusters;
-    /// when it is not, the registry is left as it was. A registry not read from a file is left as it is.
-    ///
-    /// # Errors
-    /// Returns an error naming the file and what is wrong in it.
-    pub fn reload(&self) -> Result<(), RegistryError> {
-        let Some(path) = &self.file else {
-            return Ok(());
-        };
-        let clusters = read_cluster_file(path)?;
-        if let Ok(mut current) = self.clusters.write() {
-            *current = Arc::new(clusters);
-        }
-        Ok(())
-    }
-
-    /// Returns the cluster called `name`.
-    pub fn get(&self, name: &str) -> Option<ClusterConfig> {
-        self.clusters().iter().find(|cluster| cluster.name == name).cloned()
-    }
-
-    /// Returns every cluster, the default first.
-    pub fn clusters(&self) -> Arc<Vec<ClusterConfig>> {
-        self.clusters
-            .read()
-            .map(|clusters| clusters.clone())
-            .unwrap_or_default()
-    }
-
-    /// Returns the name of the default cluster.
-    pub fn default_cluster(&self) -> String {
-        self.clusters()
-            .first()
-            .map(|cluster| cluster.name.clone())
-            .unwrap_or_default()
-    }
-
-    /// Returns the names of every cluster, the default first.
-    pub fn names(&self) -> Vec<String> {
-        self.clusters().iter().map(|cluster| cluster.name.clone()).collect()
-    }
 }
 
 fn message(cluster: &ClusterConfig, health: Result<String, String>) -> Cluster {
@@ -667,7 +421,7 @@ pub enum ServeError {
 /// # Errors
 /// Returns why it could not start or stopped serving.
 pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Result<(), ServeError> {
-    let registry = ClusterRegistry::load(&args.clusters_file)?;
+    let registry = args.clusters.registry()?;
     let placement: PlacementConfig = settings_file("--placement-file", args.placement_file.as_deref())?;
     let auth =
         Channel::remote(&args.auth.auth_url).map_err(|error| ServeError::Config(format!("--auth-url: {error}")))?;
@@ -690,7 +444,12 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Resu
     let scheduler = Scheduler::start(registry, Peers { auth, projects }, &bus, options, db).await?;
     let _feed = scheduler.feed;
     let _background = scheduler.background;
-    let _reloads = reload_on_sighup(scheduler.registry, scheduler.fleet).map_err(ServeError::Config)?;
+    let (registry, fleet) = (scheduler.registry, scheduler.fleet);
+    let _reloads = cube_clusters::on_sighup(move || {
+        let (registry, fleet) = (registry.clone(), fleet.clone());
+        async move { reload(&registry, &fleet).await }
+    })
+    .map_err(|error| ServeError::Config(error.to_string()))?;
     cube_kit::cli::serve(scheduler.server, serve).await?;
     Ok(())
 }
@@ -703,19 +462,6 @@ fn settings_file<T: serde::de::DeserializeOwned + Default>(flag: &str, path: Opt
     let text = std::fs::read_to_string(path)
         .map_err(|error| ServeError::Config(format!("reading {flag} {}: {error}", path.display())))?;
     serde_json::from_str(&text).map_err(|error| ServeError::Config(format!("{flag} {}: {error}", path.display())))
-}
-
-/// Reloads the cluster file on every SIGHUP until the returned task is dropped.
-fn reload_on_sighup(registry: ClusterRegistry, fleet: Arc<Fleet>) -> Result<Background, String> {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|error| format!("listening for SIGHUP: {error}"))?;
-    Ok(Background::spawn(async move {
-        while hangups.recv().await.is_some() {
-            if let Err(error) = reload(&registry, &fleet).await {
-                tracing::error!(%error, "SIGHUP: the cluster file was not reloaded");
-            }
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub(crate) fn shown(value: &str) -> String {
 /// The project id of `name` (`projects/{project}`), or a violation of `field` saying what is accepted.
 pub(crate) fn project_id(field: &str, name: &str) -> Result<String, FieldViolation> {
     match name.strip_prefix("projects/") {
-        Some(id) if crate::valid_name(id) => Ok(id.to_owned()),
+        Some(id) if cube_clusters::valid_name(id) => Ok(id.to_owned()),
         _ => Err(FieldViolation::new(
             field,
             format!(
@@ -81,7 +81,7 @@ pub(crate) fn workload_project(field: &str, workload: &str) -> Result<String, Fi
     let pairs_valid = !rest.is_empty()
         && rest.len().is_multiple_of(2)
         && rest.chunks(2).all(|pair| collection(pair[0]) && resource_id(pair[1]));
-    if !crate::valid_name(project) || !pairs_valid {
+    if !cube_clusters::valid_name(project) || !pairs_valid {
         return Err(refuse());
     }
     Ok(project.to_owned())
@@ -106,7 +106,7 @@ pub(crate) fn workload_in(field: &str, workload: &str, project: &str) -> Result<
 /// The cluster id of `name` (`clusters/{cluster}`), or a violation of `field` saying what is accepted.
 pub(crate) fn cluster_id(field: &str, name: &str) -> Result<String, FieldViolation> {
     match name.strip_prefix("clusters/") {
-        Some(id) if crate::valid_name(id) => Ok(id.to_owned()),
+        Some(id) if cube_clusters::valid_name(id) => Ok(id.to_owned()),
         _ => Err(FieldViolation::new(
             field,
             format!(
@@ -131,16 +131,7 @@ fn label_part(text: &str) -> bool {
 
 /// Whether `prefix` is a label key's prefix: a DNS subdomain of at most 253 characters.
 fn label_prefix(prefix: &str) -> bool {
-    prefix.len() <= 253
-        && prefix.split('.').all(|part| {
-            let bytes = part.as_bytes();
-            (1..=63).contains(&bytes.len())
-                && bytes[0].is_ascii_alphanumeric()
-                && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        })
+    prefix.len() <= 253 && prefix.split('.').all(cube_clusters::dns_label)
 }
 
 /// A Kubernetes label written `key=value` (`app=bert`, `cube.io/inference-service=bert`), or a violation of

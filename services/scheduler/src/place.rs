@@ -10,6 +10,7 @@ use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use cube_clusters::ClusterRegistry;
 use cube_kit::identity::Principal;
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::scheduler::v1::placement_service_server::PlacementService;
@@ -18,12 +19,12 @@ use cube_proto::cube::scheduler::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::DOMAIN;
 use crate::inventory::{Fleet, NodeView, WORKLOAD_ANNOTATION};
 use crate::placement::{
     NodeShape, Placement, PlacementConfig, ProjectPlacement, Resources, WeightedPodAffinityTerm, Workload,
     WorkloadKind, place, why_unplaceable,
 };
-use crate::{ClusterRegistry, DOMAIN};
 
 /// Serves `PlacementService`.
 #[derive(Clone)]

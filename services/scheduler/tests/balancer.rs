@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cube_bus::{BusOptions, EventBus, MemoryBus};
+use cube_clusters::{ClusterConfig, ClusterRegistry};
 use cube_proto::cube::scheduler::v1::NodeMove;
 use cube_scheduler::balancer::{BalanceSettings, Balancer, LEASE_NAME, MOVED_TOPIC, Round};
 use cube_scheduler::inventory::{Fleet, InventoryOptions};
 use cube_scheduler::model::{Migrator, node_move};
-use cube_scheduler::{ClusterConfig, ClusterRegistry};
 use cube_testkit::{eventually, require};
 use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use cube_clusters::{ClusterConfig, ClusterRegistry};
 use cube_scheduler::inventory::{Fleet, InventoryOptions, NodeView};
-use cube_scheduler::{ClusterConfig, ClusterRegistry};
 use cube_testkit::{eventually, require};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};

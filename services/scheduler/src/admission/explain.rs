@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use cube_clusters::ClusterRegistry;
 use cube_proto::cube::scheduler::v1::{Blocker, BlockerKind};
 
-use crate::ClusterRegistry;
 use crate::inventory::{Amounts, Fleet, NodeView, WaitingPod};
 
 /// Why the pods of an admitted workload wait for a node, if any does, from the node inventory.

@@ -45,12 +45,14 @@ use tonic::{Request, Response, Status};
 use self::quota::{Amount, StoredBlocker, blockers, queued_reason, scopes, scopes_json};
 use self::reconcile::Reconciler;
 use self::store::{BatchItem, Batched, Outcome, Store, retrying};
+use cube_clusters::ClusterRegistry;
+
+use crate::DOMAIN;
 use crate::ask::{GpuVendors, ProjectView, Shared};
 use crate::inventory::Fleet;
 use crate::model::reservation;
 use crate::names;
 use crate::placement::PlacementConfig;
-use crate::{ClusterRegistry, DOMAIN};
 
 /// The topic projects announces membership changes on (`cube.projects.v1.MembersChanged`).
 const MEMBERS_CHANGED: &str = "project.members.changed";

@@ -7,12 +7,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use cube_clusters::ClusterRegistry;
 use cube_kit::ApiError;
 use cube_kit::task::Background;
 use cube_kit::time::unix_ms;
 
 use super::store::{Store, retrying};
-use crate::ClusterRegistry;
 use crate::inventory::Fleet;
 use crate::model::reservation;
 
