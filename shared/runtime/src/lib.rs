@@ -18,6 +18,7 @@ pub mod local;
 mod spec;
 mod status;
 pub mod transition;
+pub mod volumes;
 
 pub use error::RuntimeError;
 pub use spec::{Container, ObjectKey, Owner, Port, RestartPolicy, WorkloadSpec, labels};

@@ -186,7 +186,9 @@ pub fn dns_label(text: &str) -> String {
             }
         })
         .collect();
-    let tail = mapped.get(mapped.len().saturating_sub(NAME_CHARS)..).unwrap_or_default();
+    let tail = mapped
+        .get(mapped.len().saturating_sub(NAME_CHARS)..)
+        .unwrap_or_default();
     tail.iter().collect::<String>().trim_matches('-').to_owned()
 }
 
