@@ -15,6 +15,7 @@ use cube_proto::cube::projects::v1::{MembersChanged, Role};
 use cube_proto::cube::scheduler::v1::cluster_service_client::ClusterServiceClient;
 use prost::Message as _;
 use sea_orm::{DatabaseConnection, EntityTrait as _};
+use tokio::sync::Notify;
 
 use crate::model::{member, project};
 
@@ -24,6 +25,10 @@ pub(crate) const DOMAIN: &str = "projects.cube.dev";
 pub(crate) const PUBLIC: &str = "public";
 /// The bus topic of membership changes.
 pub const MEMBERS_CHANGED: &str = "project.members.changed";
+/// The bus topic a project's deletion is announced on (`ProjectDeleted`), through the outbox.
+pub const PROJECT_DELETED: &str = "project.deleted";
+/// The bus topic a project's restoration is announced on (`ProjectUndeleted`), through the outbox.
+pub const PROJECT_UNDELETED: &str = "project.undeleted";
 /// How long a deleted project can be restored.
 pub(crate) const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -117,6 +122,8 @@ pub(crate) struct Core {
     pub(crate) workloads: Vec<(String, Channel)>,
     pub(crate) bus: Arc<dyn EventBus>,
     pub(crate) membership_ttl: Duration,
+    /// Wakes the outbox relay after a commit that enqueued events.
+    pub(crate) outbox: Arc<Notify>,
     members: RwLock<HashMap<String, CachedMembers>>,
 }
 
@@ -136,6 +143,7 @@ impl Core {
             workloads,
             bus,
             membership_ttl,
+            outbox: Arc::new(Notify::new()),
             members: RwLock::new(HashMap::new()),
         }
     }

@@ -23,7 +23,7 @@ use futures::StreamExt as _;
 use prost::Message as _;
 
 use crate::core::Core;
-pub use crate::core::MEMBERS_CHANGED;
+pub use crate::core::{MEMBERS_CHANGED, PROJECT_DELETED, PROJECT_UNDELETED};
 use crate::model::Migrator;
 
 /// The bus topic auth announces new users on.
@@ -186,13 +186,19 @@ impl Projects {
                 }
             })
         };
+        let relay = cube_kit::task::Background::spawn(cube_kit::outbox::relay(
+            core.db.clone(),
+            bus.clone(),
+            core.outbox.clone(),
+            cube_kit::outbox::RelayOptions::default(),
+        ));
         let server = Server::new("projects", "cube.projects.v1")
             .authenticate(gate)
             .add_service(ProjectServiceServer::new(service::Projects(core)));
         Ok(Self {
             server,
             background: Background {
-                _tasks: vec![joining, forgetting, purging],
+                _tasks: vec![joining, forgetting, purging, relay],
                 _feed: feed,
             },
         })

@@ -86,7 +86,11 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTables), Box::new(NormalizeGroupDns)]
+        vec![
+            Box::new(CreateTables),
+            Box::new(NormalizeGroupDns),
+            cube_kit::outbox::migration(),
+        ]
     }
 }
 

@@ -11,8 +11,8 @@ use cube_proto::cube::projects::v1::project_service_server::ProjectService;
 use cube_proto::cube::projects::v1::{
     CreateMemberRequest, CreateProjectRequest, DeleteMemberRequest, DeleteProjectRequest, GetMembershipRequest,
     GetProjectRequest, GetQuotaUsageRequest, ListMembersRequest, ListMembersResponse, ListProjectsRequest,
-    ListProjectsResponse, Member, Membership, Project, ProjectType, Quota, QuotaUsage, Role, Settings,
-    UndeleteProjectRequest, UpdateMemberRequest, UpdateProjectRequest,
+    ListProjectsResponse, Member, Membership, Project, ProjectDeleted, ProjectType, ProjectUndeleted, Quota,
+    QuotaUsage, Role, Settings, UndeleteProjectRequest, UpdateMemberRequest, UpdateProjectRequest,
 };
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
@@ -22,14 +22,24 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use crate::core::{
-    Core, PUBLIC, RETENTION, db_error, normal_groups, not_found, now_ms, project_id, role_of, role_text, status,
-    timestamp, valid_project_id,
+    Core, PROJECT_DELETED, PROJECT_UNDELETED, PUBLIC, RETENTION, db_error, normal_groups, not_found, now_ms,
+    project_id, role_of, role_text, status, timestamp, valid_project_id,
 };
 use crate::model::{member, project};
 use crate::settings::{StoredQuota, StoredSettings, check_quota, check_settings};
 
 /// How many times a change that lost a race with another change of the same project is tried again.
 const ATTEMPTS: usize = 8;
+
+/// How long a deleted project can be restored, in milliseconds.
+fn retention_ms() -> i64 {
+    i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Maps a failure to write an event into the outbox (the change then rolls back).
+fn outbox_error(error: cube_kit::outbox::OutboxError) -> ApiError {
+    ApiError::internal(error)
+}
 
 /// Serves `ProjectService`.
 #[derive(Clone)]
@@ -82,7 +92,7 @@ fn project_message(row: &project::Model) -> Project {
         delete_time: row.deleted_ms.map(timestamp),
         purge_time: row
             .deleted_ms
-            .map(|deleted| timestamp(deleted + i64::try_from(RETENTION.as_millis()).unwrap_or(0))),
+            .map(|deleted| timestamp(deleted.saturating_add(retention_ms()))),
         etag: etag(row.version),
     }
 }
@@ -534,13 +544,15 @@ impl Projects {
             });
         }
         let now = now_ms();
+        // The deletion and its announcement commit together: workload services stop the project's work.
+        let txn = self.0.db.begin().await.map_err(db_error)?;
         let deleted = project::Entity::update_many()
             .col_expr(project::Column::DeletedMs, Expr::value(now))
             .col_expr(project::Column::Version, Expr::value(row.version + 1))
             .col_expr(project::Column::UpdatedMs, Expr::value(now))
             .filter(project::Column::Id.eq(id.clone()))
             .filter(project::Column::Version.eq(row.version))
-            .exec(&self.0.db)
+            .exec(&txn)
             .await
             .map_err(db_error)?;
         if deleted.rows_affected != 1 {
@@ -548,6 +560,16 @@ impl Projects {
                 message: format!("projects/{id} changed while it was being deleted: read it again"),
             });
         }
+        let event = ProjectDeleted {
+            project: format!("projects/{id}"),
+            time: Some(timestamp(now)),
+            purge_time: Some(timestamp(now.saturating_add(retention_ms()))),
+        };
+        cube_kit::outbox::enqueue(&txn, PROJECT_DELETED, &event)
+            .await
+            .map_err(outbox_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.0.outbox.notify_one();
         self.0.members_changed(&id).await;
         let mut row = row;
         row.deleted_ms = Some(now);
@@ -578,15 +600,30 @@ impl Projects {
             });
         }
         let now = now_ms();
-        project::Entity::update_many()
+        let txn = self.0.db.begin().await.map_err(db_error)?;
+        let restored = project::Entity::update_many()
             .col_expr(project::Column::DeletedMs, Expr::value(Option::<i64>::None))
             .col_expr(project::Column::Version, Expr::value(row.version + 1))
             .col_expr(project::Column::UpdatedMs, Expr::value(now))
             .filter(project::Column::Id.eq(id.clone()))
             .filter(project::Column::Version.eq(row.version))
-            .exec(&self.0.db)
+            .exec(&txn)
             .await
             .map_err(db_error)?;
+        if restored.rows_affected != 1 {
+            return Err(ApiError::Aborted {
+                message: format!("projects/{id} changed while it was being restored: read it again"),
+            });
+        }
+        let event = ProjectUndeleted {
+            project: format!("projects/{id}"),
+            time: Some(timestamp(now)),
+        };
+        cube_kit::outbox::enqueue(&txn, PROJECT_UNDELETED, &event)
+            .await
+            .map_err(outbox_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.0.outbox.notify_one();
         self.0.members_changed(&id).await;
         let row = project::Entity::find_by_id(id.clone())
             .one(&self.0.db)
@@ -991,7 +1028,7 @@ pub(crate) async fn join_public(core: &Core, username: &str) -> Result<(), ApiEr
 
 /// Purges projects deleted more than 30 days ago, with their members.
 pub(crate) async fn purge(core: &Core) -> Result<u64, ApiError> {
-    let cutoff = now_ms() - i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = now_ms().saturating_sub(retention_ms());
     let expired = project::Entity::find()
         .filter(project::Column::DeletedMs.lt(cutoff))
         .all(&core.db)

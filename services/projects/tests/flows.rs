@@ -7,6 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use cube_bus::{BusOptions, EventBus, RedisBus};
 use cube_proto::cube::common::v1::project_workload_service_server::{
     ProjectWorkloadService, ProjectWorkloadServiceServer,
@@ -15,8 +17,8 @@ use cube_proto::cube::common::v1::{ListProjectWorkloadsRequest, ListProjectWorkl
 use cube_proto::cube::projects::v1::member::Subject;
 use cube_proto::cube::projects::v1::{
     CreateMemberRequest, CreateProjectRequest, DeleteMemberRequest, DeleteProjectRequest, GetMembershipRequest,
-    GetProjectRequest, ListProjectsRequest, Member, Project, ProjectType, Role, Settings, UndeleteProjectRequest,
-    UpdateMemberRequest, UpdateProjectRequest,
+    GetProjectRequest, ListProjectsRequest, Member, Project, ProjectDeleted, ProjectType, ProjectUndeleted, Role,
+    Settings, UndeleteProjectRequest, UpdateMemberRequest, UpdateProjectRequest,
 };
 use tonic::Code;
 use tonic_types::StatusExt as _;
@@ -379,6 +381,20 @@ impl ProjectWorkloadService for Census {
     }
 }
 
+/// The next event of `subscription`, acknowledged; then checks that no second one follows at once.
+async fn next_event<M: prost::Message + Default>(subscription: &mut cube_bus::Subscription) -> M {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the subscription is open")
+        .expect("a delivery");
+    delivery.ack().await.expect("acknowledging");
+    let event = M::decode(delivery.payload.clone()).expect("a decodable event");
+    let again = tokio::time::timeout(Duration::from_millis(300), subscription.next()).await;
+    assert!(again.is_err(), "one event per change, got a second: {again:?}");
+    event
+}
+
 async fn deleting_asks_the_workload_services_and_can_be_undone(url: &str) {
     let census = support::serve(
         cube_kit::Server::new("notebook", "cube.notebook.v1")
@@ -387,6 +403,14 @@ async fn deleting_asks_the_workload_services_and_can_be_undone(url: &str) {
     )
     .await;
     let bus: Arc<dyn EventBus> = Arc::new(cube_bus::MemoryBus::new(BusOptions::default()));
+    let mut deletions = bus
+        .subscribe(cube_projects::PROJECT_DELETED, "test", "test")
+        .await
+        .expect("subscribing");
+    let mut restorations = bus
+        .subscribe(cube_projects::PROJECT_UNDELETED, "test", "test")
+        .await
+        .expect("subscribing");
     let census_url = format!("http://{}", census.address);
     let platform = start_with(
         url,
@@ -436,6 +460,11 @@ async fn deleting_asks_the_workload_services_and_can_be_undone(url: &str) {
     assert!(deleted.delete_time.is_some() && deleted.purge_time.is_some());
     let purge = deleted.purge_time.expect("purge").seconds - deleted.delete_time.expect("delete").seconds;
     assert_eq!(purge, 30 * 24 * 3600, "restorable for 30 days");
+    // The refused deletion announced nothing; the deletion is announced once, with its times.
+    let announced = next_event::<ProjectDeleted>(&mut deletions).await;
+    assert_eq!(announced.project, idle.name, "only the deleted project is announced");
+    assert_eq!(announced.time, deleted.delete_time);
+    assert_eq!(announced.purge_time, deleted.purge_time);
     expect_code(
         platform
             .projects()
@@ -482,6 +511,8 @@ async fn deleting_asks_the_workload_services_and_can_be_undone(url: &str) {
         ))
         .await
         .expect("undeleting");
+    let announced = next_event::<ProjectUndeleted>(&mut restorations).await;
+    assert_eq!(announced.project, idle.name);
     platform
         .projects()
         .get_project(authed(
