@@ -1,12 +1,12 @@
 //! The platform as the scheduler's tests and benchmarks run it: auth, projects and the scheduler in this process on
-//! loopback ports, the scheduler watching a real kube-apiserver of the test environment; and, from
+//! loopback ports, on either shape (SQLite and the in-process bus, or a database server and Redis Streams), the
+//! scheduler watching a real kube-apiserver of the test environment; and, from
 //! `cube_testkit::kubernetes`, guards for the fake nodes and namespaces the tests make there.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use cube_auth::{Auth, AuthArgs};
-use cube_bus::{BusOptions, EventBus, MemoryBus};
+use cube_clusters::{ClusterConfig, ClusterRegistry};
 use cube_kit::Channel;
 use cube_kit::config::DatabaseArgs;
 use cube_projects::Projects;
@@ -16,10 +16,11 @@ use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType, Quota, Settings};
 use cube_scheduler::balancer::BalanceSettings;
-use cube_scheduler::{ClusterConfig, ClusterRegistry, Options, Scheduler};
+use cube_scheduler::{Options, Scheduler};
 pub use cube_testkit::kubernetes::{FakeNode, TestNamespace, clean_up};
 use kube::Client;
 
+use crate::shape::{Backing, Shape};
 use crate::{Running, connect, start_server};
 
 /// The password of the platform's `admin`.
@@ -54,18 +55,21 @@ pub struct Platform {
     pub token: String,
     /// The access token of omar, another plain user.
     pub stranger: String,
+    /// The scheduler's database URL.
+    pub scheduler_db: String,
     _keep: (
         Running,
         cube_auth::Background,
         (cube_kit::identity::RevocationFeed, Vec<cube_kit::task::Background>),
         cube_projects::Background,
     ),
-    _data: tempfile::TempDir,
+    // Last: the databases and the bus outlive the services using them.
+    _backing: Backing,
 }
 
-/// The platform over the cluster `kubeconfig` reaches (registered as `kube`), with [`test_options`].
-pub async fn platform(kubeconfig: &str) -> Platform {
-    platform_with(kubeconfig, test_options()).await
+/// The platform of `shape` over the cluster `kubeconfig` reaches (registered as `kube`), with [`test_options`].
+pub async fn platform(shape: Shape, kubeconfig: &str) -> Platform {
+    platform_with(shape, kubeconfig, test_options()).await
 }
 
 /// The scheduler's options in these tests: no balancing rounds, which would relabel the nodes of other tests
@@ -80,22 +84,14 @@ pub fn test_options() -> Options {
     }
 }
 
-/// The platform with the scheduler started with `options`.
-pub async fn platform_with(kubeconfig: &str, options: Options) -> Platform {
-    let data = tempfile::tempdir().expect("tempdir");
-    let scheduler_db = format!("sqlite://{}", data.path().join("scheduler.db").display());
-    platform_on(kubeconfig, &scheduler_db, data, options).await
-}
-
-/// The platform with the scheduler's admissions stored at `scheduler_db`.
-pub async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::TempDir, options: Options) -> Platform {
-    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+/// The platform of `shape` with the scheduler started with `options`: each service on a fresh database of the
+/// shape's backend, events on the shape's bus.
+pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> Platform {
+    let mut backing = Backing::new(shape);
+    let bus = backing.bus();
+    let scheduler_db = backing.database("scheduler").await;
     let auth = Auth::start(
-        &AuthArgs::embedded(
-            format!("sqlite://{}", data.path().join("auth.db").display()),
-            Some(ADMIN_PASSWORD.into()),
-        )
-        .expect("flags"),
+        &AuthArgs::embedded(backing.database("auth").await, Some(ADMIN_PASSWORD.into())).expect("flags"),
         bus.clone(),
     )
     .await
@@ -113,7 +109,7 @@ pub async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::T
         },
         &bus,
         options,
-        cube_kit::db::connect::<cube_scheduler::model::Migrator>(scheduler_db, true)
+        cube_kit::db::connect::<cube_scheduler::model::Migrator>(&scheduler_db, true)
             .await
             .expect("the scheduler's database"),
     )
@@ -123,7 +119,7 @@ pub async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::T
     let scheduler = start_server(scheduler.server).await;
     let projects = Projects::start(
         &DatabaseArgs {
-            database_url: format!("sqlite://{}", data.path().join("projects.db").display()),
+            database_url: backing.database("projects").await,
             migrate: true,
         },
         cube_projects::Peers {
@@ -178,8 +174,9 @@ pub async fn platform_on(kubeconfig: &str, scheduler_db: &str, data: tempfile::T
         token: login("lena", "lena long password").await,
         stranger: login("omar", "omar long password").await,
         admin,
+        scheduler_db,
         _keep: (auth, auth_background, scheduler_keep, projects_background),
-        _data: data,
+        _backing: backing,
     }
 }
 

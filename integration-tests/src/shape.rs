@@ -107,31 +107,29 @@ impl Drop for Backing {
 }
 
 /// Runs each named `async fn name(shape: Shape)` of the calling module as tests named by shape:
-/// `embedded::name` (SQLite, in-process bus) and `postgres_redis::name` (PostgreSQL, Redis Streams); with
-/// `mariadb` first, also `mariadb_redis::name`.
+/// `embedded::name` (SQLite, in-process bus) and `postgres_redis::name` (PostgreSQL, Redis Streams). With
+/// `mariadb` first, every test also runs as `mariadb_redis::name`; after `; mariadb:`, only the tests listed
+/// there do (they run on the other two shapes too).
 #[macro_export]
 macro_rules! on_every_shape {
-    (mariadb, $($test:ident),* $(,)?) => {
-        $crate::on_every_shape!($($test),*);
-        mod mariadb_redis {
+    (@shape $module:ident, $shape:ident, $($test:ident,)*) => {
+        mod $module {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
-                super::$test($crate::shape::Shape::MariaDbRedis).await;
+                super::$test($crate::shape::Shape::$shape).await;
             })*
         }
     };
+    (mariadb, $($test:ident),* $(,)?) => {
+        $crate::on_every_shape!(; mariadb: $($test),*);
+    };
+    ($($test:ident),* $(,)? ; mariadb: $($also:ident),* $(,)?) => {
+        $crate::on_every_shape!(@shape embedded, Embedded, $($test,)* $($also,)*);
+        $crate::on_every_shape!(@shape postgres_redis, PostgresRedis, $($test,)* $($also,)*);
+        $crate::on_every_shape!(@shape mariadb_redis, MariaDbRedis, $($also,)*);
+    };
     ($($test:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                super::$test($crate::shape::Shape::Embedded).await;
-            })*
-        }
-        mod postgres_redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                super::$test($crate::shape::Shape::PostgresRedis).await;
-            })*
-        }
+        $crate::on_every_shape!(@shape embedded, Embedded, $($test,)*);
+        $crate::on_every_shape!(@shape postgres_redis, PostgresRedis, $($test,)*);
     };
 }

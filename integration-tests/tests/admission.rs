@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use cube_integration_tests::connect;
 use cube_integration_tests::platform::{
-    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform_on, platform_with, test_options,
+    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform_with, test_options,
 };
+use cube_integration_tests::shape::Shape;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{
     CreateMemberRequest, DeleteMemberRequest, GetQuotaUsageRequest, Member, Project, Quota, Role, Settings,
@@ -39,9 +40,9 @@ fn options(admission: AdmissionOptions) -> Options {
     }
 }
 
-/// The platform with admissions in an SQLite file of its own.
-async fn platform(kubeconfig: &str, admission: AdmissionOptions) -> Platform {
-    platform_with(kubeconfig, options(admission)).await
+/// The platform of `shape` with admission's options set to `admission`.
+async fn platform(shape: Shape, kubeconfig: &str, admission: AdmissionOptions) -> Platform {
+    platform_with(shape, kubeconfig, options(admission)).await
 }
 
 /// A run of `project` asking for `gpu`.
@@ -130,15 +131,9 @@ fn by_type(pairs: &[(&str, f64)]) -> HashMap<String, f64> {
 
 /// A project allows 2 T4 GPUs of 10: two `1(T4)` runs are admitted, the third is queued on `gpu(T4)`, a `1(V100)`
 /// run still fits, and a release gives a T4 back; a member's own per-type limit holds the same way.
-async fn gpu_types_have_quotas_of_their_own(scheduler_db: &str) {
+async fn gpu_types_have_quotas_of_their_own(shape: Shape) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let platform = platform_on(
-        &kubeconfig,
-        scheduler_db,
-        tempfile::tempdir().expect("tempdir"),
-        options(AdmissionOptions::default()),
-    )
-    .await;
+    let platform = platform(shape, &kubeconfig, AdmissionOptions::default()).await;
     create_project(
         &platform,
         "vision",
@@ -252,30 +247,6 @@ async fn gpu_types_have_quotas_of_their_own(scheduler_db: &str) {
     assert_eq!(lena.state(run("speech", "c", "4(T4)")).await, AdmissionState::Admitted);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gpu_type_quotas_on_sqlite() {
-    cube_testkit::on_fresh_database(cube_testkit::Backend::Sqlite, |url| async move {
-        gpu_types_have_quotas_of_their_own(&url).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gpu_type_quotas_on_postgres() {
-    cube_testkit::on_fresh_database(cube_testkit::Backend::Postgres, |url| async move {
-        gpu_types_have_quotas_of_their_own(&url).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gpu_type_quotas_on_mariadb() {
-    cube_testkit::on_fresh_database(cube_testkit::Backend::MariaDb, |url| async move {
-        gpu_types_have_quotas_of_their_own(&url).await;
-    })
-    .await;
-}
-
 /// A pod built from a placement, as the workload services build theirs: selector, resources, labels and the
 /// placement's annotations.
 fn pod_from(name: &str, placement: &Placement) -> Pod {
@@ -331,8 +302,7 @@ async fn unschedulable(pods: &Api<Pod>, name: &str) -> String {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admitted_workload_whose_pod_waits_for_a_node_is_explained() {
+async fn an_admitted_workload_whose_pod_waits_for_a_node_is_explained(shape: Shape) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
     let client = kube_client(&kubeconfig).await;
     // A resource group and a GPU type no other test uses: one node of 2 GPUs, one of them taken.
@@ -357,7 +327,7 @@ async fn an_admitted_workload_whose_pod_waits_for_a_node_is_explained() {
         .await
         .expect("the pod holding a GPU");
 
-    let platform = platform(&kubeconfig, AdmissionOptions::default()).await;
+    let platform = platform(shape, &kubeconfig, AdmissionOptions::default()).await;
     create_project(
         &platform,
         "vision",
@@ -484,14 +454,14 @@ async fn an_admitted_workload_whose_pod_waits_for_a_node_is_explained() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconciliation_releases_a_leaked_reservation_and_keeps_one_with_a_pod() {
+async fn reconciliation_releases_a_leaked_reservation_and_keeps_one_with_a_pod(shape: Shape) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
     let client = kube_client(&kubeconfig).await;
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let namespace = TestNamespace::create(&client, format!("heal-{suffix}")).await;
     let pods = namespace.pods();
     let platform = platform(
+        shape,
         &kubeconfig,
         AdmissionOptions {
             reconcile_interval: Duration::from_millis(200),
@@ -548,11 +518,11 @@ async fn reconciliation_releases_a_leaked_reservation_and_keeps_one_with_a_pod()
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_quota_changes_reach_cached_answers_at_once() {
+async fn membership_and_quota_changes_reach_cached_answers_at_once(shape: Shape) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
     // A cache long enough that only the `project.members.changed` events can explain what changes within the test.
     let platform = platform(
+        shape,
         &kubeconfig,
         AdmissionOptions {
             quota_cache_ttl: Duration::from_secs(600),
@@ -667,17 +637,11 @@ async fn create_project_as(platform: &Platform, token: &str, id: &str, quota: Qu
         .expect("creating a project");
 }
 
-/// The platform on `scheduler_db` with lena's `speech` (quota `speech`) and omar's `omar-lab` (quota `lab`), and
+/// The platform of `shape` with lena's `speech` (quota `speech`) and omar's `omar-lab` (quota `lab`), and
 /// an admission client for each of them.
-async fn two_projects(scheduler_db: &str, speech: Quota, lab: Quota) -> (Platform, Admissions, Admissions) {
+async fn two_projects(shape: Shape, speech: Quota, lab: Quota) -> (Platform, Admissions, Admissions) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let platform = platform_on(
-        &kubeconfig,
-        scheduler_db,
-        tempfile::tempdir().expect("tempdir"),
-        options(AdmissionOptions::default()),
-    )
-    .await;
+    let platform = platform(shape, &kubeconfig, AdmissionOptions::default()).await;
     create_project(&platform, "speech", Settings::default(), speech).await;
     create_project_as(&platform, &platform.stranger, "omar-lab", lab).await;
     let lena = Admissions::new(&platform, &platform.token).await;
@@ -786,9 +750,9 @@ fn bad_fields(status: &tonic::Status) -> Vec<String> {
 /// The leak: omar, not a member of speech, calls Admit with the name of lena's workload there. He gets the
 /// NOT_FOUND of a project he cannot see, the same as for a name nobody admitted, and never her admission (its
 /// quota and usage); naming it under his own project is refused as malformed.
-async fn a_non_member_admitting_another_projects_workload_learns_nothing(scheduler_db: &str) {
+async fn a_non_member_admitting_another_projects_workload_learns_nothing(shape: Shape) {
     let (_platform, lena, omar) = two_projects(
-        scheduler_db,
+        shape,
         Quota {
             gpu: Some(4.0),
             ..Quota::default()
@@ -834,8 +798,8 @@ async fn a_non_member_admitting_another_projects_workload_learns_nothing(schedul
 /// from later: lena's own Admit is charged to speech, and her ExplainPending and Release find it. An admission a
 /// scheduler stored before this rule under another project gives way to hers, and a fellow member cannot take
 /// over her name.
-async fn a_workload_cannot_be_admitted_under_another_project(scheduler_db: &str) {
-    let (platform, lena, omar) = two_projects(scheduler_db, Quota::default(), Quota::default()).await;
+async fn a_workload_cannot_be_admitted_under_another_project(shape: Shape) {
+    let (platform, lena, omar) = two_projects(shape, Quota::default(), Quota::default()).await;
     let name = "projects/speech/notebooks/x";
     for project in ["projects/public", "projects/omar-lab"] {
         let status = omar
@@ -899,7 +863,7 @@ async fn a_workload_cannot_be_admitted_under_another_project(scheduler_db: &str)
 
     // An admission stored before names were bound to projects: omar's, of lena's name, under public.
     let legacy = "projects/speech/notebooks/legacy";
-    insert_reservation(scheduler_db, legacy, "public", "omar", "admitted").await;
+    insert_reservation(&platform.scheduler_db, legacy, "public", "omar", "admitted").await;
     assert_no_admission(&lena.explain(legacy).await.expect_err("not hers"), legacy);
     let admitted = lena.admit(notebook("speech", "legacy")).await.expect("admitting");
     assert_eq!(
@@ -949,9 +913,9 @@ async fn insert_reservation(scheduler_db: &str, workload: &str, project: &str, u
 
 /// The queued block: omar can no longer queue a workload of lena's name (his project has no room, so his own
 /// would wait there forever); lena's is admitted. One queued that way before the rule does not block hers.
-async fn a_queued_workload_of_another_project_blocks_nothing(scheduler_db: &str) {
-    let (_platform, lena, omar) = two_projects(
-        scheduler_db,
+async fn a_queued_workload_of_another_project_blocks_nothing(shape: Shape) {
+    let (platform, lena, omar) = two_projects(
+        shape,
         Quota::default(),
         Quota {
             gpu: Some(0.0),
@@ -976,7 +940,7 @@ async fn a_queued_workload_of_another_project_blocks_nothing(scheduler_db: &str)
     );
 
     let legacy = "projects/speech/notebooks/queued";
-    insert_reservation(scheduler_db, legacy, "public", "omar", "queued").await;
+    insert_reservation(&platform.scheduler_db, legacy, "public", "omar", "queued").await;
     let admitted = lena.admit(notebook("speech", "queued")).await.expect("admitting");
     assert_eq!(admitted.state(), AdmissionState::Admitted, "{admitted:?}");
     assert_eq!(
@@ -989,8 +953,8 @@ async fn a_queued_workload_of_another_project_blocks_nothing(scheduler_db: &str)
 
 /// The release oracle: Release of a missing workload and of someone else's give the same NOT_FOUND, in the
 /// caller's own project or another; releasing twice is NOT_FOUND the second time (AIP-135).
-async fn release_answers_the_same_for_missing_and_hidden_workloads(scheduler_db: &str) {
-    let (platform, lena, omar) = two_projects(scheduler_db, Quota::default(), Quota::default()).await;
+async fn release_answers_the_same_for_missing_and_hidden_workloads(shape: Shape) {
+    let (platform, lena, omar) = two_projects(shape, Quota::default(), Quota::default()).await;
     let hers = "projects/speech/runs/hers";
     assert_eq!(lena.state(run("speech", "hers", "")).await, AdmissionState::Admitted);
     for workload in [
@@ -1020,7 +984,14 @@ async fn release_answers_the_same_for_missing_and_hidden_workloads(scheduler_db:
     );
 }
 
-cube_testkit::on_every_backend!(
+cube_integration_tests::on_every_shape!(
+    an_admitted_workload_whose_pod_waits_for_a_node_is_explained,
+    reconciliation_releases_a_leaked_reservation_and_keeps_one_with_a_pod,
+    membership_and_quota_changes_reach_cached_answers_at_once,
+    malformed_requests_are_the_callers_mistake_and_name_the_field,
+    ;
+    mariadb:
+    gpu_types_have_quotas_of_their_own,
     a_non_member_admitting_another_projects_workload_learns_nothing,
     a_workload_cannot_be_admitted_under_another_project,
     a_queued_workload_of_another_project_blocks_nothing,
@@ -1032,8 +1003,7 @@ cube_testkit::on_every_backend!(
 /// `workload`, and an unknown cluster is named apart from the registered ones (item 11). Placement's requests and
 /// admission's charges differ for notebooks that are not exclusive, as the protos say: the pod requests no CPU
 /// from its node, and the quota counts the CPU the notebook asked for.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_requests_are_the_callers_mistake_and_name_the_field() {
+async fn malformed_requests_are_the_callers_mistake_and_name_the_field(shape: Shape) {
     use cube_proto::cube::scheduler::v1::cluster_service_client::ClusterServiceClient;
     use cube_proto::cube::scheduler::v1::node_service_client::NodeServiceClient;
     use cube_proto::cube::scheduler::v1::{GetClusterRequest, ListNodesRequest};
@@ -1043,7 +1013,7 @@ async fn malformed_requests_are_the_callers_mistake_and_name_the_field() {
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let group = format!("errors-{suffix}");
     let _node = FakeNode::create(&client, json!({"cpu": "true", "notebook": "true", "org": group}), &[]).await;
-    let platform = platform(&kubeconfig, AdmissionOptions::default()).await;
+    let platform = platform(shape, &kubeconfig, AdmissionOptions::default()).await;
     create_project(
         &platform,
         "vision",

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use cube_integration_tests::connect;
-use cube_integration_tests::platform::{Platform, authed, create_project, platform_on, test_options};
+use cube_integration_tests::platform::{Platform, authed, create_project, platform_with, test_options};
+use cube_integration_tests::shape::Shape;
 use cube_proto::cube::common::v1::ErrorReason;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{
@@ -25,8 +26,8 @@ use tonic_types::StatusExt as _;
 
 type Client = AdmissionServiceClient<tonic::transport::Channel>;
 
-/// The platform with admissions in `scheduler_db` and quota answers kept for `ttl`.
-async fn platform(scheduler_db: &str, ttl: Duration) -> Platform {
+/// The platform of `shape` with quota answers kept for `ttl`.
+async fn platform(shape: Shape, ttl: Duration) -> Platform {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
     let options = Options {
         admission: AdmissionOptions {
@@ -35,13 +36,7 @@ async fn platform(scheduler_db: &str, ttl: Duration) -> Platform {
         },
         ..test_options()
     };
-    platform_on(
-        &kubeconfig,
-        scheduler_db,
-        tempfile::tempdir().expect("tempdir"),
-        options,
-    )
-    .await
+    platform_with(shape, &kubeconfig, options).await
 }
 
 /// A run of `project` named `name`, asking for one CPU and `gpu`.
@@ -107,8 +102,8 @@ async fn usage(client: &Client, token: &str, project: &str) -> ProjectUsage {
 
 /// 60 single admissions and 4 batches of 30, all asking for one GPU each, race for a 20-GPU quota: exactly 20
 /// are admitted, and the usage says so.
-async fn single_and_batch_admissions_racing_never_over_commit(scheduler_db: &str) {
-    let platform = platform(scheduler_db, AdmissionOptions::default().quota_cache_ttl).await;
+async fn single_and_batch_admissions_racing_never_over_commit(shape: Shape) {
+    let platform = platform(shape, AdmissionOptions::default().quota_cache_ttl).await;
     create_project(
         &platform,
         "vision",
@@ -162,8 +157,8 @@ async fn single_and_batch_admissions_racing_never_over_commit(scheduler_db: &str
 /// CPUs), each all or nothing, and answers per workload; asking again changes nothing, and after a release the
 /// first workload of the next batch that does not hold its CPU takes it. A workload another member admitted is that workload's ALREADY_EXISTS, the others are
 /// admitted; malformed batches are refused whole, naming the request and field; a non-member learns nothing.
-async fn a_batch_decides_each_workload_in_order(scheduler_db: &str) {
-    let platform = platform(scheduler_db, AdmissionOptions::default().quota_cache_ttl).await;
+async fn a_batch_decides_each_workload_in_order(shape: Shape) {
+    let platform = platform(shape, AdmissionOptions::default().quota_cache_ttl).await;
     create_project(&platform, "speech", Settings::default(), Quota::default()).await;
     let mut projects = ProjectServiceClient::new(connect(&platform.projects).await);
     projects
@@ -351,8 +346,8 @@ async fn a_batch_decides_each_workload_in_order(scheduler_db: &str) {
 
 /// An owner lowers a member's notebook quota and an admin lowers a project's GPU quota while the scheduler keeps
 /// quota answers for 10 minutes: each is enforced within a second.
-async fn a_lowered_quota_is_enforced_within_a_second(scheduler_db: &str) {
-    let platform = platform(scheduler_db, Duration::from_secs(600)).await;
+async fn a_lowered_quota_is_enforced_within_a_second(shape: Shape) {
+    let platform = platform(shape, Duration::from_secs(600)).await;
     create_project(
         &platform,
         "vision",
@@ -494,7 +489,8 @@ async fn a_lowered_quota_is_enforced_within_a_second(scheduler_db: &str) {
     assert_eq!(usage(&client, &platform.token, "vision").await.gpu, 2.0);
 }
 
-cube_testkit::on_every_backend!(
+cube_integration_tests::on_every_shape!(
+    mariadb,
     single_and_batch_admissions_racing_never_over_commit,
     a_batch_decides_each_workload_in_order,
     a_lowered_quota_is_enforced_within_a_second,

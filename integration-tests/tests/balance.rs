@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use cube_integration_tests::connect;
 use cube_integration_tests::platform::{FakeNode, TestNamespace, authed, kube_client, platform_with, test_options};
+use cube_integration_tests::shape::Shape;
 use cube_proto::cube::scheduler::v1::balance_service_client::BalanceServiceClient;
 use cube_proto::cube::scheduler::v1::cluster_service_client::ClusterServiceClient;
 use cube_proto::cube::scheduler::v1::{
@@ -20,8 +21,9 @@ use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plans_runs_and_records_moves_for_those_allowed() {
+cube_integration_tests::on_every_shape!(plans_runs_and_records_moves_for_those_allowed);
+
+async fn plans_runs_and_records_moves_for_those_allowed(shape: Shape) {
     let kubeconfig = require("CUBE_TEST_KUBECONFIG");
     let client = kube_client(&kubeconfig).await;
     let run = format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
@@ -54,7 +56,7 @@ async fn plans_runs_and_records_moves_for_those_allowed() {
         },
         ..test_options()
     };
-    let platform = platform_with(&kubeconfig, options).await;
+    let platform = platform_with(shape, &kubeconfig, options).await;
     let mut balance = BalanceServiceClient::new(connect(&platform.scheduler).await);
     let mut clusters = ClusterServiceClient::new(connect(&platform.scheduler).await);
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use cube_integration_tests::connect;
 use cube_integration_tests::platform::{
-    FakeNode, TestNamespace, authed, create_project, kube_client, platform, platform_on, platform_with, test_options,
+    FakeNode, TestNamespace, authed, create_project, kube_client, platform, platform_with, test_options,
 };
+use cube_integration_tests::shape::Shape;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{Quota, Settings};
 use cube_proto::cube::scheduler::v1::admission_service_client::AdmissionServiceClient;
@@ -38,8 +39,7 @@ fn request(gpu: &str) -> PlaceRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run() {
+async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run(shape: Shape) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
     let client = kube_client(&kubeconfig).await;
     // A resource group and a GPU model no other test uses.
@@ -52,7 +52,7 @@ async fn place_uses_the_projects_settings_and_refuses_what_no_node_could_run() {
         &[("nvidia.com/gpu", 4)],
     )
     .await;
-    let platform = platform(&kubeconfig).await;
+    let platform = platform(shape, &kubeconfig).await;
     create_project(
         &platform,
         "vision",
@@ -246,7 +246,7 @@ async fn bound_node(pods: &Api<Pod>, name: &str, row: &str) -> String {
 /// Creates every row's node and decoys and the `projects`, then, for each row, checks that Place selects exactly
 /// the node's labels and requests exactly its devices, and that the real kube-scheduler binds the pod built from
 /// the placement to that node and to no decoy. The scheduler knows a second GPU vendor and an RDMA resource.
-async fn bind_rows(suffix: &str, projects: Vec<(&'static str, Settings)>, rows: Vec<BindRow>) {
+async fn bind_rows(shape: Shape, suffix: &str, projects: Vec<(&'static str, Settings)>, rows: Vec<BindRow>) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
     let client = kube_client(&kubeconfig).await;
     let options = Options {
@@ -272,7 +272,7 @@ async fn bind_rows(suffix: &str, projects: Vec<(&'static str, Settings)>, rows: 
             create(&row.node),
             futures::future::join_all(row.decoys.iter().map(create))
         ))),
-        platform_with(&kubeconfig, options),
+        platform_with(shape, &kubeconfig, options),
     );
     futures::future::join_all(
         projects
@@ -334,8 +334,7 @@ fn unique_suffix() -> String {
 /// Every row of the placement table that a node can satisfy binds to the one node matching it, never to decoys
 /// that differ in one label or lack one requested resource. Every row's node is a decoy for the other rows too:
 /// they differ in class, kind, GPU type or resource group.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
+async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only(shape: Shape) {
     use WorkloadKind::{Notebook, Service, Train};
     let suffix = unique_suffix();
     let group = format!("bind-{suffix}");
@@ -475,12 +474,11 @@ async fn the_real_scheduler_binds_placed_pods_to_matching_nodes_only() {
         ("ssd", placement_settings(&ssd_group, &[("disk", "ssd")])),
         ("commons", placement_settings("", &[(run_label, &suffix)])),
     ];
-    bind_rows(&suffix, projects, rows).await;
+    bind_rows(shape, &suffix, projects, rows).await;
 }
 
 /// A GPU vendor other than the default one binds to nodes offering its resource, not the default vendor's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_scheduler_binds_a_second_gpu_vendors_pods_to_its_nodes_only() {
+async fn the_real_scheduler_binds_a_second_gpu_vendors_pods_to_its_nodes_only(shape: Shape) {
     let suffix = unique_suffix();
     let group = format!("bind-{suffix}");
     let mi250 = format!("M{}", suffix.to_uppercase());
@@ -503,7 +501,13 @@ async fn the_real_scheduler_binds_a_second_gpu_vendors_pods_to_its_nodes_only() 
             ),
         ],
     );
-    bind_rows(&suffix, vec![("vision", placement_settings(&group, &[]))], vec![row]).await;
+    bind_rows(
+        shape,
+        &suffix,
+        vec![("vision", placement_settings(&group, &[]))],
+        vec![row],
+    )
+    .await;
 }
 
 fn admit(project: &str, workload: &str, cpu: &str, gpu: &str) -> AdmitRequest {
@@ -518,15 +522,9 @@ fn admit(project: &str, workload: &str, cpu: &str, gpu: &str) -> AdmitRequest {
 }
 
 /// 200 admissions race for a 50-GPU project quota, then a member's CPU quota blocks its own workloads.
-async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
+async fn quotas_hold_under_200_concurrent_admissions(shape: Shape) {
     let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let platform = platform_on(
-        &kubeconfig,
-        &scheduler_db,
-        tempfile::tempdir().expect("tempdir"),
-        test_options(),
-    )
-    .await;
+    let platform = platform(shape, &kubeconfig).await;
     create_project(
         &platform,
         "vision",
@@ -702,29 +700,11 @@ async fn quotas_hold_under_200_concurrent_admissions(scheduler_db: String) {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_on_sqlite() {
-    cube_testkit::on_fresh_database(
-        cube_testkit::Backend::Sqlite,
-        quotas_hold_under_200_concurrent_admissions,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_on_postgres() {
-    cube_testkit::on_fresh_database(
-        cube_testkit::Backend::Postgres,
-        quotas_hold_under_200_concurrent_admissions,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_on_mariadb() {
-    cube_testkit::on_fresh_database(
-        cube_testkit::Backend::MariaDb,
-        quotas_hold_under_200_concurrent_admissions,
-    )
-    .await;
-}
+cube_integration_tests::on_every_shape!(
+    place_uses_the_projects_settings_and_refuses_what_no_node_could_run,
+    the_real_scheduler_binds_placed_pods_to_matching_nodes_only,
+    the_real_scheduler_binds_a_second_gpu_vendors_pods_to_its_nodes_only,
+    ;
+    mariadb:
+    quotas_hold_under_200_concurrent_admissions,
+);
