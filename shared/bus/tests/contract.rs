@@ -154,6 +154,7 @@ contract_tests!(
     order_is_preserved,
     dropped_subscription_takes_no_more_events,
     invalid_names_are_rejected,
+    a_keyed_event_carries_its_key_and_a_republished_one_the_same,
 );
 
 fn payload(text: &str) -> Bytes {
@@ -204,6 +205,32 @@ async fn published_event_reaches_a_subscriber_and_ack_stops_redelivery(ctx: Arc<
     ack(&delivery).await;
 
     assert_quiet(&mut sub, REDELIVER_AFTER + QUIET).await;
+}
+
+/// A publisher's key (the outbox's event id) reaches consumers, also when the event is published twice, as a
+/// relay that crashed after publishing does; unkeyed events carry none.
+async fn a_keyed_event_carries_its_key_and_a_republished_one_the_same(ctx: Arc<Ctx>) {
+    let bus = ctx.bus();
+    let topic = ctx.topic("keyed");
+    let mut sub = subscribe(&bus, &topic, "g", "c1").await;
+
+    let first = bus
+        .publish_keyed(&topic, "event-1", payload("once"))
+        .await
+        .expect("publish_keyed should succeed");
+    let again = bus
+        .publish_keyed(&topic, "event-1", payload("once"))
+        .await
+        .expect("publish_keyed should succeed");
+    publish(&bus, &topic, "plain").await;
+    assert_ne!(first, again, "each publication is an event of its own");
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let delivery = next(&mut sub).await;
+        keys.push(delivery.key.clone());
+        ack(&delivery).await;
+    }
+    assert_eq!(keys, [Some("event-1".to_owned()), Some("event-1".to_owned()), None]);
 }
 
 async fn every_group_receives_every_event(ctx: Arc<Ctx>) {
