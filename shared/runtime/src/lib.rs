@@ -15,12 +15,15 @@
 mod error;
 pub mod kubernetes;
 pub mod local;
+mod runtimes;
 mod spec;
 mod status;
 pub mod transition;
 pub mod volumes;
 
 pub use error::RuntimeError;
+pub use local::LocalRuntime;
+pub use runtimes::{ClusterRuntime, Runtimes};
 pub use spec::{Container, ObjectKey, Owner, Port, RestartPolicy, WorkloadSpec, labels};
 pub use status::{Phase, WorkloadStatus, reasons};
 
