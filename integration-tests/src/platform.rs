@@ -45,6 +45,8 @@ pub async fn kube_client(path: &str) -> Client {
 
 /// Auth, projects and the scheduler, running, with signed-in users.
 pub struct Platform {
+    /// Auth.
+    pub auth: Running,
     /// The scheduler.
     pub scheduler: Running,
     /// The projects service.
@@ -58,7 +60,6 @@ pub struct Platform {
     /// The scheduler's database URL.
     pub scheduler_db: String,
     _keep: (
-        Running,
         cube_auth::Background,
         (cube_kit::identity::RevocationFeed, Vec<cube_kit::task::Background>),
         cube_projects::Background,
@@ -175,7 +176,8 @@ pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> 
         stranger: login("omar", "omar long password").await,
         admin,
         scheduler_db,
-        _keep: (auth, auth_background, scheduler_keep, projects_background),
+        auth,
+        _keep: (auth_background, scheduler_keep, projects_background),
         _backing: backing,
     }
 }

@@ -52,6 +52,10 @@ impl Authority for CountingAuthority {
     fn revocations(&self) -> BoxFuture<'_, Result<Vec<RevokedCredential>, ApiError>> {
         self.remote.revocations()
     }
+
+    fn act_for<'a>(&'a self, token: &'a str, user: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>> {
+        self.remote.act_for(token, user)
+    }
 }
 
 /// Auth, the echo service as "another service", and the gateway in front of both, all over TCP.

@@ -390,6 +390,14 @@ impl Authority for OneKey {
     fn revocations(&self) -> BoxFuture<'_, Result<Vec<RevokedCredential>, ApiError>> {
         Box::pin(async move { Ok(Vec::new()) })
     }
+
+    fn act_for<'a>(&'a self, _token: &'a str, _user: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>> {
+        Box::pin(async move {
+            Err(ApiError::Unauthenticated {
+                message: "the bench has no service accounts".into(),
+            })
+        })
+    }
 }
 
 /// Token checks on this thread alone (one core): raw signature checks, then repeated tokens from the verifier.

@@ -49,6 +49,11 @@ impl ApiTokens {
         let CreateApiTokenRequest { parent, api_token } = request.into_inner();
         let username = username_in("parent", &parent, &caller)?;
         may_access(&caller, &username)?;
+        if matches!(caller.credential, Credential::ServiceAccount { .. }) {
+            return Err(ApiError::PermissionDenied {
+                permission: "apiTokens.create (service accounts cannot create API tokens)".into(),
+            });
+        }
         if matches!(caller.credential, Credential::ApiToken { .. }) && !caller.is_admin() {
             return Err(ApiError::PermissionDenied {
                 permission: "apiTokens.create (API tokens cannot create API tokens)".into(),
@@ -127,7 +132,7 @@ impl ApiTokens {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "api-token.create",
                 target: &name,
                 success: true,
@@ -228,7 +233,7 @@ impl ApiTokens {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "api-token.revoke",
                 target: &full_name,
                 success: true,
@@ -250,11 +255,16 @@ pub(crate) fn introspect<'a>(core: &'a Core, token: &'a str) -> BoxFuture<'a, Re
             message: "the API token is invalid, expired or revoked".into(),
         };
         let id = credentials::api_token_id(token).ok_or_else(refused)?;
-        let row = api_token::Entity::find_by_id(id.to_owned())
+        let Some(row) = api_token::Entity::find_by_id(id.to_owned())
             .one(&core.db)
             .await
             .map_err(db_error)?
-            .ok_or_else(refused)?;
+        else {
+            // Service accounts' tokens have the same form.
+            return crate::service_accounts::introspect(core, token)
+                .await?
+                .ok_or_else(refused);
+        };
         let now = cube_kit::time::now_ms();
         let live = row.revoked_ms.is_none() && row.expire_ms.is_none_or(|expire| expire > now);
         if !credentials::same_digest(&credentials::digest(token), &row.secret_hash) || !live {

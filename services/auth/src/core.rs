@@ -286,7 +286,12 @@ pub(crate) struct Audit<'a> {
 pub(crate) async fn audit(db: &impl ConnectionTrait, event: Audit<'_>) -> Result<(), ApiError> {
     audit_event::Entity::insert(audit_event::ActiveModel {
         time_ms: Set(now_ms()),
-        actor: Set(format!("users/{}", event.actor)),
+        // Users by name; service accounts (alone, or `serviceAccounts/x for users/y`) as they call themselves.
+        actor: Set(if event.actor.starts_with("serviceAccounts/") {
+            event.actor.to_owned()
+        } else {
+            format!("users/{}", event.actor)
+        }),
         action: Set(event.action.to_owned()),
         target: Set(event.target.to_owned()),
         success: Set(event.success),

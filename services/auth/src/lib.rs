@@ -13,6 +13,7 @@ mod login;
 pub mod model;
 mod revocations;
 mod roles;
+mod service_accounts;
 pub mod throttle;
 mod users;
 
@@ -30,6 +31,7 @@ use cube_proto::cube::auth::v1::api_token_service_server::ApiTokenServiceServer;
 use cube_proto::cube::auth::v1::audit_service_server::AuditServiceServer;
 use cube_proto::cube::auth::v1::auth_service_server::AuthServiceServer;
 use cube_proto::cube::auth::v1::role_service_server::RoleServiceServer;
+use cube_proto::cube::auth::v1::service_account_service_server::ServiceAccountServiceServer;
 use cube_proto::cube::auth::v1::user_service_server::UserServiceServer;
 use futures::future::BoxFuture;
 use sea_orm::{EntityTrait as _, PaginatorTrait as _, TransactionTrait as _};
@@ -192,6 +194,13 @@ impl Authority for LocalAuthority {
             revocations::in_force(&core.db).await
         })
     }
+
+    fn act_for<'a>(&'a self, token: &'a str, user: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>> {
+        Box::pin(async move {
+            let core = self.core()?;
+            service_accounts::act_for(&core, token, user).await
+        })
+    }
 }
 
 impl Auth {
@@ -243,6 +252,9 @@ impl Auth {
             )
             .add_service(ApiTokenServiceServer::new(api_tokens::ApiTokens(core.clone())))
             .add_service(RoleServiceServer::new(roles::Roles(core.clone())))
+            .add_service(ServiceAccountServiceServer::new(service_accounts::ServiceAccounts(
+                core.clone(),
+            )))
             .add_service(AuditServiceServer::new(audit::AuditLog(core)));
         Ok(Self {
             server,

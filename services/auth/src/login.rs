@@ -394,7 +394,7 @@ impl Login {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "logout",
                 target: &format!("sessions/{id}"),
                 success: true,
@@ -410,6 +410,48 @@ impl Login {
 
     async fn who_am_i(&self, request: Request<WhoAmIRequest>) -> Result<WhoAmIResponse, ApiError> {
         let caller = Principal::of(&request)?;
+        let expire_time = caller.expires_at.map(|seconds| timestamp(seconds * 1000));
+        let credential = match &caller.credential {
+            Credential::AccessToken { id, session } => CredentialMessage {
+                kind: CredentialKind::AccessToken as i32,
+                id: id.clone(),
+                session: format!("sessions/{session}"),
+                expire_time,
+                scopes: Vec::new(),
+            },
+            Credential::ApiToken { name, scopes } => CredentialMessage {
+                kind: CredentialKind::ApiToken as i32,
+                id: name.clone(),
+                session: String::new(),
+                expire_time,
+                scopes: scopes.iter().cloned().map(Into::into).collect(),
+            },
+            Credential::ServiceAccount {
+                account,
+                token,
+                on_behalf_of,
+            } => {
+                let credential = CredentialMessage {
+                    kind: CredentialKind::ServiceAccount as i32,
+                    id: token.clone(),
+                    session: String::new(),
+                    expire_time,
+                    scopes: Vec::new(),
+                };
+                if on_behalf_of.is_none() {
+                    // Alone, the account is no user: it answers as itself, with no roles.
+                    return Ok(WhoAmIResponse {
+                        user: Some(cube_proto::cube::auth::v1::User {
+                            name: account.clone(),
+                            ..cube_proto::cube::auth::v1::User::default()
+                        }),
+                        roles: Vec::new(),
+                        credential: Some(credential),
+                    });
+                }
+                credential
+            }
+        };
         let row = self
             .0
             .profile(&caller.username)
@@ -418,22 +460,6 @@ impl Login {
             .ok_or_else(|| ApiError::Unauthenticated {
                 message: "the account no longer exists or is deactivated".into(),
             })?;
-        let credential = match &caller.credential {
-            Credential::AccessToken { id, session } => CredentialMessage {
-                kind: CredentialKind::AccessToken as i32,
-                id: id.clone(),
-                session: format!("sessions/{session}"),
-                expire_time: caller.expires_at.map(|seconds| timestamp(seconds * 1000)),
-                scopes: Vec::new(),
-            },
-            Credential::ApiToken { name, scopes } => CredentialMessage {
-                kind: CredentialKind::ApiToken as i32,
-                id: name.clone(),
-                session: String::new(),
-                expire_time: caller.expires_at.map(|seconds| timestamp(seconds * 1000)),
-                scopes: scopes.iter().cloned().map(Into::into).collect(),
-            },
-        };
         Ok(WhoAmIResponse {
             user: Some(user_message(&row)),
             roles: caller.roles.iter().map(|role| format!("roles/{role}")).collect(),
@@ -622,7 +648,7 @@ impl AuthService for Login {
             audit(
                 &core.db,
                 Audit {
-                    actor: &caller.username,
+                    actor: &caller.actor(),
                     action: "signing-key.rotate",
                     target: &format!("signingKeys/{}", key.kid),
                     success: true,

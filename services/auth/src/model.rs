@@ -255,6 +255,35 @@ pub mod audit_event {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// Service accounts: the identities Cube's services act as when no user is calling.
+pub mod service_account {
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `service_accounts`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "service_accounts")]
+    pub struct Model {
+        /// The account id, the last part of `serviceAccounts/{id}`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// What the account is for.
+        pub display_name: String,
+        /// The token's id (also in the token's prefix); unique.
+        #[sea_orm(unique)]
+        pub token_id: String,
+        /// SHA-256 of the whole token, hex.
+        pub token_hash: String,
+        /// Created, Unix ms.
+        pub created_ms: i64,
+    }
+
+    /// No relations are navigated.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// Revocations in force, which every service's verifier loads before it answers after a start.
 pub mod revocation {
     use sea_orm::entity::prelude::*;
@@ -295,6 +324,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateRevocations),
             cube_kit::outbox::migration(),
             Box::new(MoveOutbox),
+            Box::new(CreateServiceAccounts),
         ]
     }
 }
@@ -451,5 +481,29 @@ impl MigrationTrait for CreateRevocations {
                     .to_owned(),
             )
             .await
+    }
+}
+
+struct CreateServiceAccounts;
+
+impl MigrationName for CreateServiceAccounts {
+    fn name(&self) -> &str {
+        "m20261204_000001_create_service_accounts"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateServiceAccounts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let schema = Schema::new(manager.get_database_backend());
+        manager
+            .get_connection()
+            .execute(&schema.create_table_from_entity(service_account::Entity))
+            .await
+            .map(drop)
     }
 }

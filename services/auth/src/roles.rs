@@ -202,7 +202,7 @@ impl Roles {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "role.create",
                 target: &format!("roles/{role_id}"),
                 success: true,
@@ -306,7 +306,7 @@ impl Roles {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "role.update",
                 target: &format!("roles/{id}"),
                 success: true,
@@ -348,7 +348,7 @@ impl Roles {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "role.delete",
                 target: &format!("roles/{id}"),
                 success: true,
@@ -438,7 +438,7 @@ impl Roles {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "role-binding.create",
                 target: &format!("roleBindings/{}", row.id),
                 success: true,
@@ -537,7 +537,7 @@ impl Roles {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "role-binding.delete",
                 target: &format!("roleBindings/{id}"),
                 success: true,

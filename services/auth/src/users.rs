@@ -132,7 +132,7 @@ impl Users {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "user.create",
                 target: &format!("users/{user_id}"),
                 success: true,
@@ -294,7 +294,7 @@ impl Users {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "user.update",
                 target: &format!("users/{username}"),
                 success: true,
@@ -364,7 +364,7 @@ impl Users {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "user.delete",
                 target: &format!("users/{username}"),
                 success: true,
@@ -418,7 +418,7 @@ impl Users {
                 audit(
                     &core.db,
                     Audit {
-                        actor: &caller.username,
+                        actor: &caller.actor(),
                         action: "password.change",
                         target: &format!("users/{username}"),
                         success: false,
@@ -452,7 +452,7 @@ impl Users {
         audit(
             &txn,
             Audit {
-                actor: &caller.username,
+                actor: &caller.actor(),
                 action: "password.change",
                 target: &format!("users/{username}"),
                 success: true,

@@ -19,6 +19,9 @@ use cube_proto::cube::auth::v1::{
     LoginRequest, LogoutRequest, Permission, RefreshTokenRequest, Role, RoleBinding, RotateSigningKeyRequest,
     UpdateRoleRequest, UpdateUserRequest, User, WhoAmIRequest,
 };
+use cube_proto::cube::auth::v1::{
+    CreateServiceAccountRequest, DeleteServiceAccountRequest, GetServiceAccountRequest, ListServiceAccountsRequest,
+};
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 
@@ -117,6 +120,10 @@ enum Case {
     ListTargetPermissions,
     ListOwnPermissions,
     ListAuditEvents,
+    CreateServiceAccount,
+    GetMissingServiceAccount,
+    ListServiceAccounts,
+    DeleteServiceAccount,
 }
 
 /// A row: the RPC (`Service.Method`, as in the protos), the request, and the code each of [`EVERYONE`] gets
@@ -205,6 +212,10 @@ const TABLE: &[Row] = &[
     row("RoleService.ListRoleBindings",   "every binding",                Case::ListAllRoleBindings,       gated(DENIED, OK)),
     row("RoleService.DeleteRoleBinding",  "<target>'s (admin: …)",        Case::DeleteTargetRoleBinding,   gated(DENIED, OK)),
     row("AuditService.ListAuditEvents",   "{}",                           Case::ListAuditEvents,           gated(DENIED, OK)),
+    row("ServiceAccountService.CreateServiceAccount", "sa-by-<caller>",     Case::CreateServiceAccount,      gated(DENIED, OK)),
+    row("ServiceAccountService.GetServiceAccount",    "serviceAccounts/no-such", Case::GetMissingServiceAccount, gated(DENIED, NOT_FOUND)),
+    row("ServiceAccountService.ListServiceAccounts",  "{}",                 Case::ListServiceAccounts,       gated(DENIED, OK)),
+    row("ServiceAccountService.DeleteServiceAccount", "doomed-sa (admin: made first)", Case::DeleteServiceAccount, gated(DENIED, OK)),
 ];
 
 /// The other user whose data the requests aim at.
@@ -673,7 +684,64 @@ async fn call(fx: &Fixture, case: Case, who: Who, target: &str) -> Result<String
                 .list_audit_events(with(ListAuditEventsRequest::default(), token))
                 .await,
         ),
+        Case::CreateServiceAccount => show(
+            service_accounts(auth)
+                .create_service_account(with(
+                    CreateServiceAccountRequest {
+                        service_account_id: format!("sa-by-{}", who.slug()),
+                        service_account: None,
+                    },
+                    token,
+                ))
+                .await,
+        ),
+        Case::GetMissingServiceAccount => show(
+            service_accounts(auth)
+                .get_service_account(with(
+                    GetServiceAccountRequest {
+                        name: "serviceAccounts/no-such".into(),
+                    },
+                    token,
+                ))
+                .await,
+        ),
+        Case::ListServiceAccounts => show(
+            service_accounts(auth)
+                .list_service_accounts(with(ListServiceAccountsRequest::default(), token))
+                .await,
+        ),
+        Case::DeleteServiceAccount => {
+            if who == Who::Admin {
+                service_accounts(auth)
+                    .create_service_account(authed(
+                        CreateServiceAccountRequest {
+                            service_account_id: "doomed-sa".into(),
+                            service_account: None,
+                        },
+                        &fx.admin,
+                    ))
+                    .await?;
+            }
+            show(
+                service_accounts(auth)
+                    .delete_service_account(with(
+                        DeleteServiceAccountRequest {
+                            name: "serviceAccounts/doomed-sa".into(),
+                        },
+                        token,
+                    ))
+                    .await,
+            )
+        }
     }
+}
+
+/// A client of `ServiceAccountService`.
+fn service_accounts(
+    auth: &Harness,
+) -> cube_proto::cube::auth::v1::service_account_service_client::ServiceAccountServiceClient<tonic::transport::Channel>
+{
+    cube_proto::cube::auth::v1::service_account_service_client::ServiceAccountServiceClient::new(auth.channel.clone())
 }
 
 /// The start of a long answer, for failure messages.
@@ -822,14 +890,14 @@ async fn fixture(url: &str) -> Fixture {
 }
 
 async fn every_rpc_answers_every_identity_as_the_table_says(url: &str) {
-    // The table covers every RPC of the five services.
+    // The table covers every RPC of the six services.
     let declared = rpcs_in_protos();
     let covered: BTreeSet<String> = TABLE.iter().map(|row| row.rpc.to_owned()).collect();
     assert_eq!(
         covered, declared,
         "the table must cover exactly the RPCs the protos declare"
     );
-    assert_eq!(declared.len(), 27, "{declared:?}");
+    assert_eq!(declared.len(), 31, "{declared:?}");
 
     let fx = fixture(url).await;
     let mut failures = Vec::new();

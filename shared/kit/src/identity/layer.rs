@@ -8,6 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tonic::service::Routes;
 
+use super::principal::ON_BEHALF_OF;
 use super::verifier::Verifier;
 use crate::error::ApiError;
 
@@ -50,9 +51,10 @@ async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -> Re
     if gate.anonymous.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let verified = match bearer_token(request.headers()) {
-        Ok(token) => gate.verifier.verify(token).await,
-        Err(error) => Err(error),
+    let verified = match (bearer_token(request.headers()), on_behalf_of(request.headers())) {
+        (Ok(token), Ok(None)) => gate.verifier.verify(token).await,
+        (Ok(token), Ok(Some(user))) => gate.verifier.verify_acting(token, user).await,
+        (Err(error), _) | (_, Err(error)) => Err(error),
     };
     match verified {
         Ok(principal) => {
@@ -87,8 +89,27 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-/// Copies the caller's bearer token onto a call a service makes on the caller's behalf, so that the service it
-/// calls verifies the same caller.
+/// Reads the user a service account's call acts for ([`ON_BEHALF_OF`]), when the call names one.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the metadata when it is not `users/{username}`.
+pub fn on_behalf_of(headers: &http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(ON_BEHALF_OF) else {
+        return Ok(None);
+    };
+    let user = value
+        .to_str()
+        .ok()
+        .filter(|user| {
+            user.strip_prefix("users/")
+                .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+        })
+        .ok_or_else(|| ApiError::invalid(ON_BEHALF_OF, "must name a user as `users/{username}`"))?;
+    Ok(Some(user))
+}
+
+/// Copies the caller's bearer token (and the user a service account acts for) onto a call a service makes on the
+/// caller's behalf, so that the service it calls verifies the same caller.
 ///
 /// # Errors
 /// `UNAUTHENTICATED` when `from` carries no bearer token.
@@ -100,5 +121,25 @@ pub fn forward_token<T, U>(from: &tonic::Request<T>, to: &mut tonic::Request<U>)
             message: "the token holds characters metadata cannot carry".into(),
         })?;
     to.metadata_mut().insert("authorization", value);
+    if let Some(user) = from.metadata().get(ON_BEHALF_OF) {
+        to.metadata_mut().insert(ON_BEHALF_OF, user.clone());
+    }
+    Ok(())
+}
+
+/// Makes `request` a call of a service account acting for `user` (`users/{username}`): its token as the bearer,
+/// the user in [`ON_BEHALF_OF`].
+///
+/// # Errors
+/// `INVALID_ARGUMENT` when the token or the user hold characters metadata cannot carry.
+pub fn act_for<T>(request: &mut tonic::Request<T>, token: &str, user: &str) -> Result<(), ApiError> {
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ApiError::invalid("token", "holds characters metadata cannot carry"))?;
+    let user = user
+        .parse()
+        .map_err(|_| ApiError::invalid(ON_BEHALF_OF, "holds characters metadata cannot carry"))?;
+    request.metadata_mut().insert("authorization", bearer);
+    request.metadata_mut().insert(ON_BEHALF_OF, user);
     Ok(())
 }

@@ -10,8 +10,8 @@ mod remote;
 mod username;
 mod verifier;
 
-pub use layer::{Gate, bearer_token, forward_token};
-pub use principal::{ADMIN_ROLE, Credential, Permission, Principal};
+pub use layer::{Gate, act_for, bearer_token, forward_token, on_behalf_of};
+pub use principal::{ADMIN_ROLE, Credential, ON_BEHALF_OF, Permission, Principal};
 pub use remote::RemoteAuthority;
 pub use username::{MAX_USERNAME_BYTES, canonical_username};
 /// Builds the gate of a service other than auth: tokens verified with keys from the auth service behind

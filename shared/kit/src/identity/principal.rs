@@ -42,7 +42,22 @@ pub enum Credential {
         /// The only permissions the token may use; empty for all of the user's.
         scopes: Vec<Permission>,
     },
+    /// A service account's token. Alone, the principal is the account (`username` is its resource name, which no
+    /// user can have, and it holds no roles); acting for a user (the call's [`ON_BEHALF_OF`] metadata), the
+    /// principal is that user, with their roles and groups.
+    ServiceAccount {
+        /// The account's resource name, `serviceAccounts/{service_account}`.
+        account: String,
+        /// The token's name, `serviceAccounts/{service_account}/tokens/{token}`, which revocations name.
+        token: String,
+        /// The user it acts for (`users/{username}`), when it does.
+        on_behalf_of: Option<String>,
+    },
 }
+
+/// The metadata a service account's call names the user it acts for in (`users/{username}`); only service
+/// accounts may send it.
+pub const ON_BEHALF_OF: &str = "cube-on-behalf-of";
 
 /// The right to do one verb to one type of resource; `*` in either part matches anything.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -106,21 +121,44 @@ impl Principal {
             })
     }
 
+    /// The service account behind the call (`serviceAccounts/{service_account}`), acting alone or for a user.
+    pub fn service_account(&self) -> Option<&str> {
+        match &self.credential {
+            Credential::ServiceAccount { account, .. } => Some(account),
+            Credential::AccessToken { .. } | Credential::ApiToken { .. } => None,
+        }
+    }
+
+    /// Who made the call, for audit records: the username (`alice`), or the service account, alone
+    /// (`serviceAccounts/workflow`) or acting for a user (`serviceAccounts/workflow for users/alice`).
+    pub fn actor(&self) -> String {
+        match &self.credential {
+            Credential::ServiceAccount {
+                account,
+                on_behalf_of: Some(user),
+                ..
+            } => format!("{account} for {user}"),
+            Credential::ServiceAccount { account, .. } => account.clone(),
+            Credential::AccessToken { .. } | Credential::ApiToken { .. } => self.username.clone(),
+        }
+    }
+
     /// Returns the caller's resource name, `users/{username}`.
     pub fn user_name(&self) -> String {
         format!("users/{}", self.username)
     }
 
-    /// Whether the caller holds the platform `admin` role and, for an API token with scopes, may act as one.
+    /// Whether the caller holds the platform `admin` role and may act as one: a scoped API token never does, nor
+    /// does a service account acting for an admin (it acts for users, never with platform-wide powers).
     pub fn is_admin(&self) -> bool {
-        self.roles.iter().any(|role| role == ADMIN_ROLE) && self.scopes().is_empty()
+        self.roles.iter().any(|role| role == ADMIN_ROLE) && self.scopes().is_empty() && self.service_account().is_none()
     }
 
     /// Returns the API token's scopes; empty for access tokens and unscoped API tokens.
     pub fn scopes(&self) -> &[Permission] {
         match &self.credential {
             Credential::ApiToken { scopes, .. } => scopes,
-            Credential::AccessToken { .. } => &[],
+            Credential::AccessToken { .. } | Credential::ServiceAccount { .. } => &[],
         }
     }
 

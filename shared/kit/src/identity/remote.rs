@@ -40,6 +40,72 @@ fn from_status(status: tonic::Status) -> ApiError {
     }
 }
 
+impl RemoteAuthority {
+    /// Asks auth who holds `token` (acting for `user`, when given) with `WhoAmI`.
+    async fn who_is(&self, token: &str, user: Option<&str>) -> Result<Principal, ApiError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(WhoAmIRequest {});
+        match user {
+            Some(user) => super::act_for(&mut request, token, user)?,
+            None => {
+                let value = format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| ApiError::Unauthenticated {
+                        message: "the token holds characters metadata cannot carry".into(),
+                    })?;
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
+        let answer = client.who_am_i(request).await.map_err(from_status)?.into_inner();
+        let unexpected = |what: &str| ApiError::Unavailable {
+            service: "auth".into(),
+            source: format!("auth answered WhoAmI without {what}").into(),
+        };
+        let user_message = answer.user.ok_or_else(|| unexpected("a user"))?;
+        let credential_message = answer.credential.ok_or_else(|| unexpected("a credential"))?;
+        let expires_at = credential_message.expire_time.map(|time| time.seconds);
+        let credential = match credential_message.kind() {
+            CredentialKind::ApiToken => Credential::ApiToken {
+                name: credential_message.id,
+                scopes: credential_message.scopes.into_iter().map(Into::into).collect(),
+            },
+            CredentialKind::ServiceAccount => {
+                let account = credential_message
+                    .id
+                    .split_once("/tokens/")
+                    .map(|(account, _)| account.to_owned())
+                    .ok_or_else(|| unexpected("a service account token name"))?;
+                Credential::ServiceAccount {
+                    account,
+                    token: credential_message.id,
+                    on_behalf_of: user.map(str::to_owned),
+                }
+            }
+            CredentialKind::AccessToken | CredentialKind::Unspecified => Credential::AccessToken {
+                id: credential_message.id,
+                session: credential_message.session,
+            },
+        };
+        let username = user_message
+            .name
+            .strip_prefix("users/")
+            .unwrap_or(&user_message.name)
+            .to_owned();
+        Ok(Principal {
+            username,
+            roles: answer
+                .roles
+                .iter()
+                .map(|role| role.strip_prefix("roles/").unwrap_or(role).to_owned())
+                .collect(),
+            groups: user_message.groups,
+            credential,
+            issued_at: unix_now(),
+            expires_at,
+        })
+    }
+}
+
 impl Authority for RemoteAuthority {
     fn public_keys(&self) -> BoxFuture<'_, Result<Vec<PublicKey>, ApiError>> {
         let mut client = self.client.clone();
@@ -64,44 +130,31 @@ impl Authority for RemoteAuthority {
     }
 
     fn introspect<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>> {
-        let mut client = self.client.clone();
         Box::pin(async move {
-            let mut request = tonic::Request::new(WhoAmIRequest {});
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ApiError::Unauthenticated {
-                    message: "the token holds characters metadata cannot carry".into(),
-                })?;
-            request.metadata_mut().insert("authorization", value);
-            let answer = client.who_am_i(request).await.map_err(from_status)?.into_inner();
-            let unexpected = |what: &str| ApiError::Unavailable {
-                service: "auth".into(),
-                source: format!("auth answered WhoAmI without {what}").into(),
-            };
-            let user = answer.user.ok_or_else(|| unexpected("a user"))?;
-            let credential = answer.credential.ok_or_else(|| unexpected("a credential"))?;
-            if credential.kind() != CredentialKind::ApiToken {
+            let principal = self.who_is(token, None).await?;
+            if matches!(principal.credential, Credential::AccessToken { .. }) {
                 return Err(ApiError::Unauthenticated {
                     message: "not an API token".into(),
                 });
             }
-            let username = user.name.strip_prefix("users/").unwrap_or(&user.name).to_owned();
-            let groups = user.groups;
-            Ok(Principal {
-                username,
-                roles: answer
-                    .roles
-                    .iter()
-                    .map(|role| role.strip_prefix("roles/").unwrap_or(role).to_owned())
-                    .collect(),
-                groups,
-                credential: Credential::ApiToken {
-                    name: credential.id,
-                    scopes: credential.scopes.into_iter().map(Into::into).collect(),
-                },
-                issued_at: unix_now(),
-                expires_at: credential.expire_time.map(|time| time.seconds),
-            })
+            Ok(principal)
+        })
+    }
+
+    fn act_for<'a>(&'a self, token: &'a str, user: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>> {
+        Box::pin(async move {
+            let principal = self.who_is(token, Some(user)).await?;
+            match &principal.credential {
+                Credential::ServiceAccount {
+                    on_behalf_of: Some(acting),
+                    ..
+                } if acting == user => Ok(principal),
+                _ => Err(ApiError::Unavailable {
+                    service: "auth".into(),
+                    source: "auth answered WhoAmI for a service account acting for a user with another principal"
+                        .into(),
+                }),
+            }
         })
     }
 

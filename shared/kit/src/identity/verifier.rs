@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cube_bus::{BusError, EventBus};
+use cube_bus::{BusError, EventBus, Start};
 use cube_proto::cube::auth::v1::{RevokedKind, SigningKeyRotated, TokenRevoked, UserDeactivated};
 use futures::StreamExt as _;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
@@ -37,6 +37,12 @@ pub trait Authority: Send + Sync + 'static {
 
     /// Returns the revocations still in force, which a verifier loads before it answers its first call.
     fn revocations(&self) -> BoxFuture<'_, Result<Vec<RevokedCredential>, ApiError>>;
+
+    /// Checks a service account's token and returns the principal of `user` (`users/{username}`) as the account
+    /// acting for them: the user's roles and groups, the account's credential. `UNAUTHENTICATED` when the token
+    /// is not a live service account's, `PERMISSION_DENIED` naming `cube-on-behalf-of` when the user is unknown or
+    /// inactive.
+    fn act_for<'a>(&'a self, token: &'a str, user: &'a str) -> BoxFuture<'a, Result<Principal, ApiError>>;
 }
 
 /// How a [`Verifier`] caches and checks.
@@ -167,7 +173,8 @@ impl Revocations {
                     .contains_key(&(RevokedSubject::Session, subjects.credential))
                     || issued_before(RevokedSubject::UserAccessTokens)
             }
-            Credential::ApiToken { .. } => self
+            // A service account's token is revoked like an API token, by its name.
+            Credential::ApiToken { .. } | Credential::ServiceAccount { .. } => self
                 .entries
                 .contains_key(&(RevokedSubject::ApiToken, subjects.credential)),
         }
@@ -208,6 +215,7 @@ impl Subjects {
             credential: match &principal.credential {
                 Credential::AccessToken { session, .. } => digest(session),
                 Credential::ApiToken { name, .. } => digest(name),
+                Credential::ServiceAccount { token, .. } => digest(token),
             },
         }
     }
@@ -425,6 +433,35 @@ impl Verifier {
         self.unless_revoked(principal, &subjects)
     }
 
+    /// Verifies a service account's token sent with [`super::ON_BEHALF_OF`] naming `user`, and returns the
+    /// account acting as that user. The token itself is verified (and revocations checked) on every call; the
+    /// user's roles and groups are asked of auth and trusted for [`VerifierOptions::api_token_ttl`].
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` as [`Verifier::verify`]; `PERMISSION_DENIED` naming the metadata when the token is not a
+    /// service account's (users cannot act for others) or the user does not exist or is inactive.
+    pub async fn verify_acting(&self, token: &str, user: &str) -> Result<Arc<Principal>, ApiError> {
+        let caller = self.verify(token).await?;
+        if caller.service_account().is_none() {
+            return Err(ApiError::PermissionDenied {
+                permission: format!(
+                    "{} metadata (only service accounts act for other users)",
+                    super::ON_BEHALF_OF
+                ),
+            });
+        }
+        let now = unix_now();
+        let key = format!("{token}\n{user}");
+        if let Some((principal, subjects)) = self.cached(&key, now) {
+            return self.unless_revoked(principal, &subjects);
+        }
+        let principal = Arc::new(self.inner.authority.act_for(token, user).await?);
+        let subjects = Subjects::of(&principal);
+        let recheck_at = Some(Instant::now() + self.inner.options.api_token_ttl);
+        self.remember(&key, &principal, subjects, i64::MAX, recheck_at, now);
+        self.unless_revoked(principal, &subjects)
+    }
+
     fn cached(&self, token: &str, now: i64) -> Option<(Arc<Principal>, Subjects)> {
         let cache = self.inner.cache.read().unwrap_or_else(PoisonError::into_inner);
         let entry = cache.get(token)?;
@@ -610,7 +647,8 @@ impl Verifier {
     }
 
     /// Subscribes to auth's revocation events on `bus` (as consumer group `group`, which must be unique to this
-    /// process so that every replica sees every event) and applies them until the returned feed is dropped; then
+    /// process so that every replica sees every event; the group is removed when the feed is dropped, or by a
+    /// later process once this one died) and applies them until the returned feed is dropped; then
     /// loads the revocations in force (retrying until auth answers), so that nothing revoked before this process
     /// started, nor between the load and the subscription, is missed.
     ///
@@ -620,7 +658,7 @@ impl Verifier {
         let mut tasks = Vec::new();
         for topic in [TOKEN_REVOKED, USER_DEACTIVATED, SIGNING_KEY_ROTATED] {
             // From the oldest event still held: revocations announced before this process started apply too.
-            let mut subscription = bus.subscribe_retained(topic, group, "verifier").await?;
+            let mut subscription = bus.subscribe_instance(topic, group, "verifier", Start::Oldest).await?;
             let verifier = self.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(delivery) = subscription.next().await {
