@@ -80,10 +80,20 @@ fn local_owner_process() {
     runtime.block_on(async {
         let (local, _changes) = LocalRuntime::open(&dir).await.expect("opening");
         let counter = |name: &str| dir.join(format!("{name}.count")).display().to_string();
-        // Outlives the owner, then exits 4.
-        let adopted = format!("echo started >> {}; sleep 4; exit 4", counter("adopted"));
-        // Ends while the owner is down.
-        let ended = format!("echo started >> {}; sleep 1", counter("ended"));
+        let flag = |name: &str| dir.join(name).display().to_string();
+        // Outlives the owner, then exits 4 when the test says so.
+        let adopted = format!(
+            "echo started >> {}; while [ ! -f {} ]; do sleep 0.05; done; exit 4",
+            counter("adopted"),
+            flag("release")
+        );
+        // Ends while the owner is down, when the test says so.
+        let ended = format!(
+            "echo started >> {}; while [ ! -f {} ]; do sleep 0.05; done; echo bye > {}",
+            counter("ended"),
+            flag("go"),
+            flag("ended.done")
+        );
         // Is killed with its wrapper while the owner is down: nothing tells how it ended.
         let vanished = format!(
             "echo started >> {}; echo $$ > {}; sleep 60",
@@ -139,18 +149,26 @@ async fn a_restart_after_kill_9_adopts_finishes_and_loses_starting_nothing_twice
     nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).expect("killing its group");
     // The ended one ends while nobody owns it.
     let counter = |name: &str| dir.path().join(format!("{name}.count"));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(dir.path().join("go"), "").expect("letting it end");
+    cube_testkit::eventually("the ended one ends", TIMEOUT, || async {
+        dir.path().join("ended.done").exists().then_some(())
+    })
+    .await;
 
     let (local, mut changes) = LocalRuntime::open(dir.path()).await.expect("reopening");
     let key = |name: &str| ObjectKey::new("local", "vision", name);
     let adopted = local.status(&key("adopted")).await.expect("status").expect("known");
     assert_eq!(adopted.phase, Phase::Running, "still running: adopted, {adopted:?}");
-    let ended = local.status(&key("ended")).await.expect("status").expect("known");
-    assert_eq!(
-        (ended.phase, ended.exit_code),
-        (Phase::Succeeded, Some(0)),
-        "its wrapper wrote how it ended: {ended:?}"
-    );
+    // Its wrapper wrote how it ended (or, had it not yet, the adopted wrapper's end tells): never Lost.
+    let ended = status_until(
+        &local,
+        &key("ended"),
+        "the ended one is known to have ended",
+        |status| status.phase.is_final(),
+    )
+    .await;
+    assert_eq!((ended.phase, ended.exit_code), (Phase::Succeeded, Some(0)), "{ended:?}");
+    std::fs::write(dir.path().join("release"), "").expect("letting the adopted one end");
     let vanished = local.status(&key("vanished")).await.expect("status").expect("known");
     assert_eq!(
         (vanished.phase, vanished.reason.as_deref()),
