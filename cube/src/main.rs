@@ -15,14 +15,9 @@ use cube_kit::cli::{RunError, ServeArgs};
 use cube_kit::config::parse_duration;
 use cube_kit::{Channel, Server};
 
-/// The services that serve health only so far, as `cube up` wires them behind the gateway (auth, projects and
-/// the scheduler are started with their state and peers).
-const SERVICES: [fn() -> Server; 4] = [
-    cube_workflow::server,
-    cube_notebook::server,
-    cube_serving::server,
-    cube_watcher::server,
-];
+/// The services that serve health only so far, as `cube up` wires them behind the gateway (auth, projects, the
+/// scheduler and the watcher are started with their state and peers).
+const SERVICES: [fn() -> Server; 3] = [cube_workflow::server, cube_notebook::server, cube_serving::server];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,6 +106,15 @@ struct SchedulerCommand {
     scheduler: cube_scheduler::SchedulerArgs,
 }
 
+/// `cube serve watcher`'s flags.
+#[derive(Debug, clap::Args)]
+struct WatcherCommand {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    watcher: cube_watcher::WatcherArgs,
+}
+
 /// `cube serve auth`'s flags.
 #[derive(Debug, clap::Args)]
 struct AuthCommand {
@@ -135,7 +139,7 @@ enum ServeCommand {
     /// Inference services.
     Serving(ServeArgs),
     /// Kubernetes watches and notifications.
-    Watcher(ServeArgs),
+    Watcher(Box<WatcherCommand>),
     /// The gateway in front of separately deployed services.
     Gateway(GatewayCommand),
 }
@@ -159,7 +163,10 @@ fn main() -> ExitCode {
         Command::Serve(ServeCommand::Workflow(args)) => serve(cube_workflow::server, args),
         Command::Serve(ServeCommand::Notebook(args)) => serve(cube_notebook::server, args),
         Command::Serve(ServeCommand::Serving(args)) => serve(cube_serving::server, args),
-        Command::Serve(ServeCommand::Watcher(args)) => serve(cube_watcher::server, args),
+        Command::Serve(ServeCommand::Watcher(command)) => {
+            let WatcherCommand { serve, watcher } = *command;
+            cube_kit::cli::block_on(serve.server.worker_threads, cube_watcher::serve(serve, watcher))
+        }
     }
 }
 
@@ -204,6 +211,8 @@ enum UpError {
     Projects(#[from] cube_projects::StartError),
     #[error("scheduler: {0}")]
     Scheduler(#[from] cube_bus::BusError),
+    #[error("watcher: {0}")]
+    Watcher(String),
 }
 
 async fn up(args: UpArgs) -> Result<(), UpError> {
@@ -280,7 +289,7 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
             scheduler: scheduler_channel,
             workloads: Vec::new(),
         },
-        bus,
+        bus.clone(),
         Duration::from_secs(2),
     )
     .await?;
@@ -291,6 +300,31 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
         .map_err(|error| RunError::Serve(error.into()))?;
     projects_late.bind(Channel::in_process(projects_routes.clone()));
     gateway = gateway.route("cube.projects.v1", Channel::in_process(projects_routes));
+    // The local cluster has no Kubernetes API: the watcher has nothing to watch yet, and keeps its state apart.
+    let watcher = cube_watcher::Watcher::start(
+        cube_clusters::ClusterRegistry::embedded(),
+        cube_kit::db::connect::<cube_watcher::store::Migrator>(
+            &format!("sqlite://{}", args.data_dir.join("watcher.db").display()),
+            true,
+        )
+        .await
+        .map_err(|error| RunError::Serve(error.into()))?,
+        bus.clone(),
+        cube_watcher::Options {
+            holder: cube_watcher::holder_name().map_err(UpError::Watcher)?,
+            lease_duration: Duration::from_secs(15),
+        },
+    );
+    background.push(Box::new(watcher.background));
+    gateway = gateway.route(
+        "cube.watcher.v1",
+        Channel::in_process(
+            watcher
+                .server
+                .into_routes()
+                .map_err(|error| RunError::Serve(error.into()))?,
+        ),
+    );
     for build in SERVICES {
         let server = build();
         let package = server.package().to_owned();
@@ -319,7 +353,7 @@ async fn serve_up(args: UpArgs, telemetry: cube_kit::telemetry::Telemetry, start
             .listener
             .local_addr()
             .map_err(|error| RunError::Serve(error.into()))?;
-        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len() + 3, "cube is up");
+        tracing::info!(data_dir = %data_dir.display(), services = SERVICES.len() + 4, "cube is up");
         // The one line scripts and people wait for.
         println!(
             "cube is up: gateway listening on http://{address} (metrics on http://{}/metrics)",

@@ -1,0 +1,197 @@
+//! The watcher against the test environment's real kube-apiserver and scheduler, with the fake kubelet playing the
+//! node, on SQLite, PostgreSQL and MariaDB: a pod's life is published as exactly its transitions; a restarted
+//! watcher publishes nothing for pods that did not change and reports a pod deleted while it was down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cube_bus::{BusOptions, EventBus, MemoryBus, Subscription};
+use cube_clusters::{ClusterConfig, ClusterRegistry};
+use cube_proto::cube::scheduler::v1::Placement;
+use cube_proto::cube::watcher::v1::{WorkloadState, WorkloadTransition};
+use cube_runtime::kubernetes::KubernetesRuntime;
+use cube_runtime::transition::TOPIC;
+use cube_runtime::{Container, ObjectKey, Runtime, WorkloadSpec, labels};
+use cube_testkit::kubernetes::{FakeNode, Kubelet, Script, TestNamespace, client, unique_name};
+use cube_watcher::{Options, Watcher};
+use futures::StreamExt as _;
+use prost::Message as _;
+use serde_json::json;
+
+/// Longest wait for something that should happen soon.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// The label only this test's fake node carries and its pods select.
+const RUN_LABEL: &str = "cube.test/run";
+/// A short lease, so that a restarted watcher takes its cluster over soon.
+const LEASE: Duration = Duration::from_secs(2);
+
+cube_testkit::on_every_backend!(a_pods_life_is_published_once_across_a_restart_of_the_watcher);
+
+/// Starts a watcher of the test cluster (registered as `kube`) on the database at `url`.
+async fn start(url: &str, bus: &Arc<dyn EventBus>) -> Watcher {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let registry = ClusterRegistry::new(vec![ClusterConfig {
+        default: true,
+        ..ClusterConfig::new("kube", Some(kubeconfig.into()))
+    }])
+    .expect("a registry");
+    let db = cube_kit::db::connect::<cube_watcher::store::Migrator>(url, true)
+        .await
+        .expect("the watcher's database");
+    Watcher::start(
+        registry,
+        db,
+        bus.clone(),
+        Options {
+            holder: cube_watcher::holder_name().expect("a holder name"),
+            lease_duration: LEASE,
+        },
+    )
+}
+
+/// A pod `name` of run `run` that only the test's node fits.
+fn spec(namespace: &str, run: &str, name: &str) -> WorkloadSpec {
+    let mut labels = labels::for_project("vision");
+    labels.insert(labels::RUN.to_owned(), run.to_owned());
+    labels.insert("script".to_owned(), name.to_owned());
+    WorkloadSpec {
+        key: ObjectKey::new("kube", namespace, name),
+        labels,
+        containers: vec![Container {
+            name: "main".to_owned(),
+            image: "cube.test/worker:1".to_owned(),
+            command: vec!["train".to_owned()],
+            ..Container::default()
+        }],
+        placement: Some(Placement {
+            node_selector: HashMap::from([(RUN_LABEL.to_owned(), run.to_owned())]),
+            ..Placement::default()
+        }),
+        ..WorkloadSpec::default()
+    }
+}
+
+/// Collects the transitions of pods named `name` in `namespace` from `subscription` until `done` holds for the
+/// last one (or fails after [`TIMEOUT`]).
+async fn until(
+    subscription: &mut Subscription,
+    seen: &mut Vec<WorkloadTransition>,
+    namespace: &str,
+    done: impl Fn(&[WorkloadTransition]) -> bool,
+) {
+    tokio::time::timeout(TIMEOUT, async {
+        while !done(seen) {
+            let delivery = subscription
+                .next()
+                .await
+                .expect("the subscription is open")
+                .expect("a delivery");
+            delivery.ack().await.expect("acknowledging");
+            let event = WorkloadTransition::decode(delivery.payload.clone()).expect("a transition");
+            if event.namespace == namespace {
+                seen.push(event);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("transitions seen so far: {seen:#?}"));
+}
+
+/// The states a pod's transitions went to, by pod name.
+fn states(seen: &[WorkloadTransition]) -> BTreeMap<String, Vec<WorkloadState>> {
+    let mut states: BTreeMap<String, Vec<WorkloadState>> = BTreeMap::new();
+    for event in seen {
+        states.entry(event.name.clone()).or_default().push(event.to_state());
+    }
+    states
+}
+
+async fn a_pods_life_is_published_once_across_a_restart_of_the_watcher(url: &str) {
+    let kube = client().await;
+    let run = unique_name("watch");
+    let node = FakeNode::create(&kube, json!({RUN_LABEL: run}), &[]).await;
+    let namespace = TestNamespace::create(&kube, run.clone()).await;
+    let kubelet = Kubelet::start(&kube, [&node])
+        .script("script=trainer", Script::run_for(Duration::from_millis(800)).exit(3))
+        .script("script=server", Script::run());
+    let runtime = KubernetesRuntime::new("kube", kube.clone());
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+    let mut subscription = bus.subscribe(TOPIC, "test", "test").await.expect("subscribing");
+    let watcher = start(url, &bus).await;
+
+    // A task's pod: created, running, failed with its exit code, each once.
+    runtime
+        .apply(&spec(&namespace.name, &run, "trainer"))
+        .await
+        .expect("applying");
+    runtime
+        .apply(&spec(&namespace.name, &run, "server"))
+        .await
+        .expect("applying");
+    let mut seen = Vec::new();
+    until(&mut subscription, &mut seen, &namespace.name, |seen| {
+        let states = states(seen);
+        states.get("trainer").and_then(|states| states.last()) == Some(&WorkloadState::Failed)
+            && states
+                .get("server")
+                .is_some_and(|states| states.contains(&WorkloadState::Running))
+    })
+    .await;
+    let trainer: Vec<&WorkloadTransition> = seen.iter().filter(|event| event.name == "trainer").collect();
+    let phases: Vec<WorkloadState> = trainer
+        .iter()
+        .filter(|event| event.from_state != event.to_state)
+        .map(|event| event.to_state())
+        .collect();
+    assert_eq!(
+        phases,
+        [WorkloadState::Pending, WorkloadState::Running, WorkloadState::Failed],
+        "{trainer:#?}"
+    );
+    let failed = trainer.last().expect("the last");
+    assert_eq!(failed.exit_code, Some(3));
+    assert_eq!(failed.project, "projects/vision");
+    assert_eq!(failed.labels.get(labels::RUN), Some(&run));
+    let mut ids: Vec<&str> = seen.iter().map(|event| event.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), seen.len(), "every transition once: {seen:#?}");
+
+    // The watcher goes away; meanwhile the trainer's pod is deleted and nothing happens to the server's.
+    drop(watcher);
+    assert!(
+        runtime
+            .delete(&ObjectKey::new("kube", &namespace.name, "trainer"), Duration::ZERO)
+            .await
+            .expect("deleting")
+    );
+    let before_restart = seen.len();
+    let _watcher = start(url, &bus).await;
+    // A new pod proves the new watcher follows the cluster.
+    runtime
+        .apply(&spec(&namespace.name, &run, "late"))
+        .await
+        .expect("applying");
+    until(&mut subscription, &mut seen, &namespace.name, |seen| {
+        let states = states(seen);
+        states.contains_key("late")
+            && states.get("trainer").and_then(|states| states.last()) == Some(&WorkloadState::Deleted)
+    })
+    .await;
+    // The outbox relays at least once: a transition the first watcher published but had not yet marked sent is
+    // published again under the same id, which consumers drop. Everything new is counted by id.
+    let known: std::collections::HashSet<&str> = seen[..before_restart].iter().map(|event| event.id.as_str()).collect();
+    let after: Vec<&WorkloadTransition> = seen[before_restart..]
+        .iter()
+        .filter(|event| !known.contains(event.id.as_str()))
+        .collect();
+    assert!(
+        after.iter().all(|event| event.name != "server"),
+        "nothing for the unchanged pod: {after:#?}"
+    );
+    let trainer_after: Vec<_> = after.iter().filter(|event| event.name == "trainer").collect();
+    assert_eq!(trainer_after.len(), 1, "deleted once: {trainer_after:#?}");
+    assert_eq!(trainer_after[0].from_state(), WorkloadState::Failed);
+    drop(kubelet);
+}
