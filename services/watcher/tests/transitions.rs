@@ -120,16 +120,21 @@ async fn a_pods_life_is_published_once_across_a_restart_of_the_watcher(url: &str
     let mut subscription = bus.subscribe(TOPIC, "test", "test").await.expect("subscribing");
     let watcher = start(url, &bus).await;
 
-    // A task's pod: created, running, failed with its exit code, each once.
-    runtime
-        .apply(&spec(&namespace.name, &run, "trainer"))
-        .await
-        .expect("applying");
+    // A server's pod first: once it is reported, the watch is live.
     runtime
         .apply(&spec(&namespace.name, &run, "server"))
         .await
         .expect("applying");
     let mut seen = Vec::new();
+    until(&mut subscription, &mut seen, &namespace.name, |seen| {
+        seen.iter().any(|event| event.name == "server")
+    })
+    .await;
+    // A task's pod: created, running, failed with its exit code, each once.
+    runtime
+        .apply(&spec(&namespace.name, &run, "trainer"))
+        .await
+        .expect("applying");
     until(&mut subscription, &mut seen, &namespace.name, |seen| {
         let states = states(seen);
         states.get("trainer").and_then(|states| states.last()) == Some(&WorkloadState::Failed)
@@ -194,4 +199,72 @@ async fn a_pods_life_is_published_once_across_a_restart_of_the_watcher(url: &str
     assert_eq!(trainer_after.len(), 1, "deleted once: {trainer_after:#?}");
     assert_eq!(trainer_after[0].from_state(), WorkloadState::Failed);
     drop(kubelet);
+}
+
+/// A cluster added to the clusters file is watched once the registry is reloaded; one removed stops being watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_added_and_removed_by_a_reload_are_followed() {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let kube = client().await;
+    let run = unique_name("reload");
+    let node = FakeNode::create(&kube, json!({RUN_LABEL: run}), &[]).await;
+    let namespace = TestNamespace::create(&kube, run.clone()).await;
+    let _kubelet = Kubelet::start(&kube, [&node]);
+    let runtime = KubernetesRuntime::new("kube", kube.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("clusters.json");
+    let write = |clusters: serde_json::Value| {
+        std::fs::write(&file, json!({ "clusters": clusters }).to_string()).expect("writing the clusters file")
+    };
+    write(json!([{"name": "local", "default": true}]));
+    let registry = ClusterRegistry::load(&file).expect("the clusters file");
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+    let mut subscription = bus.subscribe(TOPIC, "test", "test").await.expect("subscribing");
+    let db_url = format!("sqlite://{}", dir.path().join("watcher.db").display());
+    let db = cube_kit::db::connect::<cube_watcher::store::Migrator>(&db_url, true)
+        .await
+        .expect("the watcher's database");
+    let _watcher = Watcher::start(
+        registry.clone(),
+        db,
+        bus.clone(),
+        Options {
+            holder: cube_watcher::holder_name().expect("a holder name"),
+            lease_duration: LEASE,
+        },
+    );
+
+    write(json!([{"name": "local", "default": true}, {"name": "kube", "kubeconfig": kubeconfig}]));
+    registry.reload().expect("reloading");
+    runtime
+        .apply(&spec(&namespace.name, &run, "first"))
+        .await
+        .expect("applying");
+    let mut seen = Vec::new();
+    until(&mut subscription, &mut seen, &namespace.name, |seen| {
+        seen.iter().any(|event| event.name == "first")
+    })
+    .await;
+
+    write(json!([{"name": "local", "default": true}]));
+    registry.reload().expect("reloading");
+    // Within a second the watch stops: a pod made after that is not reported.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = seen.len();
+    runtime
+        .apply(&spec(&namespace.name, &run, "unwatched"))
+        .await
+        .expect("applying");
+    let quiet = tokio::time::timeout(Duration::from_secs(3), async {
+        until(&mut subscription, &mut seen, &namespace.name, |seen| {
+            seen.iter().any(|event| event.name == "unwatched")
+        })
+        .await;
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "a removed cluster is not watched: {:#?}",
+        &seen[before..]
+    );
 }
