@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cube_clusters::{ClusterConfig, ClusterRegistry};
+use cube_kit::task::Background;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use crate::pods::PodWatch;
 
@@ -26,8 +26,8 @@ pub(crate) struct Shared {
 
 /// Runs forever: starts and stops cluster watches as the registry changes.
 pub(crate) async fn follow(registry: ClusterRegistry, shared: Shared) {
-    let mut watches = Watches::default();
-    let running = &mut watches.0;
+    // Each watch stops when its entry goes (or the follower with all of them).
+    let mut running: HashMap<String, (ClusterConfig, Background)> = HashMap::new();
     loop {
         let wanted: Vec<ClusterConfig> = registry
             .clusters()
@@ -35,13 +35,12 @@ pub(crate) async fn follow(registry: ClusterRegistry, shared: Shared) {
             .filter(|cluster| !cluster.is_local())
             .cloned()
             .collect();
-        running.retain(|name, (config, task)| {
+        running.retain(|name, (config, _)| {
             let keep = wanted
                 .iter()
                 .any(|cluster| &cluster.name == name && cluster.same_connection(config));
             if !keep {
                 tracing::info!(cluster = %name, "no longer watching the cluster");
-                task.abort();
             }
             keep
         });
@@ -60,23 +59,11 @@ pub(crate) async fn follow(registry: ClusterRegistry, shared: Shared) {
                         lease_duration: shared.lease_duration,
                     };
                     tracing::info!(cluster = %cluster.name, "watching the cluster");
-                    running.insert(cluster.name.clone(), (cluster, tokio::spawn(watch.run())));
+                    running.insert(cluster.name.clone(), (cluster, Background::spawn(watch.run())));
                 }
                 Err(error) => tracing::warn!(cluster = %cluster.name, %error, "no client for the cluster yet"),
             }
         }
         tokio::time::sleep(FOLLOW).await;
-    }
-}
-
-/// The watches running, by cluster; stopped when the follower stops.
-#[derive(Default)]
-struct Watches(HashMap<String, (ClusterConfig, JoinHandle<()>)>);
-
-impl Drop for Watches {
-    fn drop(&mut self) {
-        for (_, task) in self.0.values() {
-            task.abort();
-        }
     }
 }
