@@ -10,7 +10,7 @@ use cube_kit::task::Background;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
-use crate::pods::PodWatch;
+use crate::cluster::ClusterWatch;
 
 /// How often the registry is compared with the watches running.
 const FOLLOW: Duration = Duration::from_secs(1);
@@ -50,7 +50,7 @@ pub(crate) async fn follow(registry: ClusterRegistry, shared: Shared) {
             }
             match registry.client(&cluster.name).await {
                 Ok(client) => {
-                    let watch = PodWatch {
+                    let watch = ClusterWatch {
                         cluster: cluster.name.clone(),
                         client,
                         db: shared.db.clone(),

@@ -1,15 +1,17 @@
 //! Cube's watcher service: watching Kubernetes and turning changes into state transitions and notifications.
 //!
-//! Every cluster of the shared registry with a Kubernetes API has its pods that Cube made watched by one replica
-//! (a SQL lease per cluster; the others stand by). Each pod's state (phase, readiness, reason, exit code,
-//! restarts) is compared with the last one published, kept by uid in the watcher's database, and a
-//! `cube.watcher.v1.WorkloadTransition` is published on `workload.transition` through the outbox only when it
-//! changed: a re-list after a restart publishes nothing for pods that did not change. Its API (package
+//! Every cluster of the shared registry with a Kubernetes API has the Pods and Deployments Cube made, and its
+//! Nodes, watched by one replica (a SQL lease per cluster; the others stand by). Each object's state (phase,
+//! readiness, reason, exit code, restarts, ready replicas, a node's labels) is compared with the last one
+//! published, kept by uid in the watcher's database, and a `cube.watcher.v1.WorkloadTransition` is published on
+//! `workload.transition` through the outbox only when it changed: a re-list after a restart publishes nothing for
+//! objects that did not change. Its API (package
 //! `cube.watcher.v1`: event history and live streams) arrives with the rest of its issue; until then the server
 //! answers health and reflection only.
 
+mod cluster;
 mod fleet;
-mod pods;
+mod status;
 pub mod store;
 
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use cube_kit::Server;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
-pub use pods::lease_name;
+pub use cluster::lease_name;
 
 /// The watcher's flags.
 #[derive(Debug, Clone, clap::Args)]

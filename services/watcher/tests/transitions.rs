@@ -9,7 +9,7 @@ use std::time::Duration;
 use cube_bus::{BusOptions, EventBus, MemoryBus, Subscription};
 use cube_clusters::{ClusterConfig, ClusterRegistry};
 use cube_proto::cube::scheduler::v1::Placement;
-use cube_proto::cube::watcher::v1::{WorkloadState, WorkloadTransition};
+use cube_proto::cube::watcher::v1::{ObjectKind, WorkloadState, WorkloadTransition};
 use cube_runtime::kubernetes::KubernetesRuntime;
 use cube_runtime::transition::TOPIC;
 use cube_runtime::{Container, ObjectKey, Runtime, WorkloadSpec, labels};
@@ -266,5 +266,79 @@ async fn clusters_added_and_removed_by_a_reload_are_followed() {
         quiet.is_err(),
         "a removed cluster is not watched: {:#?}",
         &seen[before..]
+    );
+}
+
+/// A Deployment's ready replicas and a Node's readiness and labels are transitions too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_report_ready_replicas_and_nodes_readiness_and_labels() {
+    let kube = client().await;
+    let run = unique_name("kinds");
+    let node = FakeNode::create(&kube, json!({RUN_LABEL: run}), &[]).await;
+    let namespace = TestNamespace::create(&kube, run.clone()).await;
+    let kubelet = Kubelet::start(&kube, [&node]).script("script=web", Script::run());
+    let runtime = KubernetesRuntime::new("kube", kube.clone());
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
+    let mut subscription = bus.subscribe(TOPIC, "test", "test").await.expect("subscribing");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _watcher = start(&format!("sqlite://{}", dir.path().join("watcher.db").display()), &bus).await;
+
+    let web = spec(&namespace.name, &run, "web");
+    runtime
+        .apply_object(&cube_runtime::kubernetes::deployment(&web, 2).expect("a deployment"))
+        .await
+        .expect("applying the deployment");
+    // Deployment transitions carry the namespace; node ones do not, so they are followed by name.
+    let mut seen = Vec::new();
+    until(&mut subscription, &mut seen, &namespace.name, |seen| {
+        seen.iter()
+            .any(|event| event.kind() == ObjectKind::Deployment && event.ready_replicas == 2 && event.ready)
+    })
+    .await;
+    let replicas: Vec<i32> = seen
+        .iter()
+        .filter(|event| event.kind() == ObjectKind::Deployment)
+        .map(|event| event.ready_replicas)
+        .collect();
+    // Each count once, growing (the first one seen depends on how soon the watch started).
+    assert!(
+        replicas.is_sorted() && replicas.windows(2).all(|pair| pair[0] != pair[1]),
+        "{replicas:?}"
+    );
+    let running = seen
+        .iter()
+        .find(|event| event.kind() == ObjectKind::Deployment && event.to_state() == WorkloadState::Running)
+        .expect("running once a replica is ready");
+    assert!(running.ready_replicas >= 1);
+
+    // The node: a label change, then the kubelet stops and the node goes NotReady.
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(kube.clone());
+    nodes
+        .patch(
+            &node.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"org": "moved"}}})),
+        )
+        .await
+        .expect("relabelling the node");
+    let mut node_events = Vec::new();
+    until(&mut subscription, &mut node_events, "", |seen| {
+        seen.iter()
+            .any(|event| event.name == node.name && event.labels.get("org").map(String::as_str) == Some("moved"))
+    })
+    .await;
+    kubelet.stop().await;
+    until(&mut subscription, &mut node_events, "", |seen| {
+        seen.iter()
+            .any(|event| event.name == node.name && event.to_state() == WorkloadState::Failed)
+    })
+    .await;
+    let down = node_events
+        .iter()
+        .find(|event| event.name == node.name && event.to_state() == WorkloadState::Failed)
+        .expect("not ready");
+    assert_eq!(
+        (down.kind(), down.from_state(), down.ready),
+        (ObjectKind::Node, WorkloadState::Running, false)
     );
 }

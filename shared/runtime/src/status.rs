@@ -75,6 +75,9 @@ pub struct WorkloadStatus {
     /// The version of the source this status was read from: the object's `resourceVersion`, or the local runtime's
     /// sequence number (increasing with every change it reports).
     pub version: String,
+    /// For objects with replicas (Deployments): how many are ready.
+    #[serde(default)]
+    pub ready_replicas: Option<u32>,
 }
 
 impl WorkloadStatus {
@@ -95,6 +98,7 @@ impl WorkloadStatus {
             started_at: None,
             finished_at: None,
             version: String::new(),
+            ready_replicas: None,
         }
     }
 }

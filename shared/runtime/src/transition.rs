@@ -21,14 +21,16 @@ pub fn state_of(phase: Phase) -> WorkloadState {
     }
 }
 
-/// Whether `after` differs from `before` in anything a transition reports: phase, readiness, reason, exit code or
-/// container restarts (not the message, node, address or version alone).
+/// Whether `after` differs from `before` in anything a transition reports: phase, readiness, reason, exit code,
+/// container restarts, ready replicas or labels (not the message, node, address or version alone).
 pub fn changed(before: &WorkloadStatus, after: &WorkloadStatus) -> bool {
     before.phase != after.phase
         || before.ready != after.ready
         || before.reason != after.reason
         || before.exit_code != after.exit_code
         || before.restarts != after.restarts
+        || before.ready_replicas != after.ready_replicas
+        || before.labels != after.labels
 }
 
 /// The transition of the object `uid` of `kind` from `before` (`None` when it was not known) to `after`, or
@@ -77,7 +79,7 @@ fn base(kind: ObjectKind, uid: &str, status: &WorkloadStatus, time: SystemTime) 
         labels: status
             .labels
             .iter()
-            .filter(|(key, _)| key.starts_with("cube.io/"))
+            .filter(|(key, _)| kind == ObjectKind::Node || key.starts_with("cube.io/"))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect(),
         from_state: WorkloadState::Unspecified as i32,
@@ -88,7 +90,9 @@ fn base(kind: ObjectKind, uid: &str, status: &WorkloadStatus, time: SystemTime) 
         exit_code: status.exit_code,
         container_restarts: i32::try_from(status.restarts).unwrap_or(i32::MAX),
         node: status.node.clone().unwrap_or_default(),
-        ready_replicas: 0,
+        ready_replicas: status
+            .ready_replicas
+            .map_or(0, |ready| i32::try_from(ready).unwrap_or(i32::MAX)),
         time: Some(time.into()),
         source_version: status.version.clone(),
     }
