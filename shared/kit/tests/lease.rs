@@ -267,18 +267,63 @@ async fn held(keeper: &Keeper) -> Epoch {
     (*held).map(|held| held.epoch).expect("held")
 }
 
-/// The holder is killed (its keeper stops without releasing); the other replica takes over, and a write fenced
-/// with the dead holder's epoch fails while one with the new epoch succeeds.
+/// Set in the child process of [`killed_holder_is_replaced_and_fenced`]: the database it takes the lease in.
+const CHILD_DATABASE: &str = "CUBE_TEST_LEASE_CHILD_DATABASE";
+/// What the child prints, followed by its epoch, once it holds the lease.
+const HOLDING: &str = "holding at epoch ";
+
+/// Acts as the first replica of [`killed_holder_is_replaced_and_fenced`] when that test runs this binary with
+/// [`CHILD_DATABASE`] set: takes and keeps the lease, says so, and waits to be killed. Does nothing otherwise.
+#[test]
+fn lease_holder_process() {
+    let Ok(url) = std::env::var(CHILD_DATABASE) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let keeper = Lease::new(NAME, "first", LEASE).keep(connect(&url, false).await);
+        let epoch = held(&keeper).await;
+        println!("\n{HOLDING}{}", epoch.0);
+        // Keeps renewing until the parent kills this process with SIGKILL.
+        std::future::pending::<()>().await;
+    });
+}
+
+/// The holder's process is killed with SIGKILL (it neither releases nor renews); the other replica takes over,
+/// and a write fenced with the dead holder's epoch fails while one with the new epoch succeeds.
 async fn killed_holder_is_replaced_and_fenced(url: &str) {
+    use tokio::io::AsyncBufReadExt as _;
+
     let setup = connect(url, true).await;
     create_counter(&setup).await;
-    let first = Lease::new(NAME, "first", LEASE).keep(connect(url, false).await);
-    let old = held(&first).await;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["lease_holder_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DATABASE, url)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting the holder's process");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let old = tokio::time::timeout(LEASE * 10, async {
+        while let Some(line) = lines.next_line().await.expect("reading the child") {
+            if let Some(epoch) = line.strip_prefix(HOLDING) {
+                return Epoch(epoch.trim().parse().expect("an epoch"));
+            }
+        }
+        panic!("the holder's process ended before holding the lease");
+    })
+    .await
+    .expect("the child takes the lease");
     let second = Lease::new(NAME, "second", LEASE).keep(connect(url, false).await);
     fenced_write(&setup, old).await.expect("the holder's write passes");
-    assert_eq!(second.current(), None, "the lease has one holder");
+    // A few renewal periods: the live holder keeps the lease from the second replica.
+    tokio::time::sleep(LEASE).await;
+    assert_eq!(second.current(), None, "the lease has one holder while it lives");
 
-    drop(first);
+    child.kill().await.expect("kill -9 the holder");
     let new = held(&second).await;
     assert!(new > old, "a new holder, a new epoch: {old} then {new}");
     match fenced_write(&setup, old).await {
