@@ -33,34 +33,26 @@ pub use crate::redis_bus::RedisBus;
 
 /// Publishes events to topics and subscribes consumer groups to them; object safe, shared as `Arc<dyn EventBus>`.
 pub trait EventBus: Send + Sync + 'static {
-    /// Appends an event to `topic` and returns its id once the event is stored.
-    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>>;
-
-    /// Appends an event like [`EventBus::publish`], carrying `key`, an id the publisher gave the event that stays
-    /// the same when it publishes the event again (the outbox's event id), so that consumers can deduplicate on
-    /// [`Delivery::key`].
-    fn publish_keyed<'a>(
+    /// Appends an event to `topic` and returns its id once the event is stored. `key`, when given, is an id the
+    /// publisher gave the event that stays the same when it publishes the event again (the outbox's event id), so
+    /// that consumers can deduplicate on [`Delivery::key`].
+    fn append<'a>(
         &'a self,
         topic: &'a str,
-        key: &'a str,
+        key: Option<&'a str>,
         payload: Bytes,
     ) -> BoxFuture<'a, Result<EventId, BusError>>;
+
+    /// Appends an event without a key to `topic` (see [`EventBus::append`]).
+    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
+        self.append(topic, None, payload)
+    }
 
     /// Subscribes `consumer` of `group` to `topic`, creating the group at the end of the topic if it is new.
     ///
     /// When the returned future resolves the group exists, so every event published afterwards reaches it. The
     /// subscription first yields the consumer's own unacknowledged events, then new ones and redeliveries.
     fn subscribe<'a>(
-        &'a self,
-        topic: &'a str,
-        group: &'a str,
-        consumer: &'a str,
-    ) -> BoxFuture<'a, Result<Subscription, BusError>>;
-
-    /// Subscribes like [`EventBus::subscribe`], but a group this call creates starts at the oldest event the
-    /// topic still holds (events not yet trimmed), so a process that joins late first catches up on them, e.g.
-    /// revocations announced before it started.
-    fn subscribe_retained<'a>(
         &'a self,
         topic: &'a str,
         group: &'a str,
@@ -168,7 +160,7 @@ pub struct Delivery {
     pub topic: String,
     /// The bytes the publisher sent.
     pub payload: Bytes,
-    /// The key the publisher gave the event with [`EventBus::publish_keyed`]: the same on every publication of one
+    /// The key the publisher gave the event with [`EventBus::append`]: the same on every publication of one
     /// event, unlike [`Delivery::id`], so consumers deduplicate on it.
     pub key: Option<String>,
     /// How many times the event has been delivered in this group: 1 the first time, more on redelivery.

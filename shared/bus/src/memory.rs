@@ -43,17 +43,13 @@ impl std::fmt::Debug for MemoryBus {
 }
 
 impl EventBus for MemoryBus {
-    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
-        self.append(topic, None, payload)
-    }
-
-    fn publish_keyed<'a>(
+    fn append<'a>(
         &'a self,
         topic: &'a str,
-        key: &'a str,
+        key: Option<&'a str>,
         payload: Bytes,
     ) -> BoxFuture<'a, Result<EventId, BusError>> {
-        self.append(topic, Some(key.to_owned()), payload)
+        self.append_event(topic, key.map(str::to_owned), payload)
     }
 
     fn subscribe<'a>(
@@ -63,15 +59,6 @@ impl EventBus for MemoryBus {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         self.join(topic, group, consumer, false)
-    }
-
-    fn subscribe_retained<'a>(
-        &'a self,
-        topic: &'a str,
-        group: &'a str,
-        consumer: &'a str,
-    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
-        self.join(topic, group, consumer, true)
     }
 
     fn subscribe_instance<'a>(
@@ -99,7 +86,7 @@ impl EventBus for MemoryBus {
 
 impl MemoryBus {
     /// Appends an event, with the publisher's key when it gave one.
-    fn append<'a>(
+    fn append_event<'a>(
         &'a self,
         topic: &'a str,
         key: Option<String>,

@@ -64,7 +64,7 @@ impl RedisBus {
 
 impl RedisBus {
     /// Appends an event with `XADD`, with the publisher's key when it gave one.
-    fn append<'a>(
+    fn append_event<'a>(
         &'a self,
         topic: &'a str,
         key: Option<&'a str>,
@@ -99,17 +99,13 @@ impl std::fmt::Debug for RedisBus {
 }
 
 impl EventBus for RedisBus {
-    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
-        self.append(topic, None, payload)
-    }
-
-    fn publish_keyed<'a>(
+    fn append<'a>(
         &'a self,
         topic: &'a str,
-        key: &'a str,
+        key: Option<&'a str>,
         payload: Bytes,
     ) -> BoxFuture<'a, Result<EventId, BusError>> {
-        self.append(topic, Some(key), payload)
+        self.append_event(topic, key, payload)
     }
 
     fn subscribe<'a>(
@@ -119,15 +115,6 @@ impl EventBus for RedisBus {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         self.join(topic, group, consumer, "$")
-    }
-
-    fn subscribe_retained<'a>(
-        &'a self,
-        topic: &'a str,
-        group: &'a str,
-        consumer: &'a str,
-    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
-        self.join(topic, group, consumer, "0")
     }
 
     fn subscribe_instance<'a>(

@@ -150,7 +150,7 @@ contract_tests!(
     unacked_event_of_a_gone_consumer_goes_to_another,
     resubscribed_consumer_first_gets_its_pending_events,
     group_does_not_see_events_published_before_it_existed,
-    a_retained_group_catches_up_on_the_events_still_held,
+    an_instance_group_from_the_oldest_catches_up_on_the_events_still_held,
     order_is_preserved,
     dropped_subscription_takes_no_more_events,
     invalid_names_are_rejected,
@@ -215,13 +215,13 @@ async fn a_keyed_event_carries_its_key_and_a_republished_one_the_same(ctx: Arc<C
     let mut sub = subscribe(&bus, &topic, "g", "c1").await;
 
     let first = bus
-        .publish_keyed(&topic, "event-1", payload("once"))
+        .append(&topic, Some("event-1"), payload("once"))
         .await
-        .expect("publish_keyed should succeed");
+        .expect("a keyed append should succeed");
     let again = bus
-        .publish_keyed(&topic, "event-1", payload("once"))
+        .append(&topic, Some("event-1"), payload("once"))
         .await
-        .expect("publish_keyed should succeed");
+        .expect("a keyed append should succeed");
     publish(&bus, &topic, "plain").await;
     assert_ne!(first, again, "each publication is an event of its own");
     let mut keys = Vec::new();
@@ -385,7 +385,7 @@ async fn group_does_not_see_events_published_before_it_existed(ctx: Arc<Ctx>) {
     tokio::join!(assert_quiet(&mut early, QUIET), assert_quiet(&mut late, QUIET));
 }
 
-async fn a_retained_group_catches_up_on_the_events_still_held(ctx: Arc<Ctx>) {
+async fn an_instance_group_from_the_oldest_catches_up_on_the_events_still_held(ctx: Arc<Ctx>) {
     let bus = ctx.bus();
     let topic = ctx.topic("catch-up");
     // A group that has not acknowledged anything keeps the events held (the in-process bus drops what every
@@ -394,7 +394,7 @@ async fn a_retained_group_catches_up_on_the_events_still_held(ctx: Arc<Ctx>) {
     publish(&bus, &topic, "first").await;
     publish(&bus, &topic, "second").await;
     let mut late = bus
-        .subscribe_retained(&topic, "late", "c")
+        .subscribe_instance(&topic, "late", "c", Start::Oldest)
         .await
         .expect("subscribing from the oldest event");
     let mut new = subscribe(&bus, &topic, "new", "c").await;
@@ -411,13 +411,7 @@ async fn a_retained_group_catches_up_on_the_events_still_held(ctx: Arc<Ctx>) {
         "a plain subscription starts at the end"
     );
     ack(&delivery).await;
-    // Subscribing again to an existing group keeps its position.
-    drop(late);
-    let mut again = bus
-        .subscribe_retained(&topic, "late", "c")
-        .await
-        .expect("resubscribing");
-    assert_quiet(&mut again, QUIET).await;
+    assert_quiet(&mut late, QUIET).await;
 }
 
 async fn order_is_preserved(ctx: Arc<Ctx>) {

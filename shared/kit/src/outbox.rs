@@ -105,7 +105,7 @@ pub async fn publish_pending(db: &impl ConnectionTrait, bus: &dyn EventBus, limi
         .all(db)
         .await?;
     for event in &batch {
-        bus.publish_keyed(&event.topic, &event.event_id, event.payload.clone().into())
+        bus.append(&event.topic, Some(&event.event_id), event.payload.clone().into())
             .await?;
         row::Entity::delete_by_id(event.id).exec(db).await?;
     }

@@ -271,22 +271,14 @@ struct CrashAfterPublish {
 }
 
 impl EventBus for CrashAfterPublish {
-    fn publish<'a>(&'a self, topic: &'a str, payload: Bytes) -> BoxFuture<'a, Result<EventId, BusError>> {
-        Box::pin(async move {
-            self.inner.publish(topic, payload).await?;
-            self.published.notify_one();
-            futures::future::pending().await
-        })
-    }
-
-    fn publish_keyed<'a>(
+    fn append<'a>(
         &'a self,
         topic: &'a str,
-        key: &'a str,
+        key: Option<&'a str>,
         payload: Bytes,
     ) -> BoxFuture<'a, Result<EventId, BusError>> {
         Box::pin(async move {
-            self.inner.publish_keyed(topic, key, payload).await?;
+            self.inner.append(topic, key, payload).await?;
             self.published.notify_one();
             futures::future::pending().await
         })
@@ -299,15 +291,6 @@ impl EventBus for CrashAfterPublish {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         self.inner.subscribe(topic, group, consumer)
-    }
-
-    fn subscribe_retained<'a>(
-        &'a self,
-        topic: &'a str,
-        group: &'a str,
-        consumer: &'a str,
-    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
-        self.inner.subscribe_retained(topic, group, consumer)
     }
 
     fn subscribe_instance<'a>(
