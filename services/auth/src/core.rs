@@ -274,6 +274,7 @@ pub(crate) fn user_message(row: &user::Model) -> User {
 
 /// What an audit event records.
 pub(crate) struct Audit<'a> {
+    /// Who acted: `users/{username}`, or a service account (see [`Principal::actor`]).
     pub(crate) actor: &'a str,
     pub(crate) action: &'a str,
     pub(crate) target: &'a str,
@@ -286,12 +287,7 @@ pub(crate) struct Audit<'a> {
 pub(crate) async fn audit(db: &impl ConnectionTrait, event: Audit<'_>) -> Result<(), ApiError> {
     audit_event::Entity::insert(audit_event::ActiveModel {
         time_ms: Set(now_ms()),
-        // Users by name; service accounts (alone, or `serviceAccounts/x for users/y`) as they call themselves.
-        actor: Set(if event.actor.starts_with("serviceAccounts/") {
-            event.actor.to_owned()
-        } else {
-            format!("users/{}", event.actor)
-        }),
+        actor: Set(event.actor.to_owned()),
         action: Set(event.action.to_owned()),
         target: Set(event.target.to_owned()),
         success: Set(event.success),

@@ -300,7 +300,7 @@ async fn bootstrap_admin(core: &Core, password: Option<String>) -> Result<Option
     core::audit(
         &txn,
         Audit {
-            actor: "admin",
+            actor: "users/admin",
             action: "user.create",
             target: "users/admin",
             success: true,

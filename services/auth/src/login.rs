@@ -83,7 +83,7 @@ impl Login {
                 audit(
                     &core.db,
                     Audit {
-                        actor: &username,
+                        actor: &format!("users/{username}"),
                         action: "login",
                         target: &format!("users/{username}"),
                         success: false,
@@ -109,7 +109,7 @@ impl Login {
             audit(
                 &core.db,
                 Audit {
-                    actor: &username,
+                    actor: &format!("users/{username}"),
                     action: "login",
                     target: &format!("users/{username}"),
                     success: false,
@@ -141,7 +141,7 @@ impl Login {
             audit(
                 &core.db,
                 Audit {
-                    actor: &username,
+                    actor: &format!("users/{username}"),
                     action: "login",
                     target: &format!("users/{username}"),
                     success: false,
@@ -165,7 +165,7 @@ impl Login {
         audit(
             &txn,
             Audit {
-                actor: &username,
+                actor: &format!("users/{username}"),
                 action: "login",
                 target: &format!("users/{username}"),
                 success: true,
@@ -283,7 +283,7 @@ impl Login {
             audit(
                 &txn,
                 Audit {
-                    actor: &family.username,
+                    actor: &format!("users/{}", family.username),
                     action: "token.refresh",
                     target: &format!("sessions/{}", family.id),
                     success: false,
@@ -344,7 +344,7 @@ impl Login {
                 audit(
                     &txn,
                     Audit {
-                        actor: &username,
+                        actor: &format!("users/{username}"),
                         action: "token.refresh",
                         target: &format!("users/{username}"),
                         success: false,

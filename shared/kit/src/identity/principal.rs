@@ -129,7 +129,7 @@ impl Principal {
         }
     }
 
-    /// Who made the call, for audit records: the username (`alice`), or the service account, alone
+    /// Who made the call, for audit records: the user (`users/alice`), or the service account, alone
     /// (`serviceAccounts/workflow`) or acting for a user (`serviceAccounts/workflow for users/alice`).
     pub fn actor(&self) -> String {
         match &self.credential {
@@ -139,7 +139,7 @@ impl Principal {
                 ..
             } => format!("{account} for {user}"),
             Credential::ServiceAccount { account, .. } => account.clone(),
-            Credential::AccessToken { .. } | Credential::ApiToken { .. } => self.username.clone(),
+            Credential::AccessToken { .. } | Credential::ApiToken { .. } => self.user_name(),
         }
     }
 
