@@ -1,6 +1,7 @@
 //! The `cube` binary: `cube up` runs the whole platform in one process on embedded defaults; `cube serve NAME`
 //! runs one service, or the gateway, on its own.
 
+use cube_runtime::LocalRuntime;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -285,7 +286,7 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
             migrate: true,
         },
         cube_projects::Peers {
-            auth: auth_channel,
+            auth: auth_channel.clone(),
             scheduler: scheduler_channel,
             workloads: Vec::new(),
         },
@@ -298,9 +299,19 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
         .server
         .into_routes()
         .map_err(|error| RunError::Serve(error.into()))?;
-    projects_late.bind(Channel::in_process(projects_routes.clone()));
-    gateway = gateway.route("cube.projects.v1", Channel::in_process(projects_routes));
-    // The local cluster has no Kubernetes API: the watcher has nothing to watch yet, and keeps its state apart.
+    let projects_channel = Channel::in_process(projects_routes);
+    projects_late.bind(projects_channel.clone());
+    gateway = gateway.route("cube.projects.v1", projects_channel.clone());
+    // The local cluster has no Kubernetes API to watch: the watcher records the local runtime's processes instead,
+    // and keeps its state apart.
+    let local_dir = args.data_dir.join("local");
+    cube_kit::db::private_directory(&local_dir).map_err(|source| UpError::DataDir {
+        path: local_dir.clone(),
+        source,
+    })?;
+    let (local, statuses) = LocalRuntime::open(&local_dir)
+        .await
+        .map_err(|error| UpError::Watcher(error.to_string()))?;
     let watcher = cube_watcher::Watcher::start(
         cube_clusters::ClusterRegistry::embedded(),
         cube_kit::db::connect::<cube_watcher::store::Migrator>(
@@ -310,11 +321,26 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
         .await
         .map_err(|error| RunError::Serve(error.into()))?,
         bus.clone(),
+        cube_watcher::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_channel.clone(),
+        },
         cube_watcher::Options {
             holder: cube_watcher::holder_name().map_err(UpError::Watcher)?,
             lease_duration: Duration::from_secs(15),
+            retention: cube_watcher::Retention {
+                age: Duration::from_secs(7 * 86_400),
+                count: 1_000_000,
+            },
         },
-    );
+        Some(cube_watcher::LocalStatuses {
+            cluster: "local".to_owned(),
+            statuses,
+        }),
+    )
+    .await?;
+    // The runtime the workload services will run local work on; its processes outlive a restart of `cube up`.
+    background.push(Box::new(local));
     background.push(Box::new(watcher.background));
     gateway = gateway.route(
         "cube.watcher.v1",

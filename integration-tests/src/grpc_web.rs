@@ -131,6 +131,49 @@ impl GrpcWebClient {
         body: Bytes,
         headers: &[(&str, &str)],
     ) -> Result<GrpcWebReply, Box<dyn std::error::Error + Send + Sync>> {
+        let response = self.send(path, mode, body, headers).await?;
+        let (parts, body) = response.into_parts();
+        let mut bytes = body.collect().await?.to_bytes();
+        if mode == Mode::Text {
+            bytes = decode_text(&bytes)?;
+        }
+        let (messages, trailers) = parse_frames(bytes)?;
+        Ok(GrpcWebReply {
+            http_status: parts.status,
+            headers: parts.headers,
+            messages,
+            trailers,
+        })
+    }
+
+    /// Sends `body` to the server-streaming method `path` in binary mode, with `headers` added, and returns the
+    /// answer to read message by message as it arrives.
+    ///
+    /// # Errors
+    /// Returns an error when the HTTP exchange fails.
+    pub async fn open(
+        &mut self,
+        path: &str,
+        body: Bytes,
+        headers: &[(&str, &str)],
+    ) -> Result<GrpcWebStream, Box<dyn std::error::Error + Send + Sync>> {
+        let response = self.send(path, Mode::Binary, body, headers).await?;
+        let (parts, body) = response.into_parts();
+        Ok(GrpcWebStream {
+            headers: parts.headers,
+            body,
+            buffer: BytesMut::new(),
+            trailers: HeaderMap::new(),
+        })
+    }
+
+    async fn send(
+        &mut self,
+        path: &str,
+        mode: Mode,
+        body: Bytes,
+        headers: &[(&str, &str)],
+    ) -> Result<http::Response<hyper::body::Incoming>, Box<dyn std::error::Error + Send + Sync>> {
         let body = match mode {
             Mode::Binary => body,
             Mode::Text => Bytes::from(STANDARD.encode(&body)),
@@ -145,7 +188,7 @@ impl GrpcWebClient {
                 .headers_mut()
                 .insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
         }
-        let response = match &mut self.sender {
+        Ok(match &mut self.sender {
             Sender::One(sender) => {
                 sender.ready().await?;
                 sender.send_request(request).await?
@@ -155,19 +198,60 @@ impl GrpcWebClient {
                 sender.ready().await?;
                 sender.send_request(request).await?
             }
-        };
-        let (parts, body) = response.into_parts();
-        let mut bytes = body.collect().await?.to_bytes();
-        if mode == Mode::Text {
-            bytes = decode_text(&bytes)?;
-        }
-        let (messages, trailers) = parse_frames(bytes)?;
-        Ok(GrpcWebReply {
-            http_status: parts.status,
-            headers: parts.headers,
-            messages,
-            trailers,
         })
+    }
+}
+
+/// A grpc-web answer being read as it arrives (binary mode).
+#[derive(Debug)]
+pub struct GrpcWebStream {
+    headers: HeaderMap,
+    body: hyper::body::Incoming,
+    buffer: BytesMut,
+    trailers: HeaderMap,
+}
+
+impl GrpcWebStream {
+    /// The next message, without its frame header; `None` once the trailers (or the end) came.
+    ///
+    /// # Errors
+    /// Returns an error when the connection fails or the framing is broken.
+    pub async fn message(&mut self) -> Result<Option<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
+        loop {
+            if self.buffer.len() >= 5 {
+                let size =
+                    u32::from_be_bytes([self.buffer[1], self.buffer[2], self.buffer[3], self.buffer[4]]) as usize;
+                if self.buffer.len() >= 5 + size {
+                    let frame = self.buffer.split_to(5 + size).freeze();
+                    let (mut messages, trailers) = parse_frames(frame)?;
+                    if messages.is_empty() {
+                        self.trailers = trailers;
+                        return Ok(None);
+                    }
+                    return Ok(messages.pop());
+                }
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                None if self.buffer.is_empty() => return Ok(None),
+                None => return Err("grpc-web answer ends inside a frame".into()),
+            }
+        }
+    }
+
+    /// The call's gRPC status once the stream ended: from the trailers, or the headers of a trailers-only answer.
+    pub fn status(&self) -> tonic::Status {
+        let source = if self.trailers.contains_key("grpc-status") {
+            &self.trailers
+        } else {
+            &self.headers
+        };
+        tonic::Status::from_header_map(source)
+            .unwrap_or_else(|| tonic::Status::unknown(format!("no grpc-status in {source:?}")))
     }
 }
 

@@ -1,5 +1,5 @@
-//! The platform as the scheduler's tests and benchmarks run it: auth, projects and the scheduler in this process on
-//! loopback ports, on either shape (SQLite and the in-process bus, or a database server and Redis Streams), the
+//! The platform as the cross-service tests and benchmarks run it: auth, projects, the scheduler and the watcher in
+//! this process on loopback ports, on either shape (SQLite and the in-process bus, or a database server and Redis Streams), the
 //! scheduler watching a real kube-apiserver of the test environment; and, from
 //! `cube_testkit::kubernetes`, guards for the fake nodes and namespaces the tests make there.
 
@@ -43,8 +43,12 @@ pub async fn kube_client(path: &str) -> Client {
         .expect("a client of the test cluster")
 }
 
-/// Auth, projects and the scheduler, running, with signed-in users.
+/// Auth, projects, the scheduler and the watcher, running, with signed-in users.
 pub struct Platform {
+    /// The watcher, watching the test cluster (as `kube`).
+    pub watcher: Running,
+    /// The bus every service publishes on.
+    pub bus: std::sync::Arc<dyn cube_bus::EventBus>,
     /// Auth.
     pub auth: Running,
     /// The scheduler.
@@ -63,6 +67,7 @@ pub struct Platform {
         cube_auth::Background,
         (cube_kit::identity::RevocationFeed, Vec<cube_kit::task::Background>),
         cube_projects::Background,
+        cube_watcher::Background,
     ),
     // Last: the databases and the bus outlive the services using them.
     _backing: Backing,
@@ -124,11 +129,11 @@ pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> 
             migrate: true,
         },
         cube_projects::Peers {
-            auth: auth_channel,
+            auth: auth_channel.clone(),
             scheduler: Channel::remote(&scheduler.url()).expect("url"),
             workloads: Vec::new(),
         },
-        bus,
+        bus.clone(),
         Duration::from_secs(2),
     )
     .await
@@ -136,6 +141,30 @@ pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> 
     let projects_background = projects.background;
     let projects = start_server(projects.server).await;
     projects_late.bind(Channel::remote(&projects.url()).expect("url"));
+    let watcher = cube_watcher::Watcher::start(
+        ClusterRegistry::new(vec![ClusterConfig::new("kube", Some(kubeconfig.into()))]).expect("registry"),
+        cube_kit::db::connect::<cube_watcher::store::Migrator>(&backing.database("watcher").await, true)
+            .await
+            .expect("the watcher's database"),
+        bus.clone(),
+        cube_watcher::Peers {
+            auth: auth_channel,
+            projects: Channel::remote(&projects.url()).expect("url"),
+        },
+        cube_watcher::Options {
+            holder: cube_watcher::holder_name().expect("a holder name"),
+            lease_duration: Duration::from_secs(5),
+            retention: cube_watcher::Retention {
+                age: Duration::from_secs(3600),
+                count: 1_000_000,
+            },
+        },
+        None,
+    )
+    .await
+    .expect("watcher");
+    let watcher_background = watcher.background;
+    let watcher = start_server(watcher.server).await;
 
     let connection = connect(&auth).await;
     let login = |username: &'static str, password: &'static str| {
@@ -177,7 +206,9 @@ pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> 
         admin,
         scheduler_db,
         auth,
-        _keep: (auth_background, scheduler_keep, projects_background),
+        watcher,
+        bus,
+        _keep: (auth_background, scheduler_keep, projects_background, watcher_background),
         _backing: backing,
     }
 }

@@ -23,6 +23,7 @@ use sea_orm::DatabaseConnection;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 
+use crate::live::Live;
 use crate::status::{deployment_status, node_status};
 use crate::store::{self, Fence, StoreError};
 
@@ -38,6 +39,8 @@ pub(crate) struct ClusterWatch {
     pub(crate) db: DatabaseConnection,
     /// Wakes the outbox relay after each stored transition.
     pub(crate) relay: Arc<Notify>,
+    /// Tells event streams after each stored transition.
+    pub(crate) live: Arc<Live>,
     /// This replica's name as a lease holder.
     pub(crate) holder: String,
     /// How long a holding lasts without renewal.
@@ -142,8 +145,9 @@ impl ClusterWatch {
             return Ok(());
         };
         if let Some(event) = store::record(&self.db, fence, kind, &uid, status.as_ref()).await? {
-            tracing::debug!(id = %event.id, "transition");
+            tracing::debug!(event = %event.name, "transition");
             self.relay.notify_one();
+            self.live.recorded();
         }
         Ok(())
     }
@@ -160,7 +164,7 @@ impl ClusterWatch {
 }
 
 /// Waits until the lease is held and returns the epoch; `None` when its keeper stopped.
-async fn next_holding(held: &mut watch::Receiver<Option<Held>>) -> Option<Epoch> {
+pub(crate) async fn next_holding(held: &mut watch::Receiver<Option<Held>>) -> Option<Epoch> {
     let state = held.wait_for(Option::is_some).await.ok()?;
     state.map(|held| held.epoch)
 }

@@ -11,6 +11,7 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
 use crate::cluster::ClusterWatch;
+use crate::live::Live;
 
 /// How often the registry is compared with the watches running.
 const FOLLOW: Duration = Duration::from_secs(1);
@@ -20,6 +21,7 @@ const FOLLOW: Duration = Duration::from_secs(1);
 pub(crate) struct Shared {
     pub(crate) db: DatabaseConnection,
     pub(crate) relay: Arc<Notify>,
+    pub(crate) live: Arc<Live>,
     pub(crate) holder: String,
     pub(crate) lease_duration: Duration,
 }
@@ -55,6 +57,7 @@ pub(crate) async fn follow(registry: ClusterRegistry, shared: Shared) {
                         client,
                         db: shared.db.clone(),
                         relay: shared.relay.clone(),
+                        live: shared.live.clone(),
                         holder: shared.holder.clone(),
                         lease_duration: shared.lease_duration,
                     };

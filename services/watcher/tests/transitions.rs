@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use cube_bus::{BusOptions, EventBus, MemoryBus, Subscription};
 use cube_clusters::{ClusterConfig, ClusterRegistry};
+use cube_kit::Channel;
 use cube_proto::cube::scheduler::v1::Placement;
 use cube_proto::cube::watcher::v1::{ObjectKind, WorkloadState, WorkloadTransition};
 use cube_runtime::kubernetes::KubernetesRuntime;
 use cube_runtime::transition::TOPIC;
 use cube_runtime::{Container, ObjectKey, Runtime, WorkloadSpec, labels};
 use cube_testkit::kubernetes::{FakeNode, Kubelet, Script, TestNamespace, client, unique_name};
-use cube_watcher::{Options, Watcher};
+use cube_watcher::{Options, Peers, Retention, Watcher};
 use futures::StreamExt as _;
 use prost::Message as _;
 use serde_json::json;
@@ -39,15 +40,29 @@ async fn start(url: &str, bus: &Arc<dyn EventBus>) -> Watcher {
     let db = cube_kit::db::connect::<cube_watcher::store::Migrator>(url, true)
         .await
         .expect("the watcher's database");
-    Watcher::start(
-        registry,
-        db,
-        bus.clone(),
-        Options {
-            holder: cube_watcher::holder_name().expect("a holder name"),
-            lease_duration: LEASE,
+    Watcher::start(registry, db, bus.clone(), no_callers(), options(), None)
+        .await
+        .expect("the watcher starts")
+}
+
+/// Peers for a watcher no one calls: these tests read the bus, not the event API (the integration tests call it).
+fn no_callers() -> Peers {
+    let nowhere = || Channel::remote("http://127.0.0.1:9").expect("a URL");
+    Peers {
+        auth: nowhere(),
+        projects: nowhere(),
+    }
+}
+
+fn options() -> Options {
+    Options {
+        holder: cube_watcher::holder_name().expect("a holder name"),
+        lease_duration: LEASE,
+        retention: Retention {
+            age: Duration::from_secs(3600),
+            count: 100_000,
         },
-    )
+    }
 }
 
 /// A pod `name` of run `run` that only the test's node fits.
@@ -224,15 +239,9 @@ async fn clusters_added_and_removed_by_a_reload_are_followed() {
     let db = cube_kit::db::connect::<cube_watcher::store::Migrator>(&db_url, true)
         .await
         .expect("the watcher's database");
-    let _watcher = Watcher::start(
-        registry.clone(),
-        db,
-        bus.clone(),
-        Options {
-            holder: cube_watcher::holder_name().expect("a holder name"),
-            lease_duration: LEASE,
-        },
-    );
+    let _watcher = Watcher::start(registry.clone(), db, bus.clone(), no_callers(), options(), None)
+        .await
+        .expect("the watcher starts");
 
     write(json!([{"name": "local", "default": true}, {"name": "kube", "kubeconfig": kubeconfig}]));
     registry.reload().expect("reloading");

@@ -84,13 +84,15 @@ pub struct AuthClientArgs {
     pub auth_url: String,
 }
 
-/// Parses durations written as a number followed by `ms`, `s`, `m` or `h` (`500ms`, `30s`, `2m`, `1h`).
+/// Parses durations written as a number followed by `ms`, `s`, `m`, `h` or `d` (`500ms`, `30s`, `2m`, `1h`, `7d`).
 ///
 /// # Errors
 /// Returns a message showing the accepted forms when the text is anything else.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = || {
-        format!("invalid duration {text:?}: expected a whole number followed by ms, s, m or h (e.g. 500ms, 30s, 2m)")
+        format!(
+            "invalid duration {text:?}: expected a whole number followed by ms, s, m, h or d (e.g. 500ms, 30s, 2m, 7d)"
+        )
     };
     let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
     let (digits, unit) = text.split_at(split);
@@ -100,6 +102,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(value)),
         "m" => Ok(Duration::from_secs(value.saturating_mul(60))),
         "h" => Ok(Duration::from_secs(value.saturating_mul(3600))),
+        "d" => Ok(Duration::from_secs(value.saturating_mul(86_400))),
         _ => Err(invalid()),
     }
 }
@@ -114,7 +117,8 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "10", "1.5s", "10d", "-1s"] {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "s", "10", "1.5s", "10w", "-1s"] {
             let err = parse_duration(bad).expect_err(bad);
             assert!(err.contains("expected a whole number"), "{err}");
         }

@@ -68,6 +68,14 @@ pub enum ApiError {
         /// What state blocks the call, for people.
         message: String,
     },
+    /// A position the request names is outside what is kept (e.g. an event older than the history).
+    #[error("{field}: {message}")]
+    OutOfRange {
+        /// The request field.
+        field: &'static str,
+        /// What is out of range, and what to do.
+        message: String,
+    },
     /// The resource changed since the caller read it, or a concurrent change won.
     #[error("{message}")]
     Aborted {
@@ -154,6 +162,7 @@ impl ApiError {
             Self::NotFound { .. } => Code::NotFound,
             Self::AlreadyExists { .. } => Code::AlreadyExists,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
+            Self::OutOfRange { .. } => Code::OutOfRange,
             Self::Unauthenticated { .. } => Code::Unauthenticated,
             Self::Aborted { .. } => Code::Aborted,
             Self::PermissionDenied { .. } => Code::PermissionDenied,
@@ -174,6 +183,7 @@ impl ApiError {
             Self::NotFound { .. } => ErrorReason::NotFound,
             Self::AlreadyExists { .. } => ErrorReason::AlreadyExists,
             Self::FailedPrecondition { .. } => ErrorReason::FailedPrecondition,
+            Self::OutOfRange { .. } => ErrorReason::OutOfRange,
             Self::Unauthenticated { .. } => ErrorReason::Unauthenticated,
             Self::Aborted { .. } => ErrorReason::Aborted,
             Self::PermissionDenied { .. } => ErrorReason::PermissionDenied,
@@ -203,6 +213,9 @@ impl ApiError {
             Self::NotFound { kind, name } | Self::AlreadyExists { kind, name } => {
                 metadata.insert("kind".to_owned(), (*kind).to_owned());
                 metadata.insert("name".to_owned(), name.clone());
+            }
+            Self::OutOfRange { field, message } => {
+                details.add_bad_request_violation(*field, message);
             }
             Self::PermissionDenied { permission } => {
                 metadata.insert("permission".to_owned(), permission.clone());

@@ -50,6 +50,14 @@ impl Domain for Scheduler {
     const DOMAIN: &'static str = "scheduler.cube.dev";
 }
 
+/// The domain of `cube.watcher.v1`.
+#[derive(Debug, Clone, Copy)]
+pub struct Watcher;
+
+impl Domain for Watcher {
+    const DOMAIN: &'static str = "watcher.cube.dev";
+}
+
 /// The domain of `cube.common.v1`, whose services several Cube services implement.
 #[derive(Debug, Clone, Copy)]
 pub struct Common;

@@ -45,6 +45,9 @@ pub mod cube {
         /// Version 1 of `cube.watcher.v1`.
         pub mod v1 {
             tonic::include_proto!("cube.watcher.v1");
+
+            /// The codec of this package's clients and servers (the build's `codec_path`).
+            type ServiceCodec<T, U> = crate::codec::CubeCodec<T, U, crate::codec::Watcher>;
         }
     }
     /// Messages and enums every Cube API shares.
