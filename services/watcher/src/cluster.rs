@@ -17,15 +17,16 @@ use cube_runtime::labels;
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use sea_orm::DatabaseConnection;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::live::Live;
 use crate::status::{deployment_status, node_status};
-use crate::store::{self, Fence, StoreError};
+use crate::store::{self, Fence, Position, StoreError};
 
 /// The name of the lease that makes one replica the watcher of `cluster`.
 pub fn lease_name(cluster: &str) -> String {
@@ -80,7 +81,9 @@ impl ClusterWatch {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    /// Follows the objects of kind `K` (those carrying `labels`, when given) until a change cannot be stored.
+    /// Follows the objects of kind `K` (those carrying `labels`, when given) until a change cannot be stored:
+    /// resumes from where the last watch got to (so that every change since is seen, one by one), and lists
+    /// afresh when there is no such place or the API server no longer has it (`410 Gone`).
     async fn watch<K>(
         &self,
         fence: Fence<'_>,
@@ -91,77 +94,208 @@ impl ClusterWatch {
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
     {
-        let objects: Api<K> = Api::all(self.client.clone());
-        let config = match labels {
-            Some(labels) => watcher::Config::default().labels(labels),
-            None => watcher::Config::default(),
+        let api: Api<K> = Api::all(self.client.clone());
+        let follow = Follow {
+            api: &api,
+            fence,
+            kind,
+            labels,
+            status_of,
         };
-        let mut events = watcher(objects, config).default_backoff().boxed();
-        let mut listed: Option<HashSet<String>> = None;
-        while let Some(event) = events.next().await {
-            let result = match event {
-                Ok(watcher::Event::Init) => {
-                    listed = Some(HashSet::new());
-                    Ok(())
-                }
-                Ok(watcher::Event::InitApply(object)) => {
-                    if let (Some(listed), Some(uid)) = (listed.as_mut(), object.uid()) {
-                        listed.insert(uid);
+        let mut position = match store::position(&self.db, &self.cluster, kind).await {
+            Ok(position) => position,
+            Err(error) => return error,
+        };
+        loop {
+            let version = match position.take() {
+                Some(version) => version,
+                None => match self.list(&follow).await {
+                    Ok(version) => version,
+                    Err(Stop::Store(error)) => return error,
+                    Err(Stop::Kube(error)) => {
+                        tracing::warn!(cluster = %self.cluster, ?kind, %error, "listing; trying again");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
                     }
-                    self.store(fence, kind, object.uid(), Some(status_of(&self.cluster, &object)))
-                        .await
-                }
-                Ok(watcher::Event::InitDone) => match listed.take() {
-                    Some(listed) => self.vanished(fence, kind, &listed).await,
-                    None => Ok(()),
                 },
-                Ok(watcher::Event::Apply(object)) => {
-                    self.store(fence, kind, object.uid(), Some(status_of(&self.cluster, &object)))
-                        .await
-                }
-                Ok(watcher::Event::Delete(object)) => self.store(fence, kind, object.uid(), None).await,
-                Err(error) => {
-                    // The backoff paces the retries; the next (re)list reconciles what was missed.
-                    tracing::warn!(cluster = %self.cluster, ?kind, %error, "watching");
-                    Ok(())
-                }
             };
-            if let Err(error) = result {
-                return error;
-            }
+            position = match self.follow(&follow, version).await {
+                Ok(Followed::Until(version)) => Some(version),
+                Ok(Followed::Gone) => {
+                    tracing::info!(cluster = %self.cluster, ?kind, "the watch's place is gone (410); listing afresh");
+                    None
+                }
+                Ok(Followed::Failed(version, error)) => {
+                    tracing::warn!(cluster = %self.cluster, ?kind, %error, "watching; resuming");
+                    tokio::time::sleep(RETRY).await;
+                    Some(version)
+                }
+                Err(error) => return error,
+            };
         }
-        StoreError::Database(sea_orm::DbErr::Custom("the watch ended".into()))
     }
 
-    /// Records what object `uid` now is (`None`: gone), waking the relay when that was a transition.
+    /// Lists every object (a page at a time, from one snapshot), records each, records those known but not
+    /// listed as gone, and returns the snapshot's resourceVersion, remembered as the watch's place.
+    async fn list<K>(&self, follow: &Follow<'_, K>) -> Result<String, Stop>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let mut params = ListParams::default().limit(LIST_PAGE);
+        if let Some(labels) = follow.labels {
+            params = params.labels(labels);
+        }
+        let mut listed = HashSet::new();
+        let mut snapshot = None;
+        loop {
+            let page = follow.api.list(&params).await.map_err(Stop::Kube)?;
+            snapshot = snapshot.or(page.metadata.resource_version.clone());
+            for object in &page.items {
+                if let Some(uid) = object.uid() {
+                    let status = (follow.status_of)(&self.cluster, object);
+                    self.store(follow.fence, follow.kind, Some(uid.clone()), Some(status), None)
+                        .await
+                        .map_err(Stop::Store)?;
+                    listed.insert(uid);
+                }
+            }
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params.continue_token = Some(token),
+                _ => break,
+            }
+        }
+        self.vanished(follow.fence, follow.kind, &listed)
+            .await
+            .map_err(Stop::Store)?;
+        let version = snapshot.unwrap_or_default();
+        let position = Position {
+            cluster: &self.cluster,
+            kind: follow.kind,
+            resource_version: &version,
+        };
+        store::save_position(&self.db, &position).await.map_err(Stop::Store)?;
+        Ok(version)
+    }
+
+    /// Watches from `version` until the API server ends the watch, it fails, or `version` is gone; records each
+    /// change with the place it was read at.
+    async fn follow<K>(&self, follow: &Follow<'_, K>, mut version: String) -> Result<Followed, StoreError>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let mut params = WatchParams::default().timeout(WATCH_SECONDS);
+        if let Some(labels) = follow.labels {
+            params = params.labels(labels);
+        }
+        let mut changes = match follow.api.watch(&params, &version).await {
+            Ok(changes) => changes.boxed(),
+            Err(kube::Error::Api(status)) if status.code == 410 => return Ok(Followed::Gone),
+            Err(error) => return Ok(Followed::Failed(version, error.to_string())),
+        };
+        let mut saved = Instant::now();
+        while let Some(change) = changes.next().await {
+            let (object, gone) = match change {
+                Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => (object, false),
+                Ok(WatchEvent::Deleted(object)) => (object, true),
+                Ok(WatchEvent::Bookmark(bookmark)) => {
+                    version = bookmark.metadata.resource_version;
+                    continue;
+                }
+                Ok(WatchEvent::Error(status)) if status.code == 410 => return Ok(Followed::Gone),
+                Ok(WatchEvent::Error(status)) => return Ok(Followed::Failed(version, status.message)),
+                Err(error) => return Ok(Followed::Failed(version, error.to_string())),
+            };
+            let Some(read_at) = object.resource_version() else {
+                continue;
+            };
+            let position = Position {
+                cluster: &self.cluster,
+                kind: follow.kind,
+                resource_version: &read_at,
+            };
+            let status = (!gone).then(|| (follow.status_of)(&self.cluster, &object));
+            let recorded = self
+                .store(follow.fence, follow.kind, object.uid(), status, Some(&position))
+                .await?;
+            // A change that was no transition moves the place too, remembered now and then: resuming a little
+            // early only reads changes again that compare equal.
+            if !recorded && saved.elapsed() >= SAVE_EVERY {
+                store::save_position(&self.db, &position).await?;
+                saved = Instant::now();
+            }
+            version = read_at;
+        }
+        Ok(Followed::Until(version))
+    }
+
+    /// Records what object `uid` now is (`None`: gone), and the watch's place with it when that was a
+    /// transition; wakes the relay and the streams then, and says whether it was one.
     async fn store(
         &self,
         fence: Fence<'_>,
         kind: ObjectKind,
         uid: Option<String>,
         status: Option<WorkloadStatus>,
-    ) -> Result<(), StoreError> {
+        position: Option<&Position<'_>>,
+    ) -> Result<bool, StoreError> {
         let Some(uid) = uid else {
-            return Ok(());
+            return Ok(false);
         };
-        if let Some(event) = store::record(&self.db, fence, kind, &uid, status.as_ref()).await? {
-            tracing::debug!(event = %event.name, "transition");
-            self.relay.notify_one();
-            self.live.recorded();
-        }
-        Ok(())
+        let Some(event) = store::record(&self.db, fence, kind, &uid, status.as_ref(), position).await? else {
+            return Ok(false);
+        };
+        tracing::debug!(event = %event.name, "transition");
+        self.relay.notify_one();
+        self.live.recorded();
+        Ok(true)
     }
 
     /// After a list: the objects of `kind` known but not listed are gone.
     async fn vanished(&self, fence: Fence<'_>, kind: ObjectKind, listed: &HashSet<String>) -> Result<(), StoreError> {
         for uid in store::known(&self.db, &self.cluster, kind).await? {
             if !listed.contains(&uid) {
-                self.store(fence, kind, Some(uid), None).await?;
+                self.store(fence, kind, Some(uid), None, None).await?;
             }
         }
         Ok(())
     }
 }
+
+/// What one kind's watch reads, and how.
+struct Follow<'a, K> {
+    api: &'a Api<K>,
+    fence: Fence<'a>,
+    kind: ObjectKind,
+    labels: Option<&'a str>,
+    status_of: fn(&str, &K) -> WorkloadStatus,
+}
+
+/// How a watch ended.
+enum Followed {
+    /// The API server closed it (its timeout); resume from this version.
+    Until(String),
+    /// The place it was resumed from is no longer kept: list afresh.
+    Gone,
+    /// It failed; resume from this version after a pause.
+    Failed(String, String),
+}
+
+/// Why a list stopped.
+enum Stop {
+    /// A change could not be stored: the watch stops.
+    Store(StoreError),
+    /// The API server could not be read: try again.
+    Kube(kube::Error),
+}
+
+/// The pause before a failed list or watch is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How many objects a list reads at a time.
+const LIST_PAGE: u32 = 500;
+/// How long the API server keeps a watch open before the watcher opens the next one.
+const WATCH_SECONDS: u32 = 290;
+/// How often the place of a watch reading no transitions is remembered.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Waits until the lease is held and returns the epoch; `None` when its keeper stopped.
 pub(crate) async fn next_holding(held: &mut watch::Receiver<Option<Held>>) -> Option<Epoch> {

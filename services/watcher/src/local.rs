@@ -38,6 +38,7 @@ pub(crate) async fn follow(cluster: String, mut statuses: StatusStream, shared: 
                 ObjectKind::LocalProcess,
                 &uid,
                 now,
+                None,
             )
             .await
             {

@@ -90,6 +90,28 @@ pub mod event {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// Where each watch got to: the resourceVersion to resume a cluster's watch of a kind from.
+pub mod watch_position {
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `watch_positions`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "watch_positions")]
+    pub struct Model {
+        /// `{cluster}/{kind}`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub watch: String,
+        /// The resourceVersion of the last change handled.
+        pub resource_version: String,
+    }
+
+    /// No relations are navigated.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// The one counter event ids are taken from.
 pub mod event_sequence {
     use sea_orm::entity::prelude::*;
@@ -123,6 +145,7 @@ impl MigratorTrait for Migrator {
             outbox::migration(),
             lease::migration(),
             Box::new(CreateEvents),
+            Box::new(CreateWatchPositions),
         ]
     }
 }
@@ -240,6 +263,42 @@ impl MigrationTrait for CreateEvents {
     }
 }
 
+struct CreateWatchPositions;
+
+impl MigrationName for CreateWatchPositions {
+    fn name(&self) -> &str {
+        "m20261204_000003_create_watch_positions"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateWatchPositions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(watch_position::Entity)
+                    .col(
+                        ColumnDef::new(watch_position::Column::Watch)
+                            .string_len(200)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(watch_position::Column::ResourceVersion)
+                            .string_len(100)
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
 /// Why a change could not be stored.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -286,6 +345,7 @@ pub(crate) async fn record(
     kind: ObjectKind,
     uid: &str,
     now: Option<&WorkloadStatus>,
+    position: Option<&Position<'_>>,
 ) -> Result<Option<Event>, StoreError> {
     let txn = db.begin().await?;
     lease::check(&txn, fence.lease, fence.epoch).await?;
@@ -327,10 +387,56 @@ pub(crate) async fn record(
         }
     }
     outbox::enqueue(&txn, TOPIC, &event).await?;
+    if let Some(position) = position {
+        save_position(&txn, position).await?;
+    }
     // Last, so that the counter row is held for as short a time as possible.
     let recorded = insert_event(&txn, kind, event).await?;
     txn.commit().await?;
     Ok(Some(recorded))
+}
+
+/// Where a cluster's watch of a kind got to.
+#[derive(Debug, Clone, Copy)]
+pub struct Position<'a> {
+    /// The cluster.
+    pub cluster: &'a str,
+    /// The kind watched.
+    pub kind: ObjectKind,
+    /// The resourceVersion of the last change handled.
+    pub resource_version: &'a str,
+}
+
+fn watch_key(cluster: &str, kind: ObjectKind) -> String {
+    format!("{cluster}/{}", kind_text(kind))
+}
+
+/// Remembers where a watch got to.
+pub async fn save_position(db: &impl ConnectionTrait, position: &Position<'_>) -> Result<(), StoreError> {
+    watch_position::Entity::insert(watch_position::ActiveModel {
+        watch: Set(watch_key(position.cluster, position.kind)),
+        resource_version: Set(position.resource_version.to_owned()),
+    })
+    .on_conflict(
+        sea_orm::sea_query::OnConflict::column(watch_position::Column::Watch)
+            .update_column(watch_position::Column::ResourceVersion)
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
+}
+
+/// Where the watch of `kind` on `cluster` got to, when it was remembered.
+pub async fn position(
+    db: &impl ConnectionTrait,
+    cluster: &str,
+    kind: ObjectKind,
+) -> Result<Option<String>, StoreError> {
+    Ok(watch_position::Entity::find_by_id(watch_key(cluster, kind))
+        .one(db)
+        .await?
+        .map(|row| row.resource_version))
 }
 
 /// The text a state is stored and filtered as (`RUNNING`).
