@@ -18,7 +18,9 @@
 # CA that signed slapd's certificate, for 127.0.0.1 and localhost), CUBE_TEST_LDAP_BASE_DN, CUBE_TEST_LDAP_ADMIN_DN,
 # CUBE_TEST_LDAP_ADMIN_PASSWORD, CUBE_TEST_LDAP_<UID>_PASSWORD for each user of scripts/test-env/seed.ldif, and
 # CUBE_TEST_KUBECONFIG (a kubeconfig for a system:masters token), CUBE_TEST_KUBECONFIG_B (the same for a second
-# cluster: another API server, sharing etcd under its own prefix, with no scheduler). Logs are in .cube-test/logs/.
+# cluster: another API server, sharing etcd under its own prefix, with no scheduler), and for tests that start (and
+# restart) an API server of their own: CUBE_TEST_KUBE_APISERVER (the binary), CUBE_TEST_ETCD_URL and
+# CUBE_TEST_KUBE_DIR (tokens.csv, sa.key, sa.pub). Logs are in .cube-test/logs/.
 #
 # Environment: CUBE_CACHE_DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/cube) keeps the Kubernetes binaries, which
 # take minutes to build, outside the work tree.
@@ -680,7 +682,9 @@ up_kubernetes() {
 	ensure kube-controller-manager 60 controller_manager_ok controller_manager_args kube-controller-manager
 	ensure kube-scheduler 60 scheduler_ok scheduler_args kube-scheduler
 	log "kubernetes: ok on https://127.0.0.1:$(port kube-apiserver) (kubeconfig $KUBECONFIG_FILE)"
-	set_env kubernetes "CUBE_TEST_KUBECONFIG=$KUBECONFIG_FILE" "CUBE_TEST_KUBECONFIG_B=$KUBECONFIG_B_FILE"
+	set_env kubernetes "CUBE_TEST_KUBECONFIG=$KUBECONFIG_FILE" "CUBE_TEST_KUBECONFIG_B=$KUBECONFIG_B_FILE" \
+		"CUBE_TEST_KUBE_APISERVER=$KUBE_BIN/kube-apiserver" "CUBE_TEST_ETCD_URL=http://127.0.0.1:$(port etcd-client)" \
+		"CUBE_TEST_KUBE_DIR=$KUBE_DIR"
 }
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,7 +99,10 @@ impl AuthArgs {
                 database_url,
                 migrate: true,
             },
-            redis: RedisArgs { redis_url: None },
+            redis: RedisArgs {
+                redis_url: None,
+                redis_namespace: "cube".to_owned(),
+            },
             ldap,
             admin_password,
             access_token_ttl: Duration::from_secs(15 * 60),
@@ -333,7 +336,7 @@ pub enum ServeError {
 /// # Errors
 /// Returns why auth could not start or stopped serving.
 pub async fn serve(serve: cube_kit::cli::ServeArgs, args: AuthArgs) -> Result<(), ServeError> {
-    let bus = cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(StartError::from)?;
+    let bus = cube_kit::redis::bus(&args.redis).map_err(StartError::from)?;
     let auth = Auth::start(&args, bus).await?;
     if let Some(bootstrap) = &auth.bootstrap {
         print_bootstrap(bootstrap);

@@ -243,8 +243,7 @@ pub fn peers(args: &ProjectsArgs) -> Result<Peers, StartError> {
 /// # Errors
 /// Returns why it could not start or stopped serving.
 pub async fn serve(serve: cube_kit::cli::ServeArgs, args: ProjectsArgs) -> Result<(), ServeError> {
-    let bus =
-        cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| StartError::Flag(error.to_string()))?;
+    let bus = cube_kit::redis::bus(&args.redis).map_err(|error| StartError::Flag(error.to_string()))?;
     let projects = Projects::start(&args.database, peers(&args)?, bus, args.membership_cache_ttl).await?;
     let _background = projects.background;
     cube_kit::cli::serve(projects.server, serve).await?;

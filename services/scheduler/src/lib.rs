@@ -427,8 +427,7 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: SchedulerArgs) -> Resu
         Channel::remote(&args.auth.auth_url).map_err(|error| ServeError::Config(format!("--auth-url: {error}")))?;
     let projects =
         Channel::remote(&args.projects_url).map_err(|error| ServeError::Config(format!("--projects-url: {error}")))?;
-    let bus =
-        cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Config(error.to_string()))?;
+    let bus = cube_kit::redis::bus(&args.redis).map_err(|error| ServeError::Config(error.to_string()))?;
     let db = cube_kit::db::connect::<model::Migrator>(&args.database.database_url, args.database.migrate)
         .await
         .map_err(|error| ServeError::Config(error.to_string()))?;

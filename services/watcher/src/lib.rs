@@ -206,8 +206,7 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: WatcherArgs) -> Result
         .clusters
         .registry()
         .map_err(|error| ServeError::Config(error.to_string()))?;
-    let bus =
-        cube_kit::redis::bus(args.redis.redis_url.as_deref()).map_err(|error| ServeError::Config(error.to_string()))?;
+    let bus = cube_kit::redis::bus(&args.redis).map_err(|error| ServeError::Config(error.to_string()))?;
     let db = cube_kit::db::connect::<store::Migrator>(&args.database.database_url, args.database.migrate)
         .await
         .map_err(|error| ServeError::Config(error.to_string()))?;

@@ -74,6 +74,9 @@ pub struct RedisArgs {
     /// Redis URL (redis://HOST:PORT/DB); when unset, events stay inside this process.
     #[arg(long = "redis-url", env = "CUBE_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// The prefix of the bus's Redis keys: installations sharing one Redis each take their own.
+    #[arg(long = "redis-namespace", env = "CUBE_REDIS_NAMESPACE", default_value = "cube")]
+    pub redis_namespace: String,
 }
 
 /// Where a service finds the auth service that issues the tokens it verifies.

@@ -24,14 +24,20 @@ pub fn pool(url: &str) -> Result<Pool, RedisError> {
         })
 }
 
-/// Returns the event bus a service publishes on: Redis Streams when `redis_url` is set, otherwise an in-process
-/// bus (events then reach only this process).
+/// Returns the event bus a service publishes on: Redis Streams (under the flags' namespace) when a Redis URL is
+/// set, otherwise an in-process bus (events then reach only this process).
 ///
 /// # Errors
 /// Returns an error when the URL is not a Redis URL.
-pub fn bus(redis_url: Option<&str>) -> Result<std::sync::Arc<dyn cube_bus::EventBus>, RedisError> {
-    Ok(match redis_url {
-        Some(url) => std::sync::Arc::new(cube_bus::RedisBus::new(pool(url)?, cube_bus::BusOptions::default())),
+pub fn bus(args: &crate::config::RedisArgs) -> Result<std::sync::Arc<dyn cube_bus::EventBus>, RedisError> {
+    Ok(match &args.redis_url {
+        Some(url) => std::sync::Arc::new(cube_bus::RedisBus::new(
+            pool(url)?,
+            cube_bus::BusOptions {
+                namespace: args.redis_namespace.clone(),
+                ..cube_bus::BusOptions::default()
+            },
+        )),
         None => std::sync::Arc::new(cube_bus::MemoryBus::new(cube_bus::BusOptions::default())),
     })
 }

@@ -5,6 +5,7 @@
 //! the test makes ([`FakeNode`]), the real scheduler binds Pods to them, and the test reports what the containers
 //! do by patching pod statuses, which [`Kubelet`] does from a [`Script`].
 
+mod apiserver;
 mod kubelet;
 mod status;
 
@@ -16,6 +17,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::json;
 
+pub use apiserver::ApiServer;
 pub use kubelet::{Kubelet, Script};
 
 use crate::require;
