@@ -8,21 +8,24 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cube_bus::Subscription;
+use cube_clusters::ClusterRegistry;
 use cube_gateway::Gateway;
 use cube_integration_tests::grpc_web::{GrpcWebClient, GrpcWebStream, Http, frame};
 use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed, kube_client, platform};
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::{Running, connect, start_gateway_with, test_server_args};
+use cube_integration_tests::{Running, connect, start_gateway_with, start_server, test_server_args};
 use cube_kit::Channel;
 use cube_kit::config::ServerArgs;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType};
 use cube_proto::cube::scheduler::v1::Placement;
 use cube_proto::cube::watcher::v1::event_service_client::EventServiceClient;
-use cube_proto::cube::watcher::v1::{Event, ListEventsRequest, WatchEventsRequest, WorkloadState, WorkloadTransition};
+use cube_proto::cube::watcher::v1::{
+    Event, ListEventsRequest, ObjectKind, WatchEventsRequest, WorkloadState, WorkloadTransition,
+};
 use cube_runtime::kubernetes::KubernetesRuntime;
 use cube_runtime::transition::TOPIC;
-use cube_runtime::{Container, ObjectKey, RestartPolicy, Runtime as _, WorkloadSpec, labels};
+use cube_runtime::{Container, LocalRuntime, ObjectKey, RestartPolicy, Runtime as _, WorkloadSpec, labels};
 use cube_testkit::kubernetes::{Kubelet, Script, unique_name};
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -32,6 +35,7 @@ use tonic::Code;
 cube_integration_tests::on_every_shape!(
     transitions_reach_members_once_through_the_gateway,
     a_resumed_stream_yields_the_missed_events_then_live_ones,
+    local_processes_are_events_like_pods,
 );
 
 /// Longest wait for something that should happen soon.
@@ -473,4 +477,101 @@ async fn a_resumed_stream_yields_the_missed_events_then_live_ones(shape: Shape) 
         assert_eq!(status.code(), Code::InvalidArgument, "{resume_after}: {status:?}");
         assert!(status.message().contains("resume_after"), "{status:?}");
     }
+}
+
+/// `cube up`'s wiring: the watcher records the local runtime's processes; members watch them like pods.
+async fn local_processes_are_events_like_pods(shape: Shape) {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let platform = platform(shape, &kubeconfig).await;
+    let project = unique_name("vision");
+    create_project(&platform, &project, &platform.token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (local, statuses) = LocalRuntime::open(dir.path()).await.expect("the local runtime");
+    let database = format!("sqlite://{}", dir.path().join("watcher.db").display());
+    let watcher = cube_watcher::Watcher::start(
+        ClusterRegistry::embedded(),
+        cube_kit::db::connect::<cube_watcher::store::Migrator>(&database, true)
+            .await
+            .expect("the watcher's database"),
+        platform.bus.clone(),
+        cube_watcher::Peers {
+            auth: Channel::remote(&platform.auth.url()).expect("url"),
+            projects: Channel::remote(&platform.projects.url()).expect("url"),
+        },
+        cube_watcher::Options {
+            holder: cube_watcher::holder_name().expect("a holder name"),
+            lease_duration: Duration::from_secs(5),
+            retention: cube_watcher::Retention {
+                age: Duration::from_secs(3600),
+                count: 1000,
+            },
+        },
+        Some(cube_watcher::LocalStatuses {
+            cluster: "local".to_owned(),
+            statuses,
+        }),
+    )
+    .await
+    .expect("the watcher");
+    let _background = watcher.background;
+    let server = start_server(watcher.server).await;
+    let mut stream = EventServiceClient::new(connect(&server).await)
+        .watch_events(authed(
+            WatchEventsRequest {
+                filter: "kind = LOCAL_PROCESS".to_owned(),
+                ..WatchEventsRequest::default()
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("watching")
+        .into_inner();
+
+    let mut labels = labels::for_project(&project);
+    labels.insert(labels::RUN.to_owned(), "r1".to_owned());
+    let spec = WorkloadSpec {
+        key: ObjectKey::new("local", "vision", "trainer"),
+        labels,
+        containers: vec![Container {
+            name: "main".to_owned(),
+            image: "cube.test/worker:1".to_owned(),
+            command: vec!["sh".to_owned(), "-c".to_owned()],
+            args: vec!["sleep 0.3; exit 3".to_owned()],
+            ..Container::default()
+        }],
+        ..WorkloadSpec::default()
+    };
+    local.apply(&spec).await.expect("running a process");
+    let mut seen = Vec::new();
+    read(&mut stream, &mut seen, |seen| {
+        seen.iter()
+            .any(|event| transition(event).to_state() == WorkloadState::Failed)
+    })
+    .await;
+    let failed = seen.last().map(transition).expect("an event");
+    assert_eq!(
+        (
+            failed.kind(),
+            failed.cluster.as_str(),
+            failed.exit_code,
+            failed.project.clone()
+        ),
+        (
+            ObjectKind::LocalProcess,
+            "local",
+            Some(3),
+            format!("projects/{project}")
+        )
+    );
+    assert_eq!(failed.labels.get(labels::RUN).map(String::as_str), Some("r1"));
+    let states: Vec<WorkloadState> = seen.iter().map(|event| transition(event).to_state()).collect();
+    assert!(states.contains(&WorkloadState::Running), "{seen:#?}");
+    assert_once(seen.iter().map(transition), "the local process's events");
+    // Its deletion is one more.
+    assert!(local.delete(&spec.key, Duration::ZERO).await.expect("deleting"));
+    read(&mut stream, &mut seen, |seen| {
+        seen.iter()
+            .any(|event| transition(event).to_state() == WorkloadState::Deleted)
+    })
+    .await;
 }
