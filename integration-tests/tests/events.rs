@@ -17,7 +17,9 @@ use cube_integration_tests::{Running, connect, start_gateway_with, start_server,
 use cube_kit::Channel;
 use cube_kit::config::ServerArgs;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
-use cube_proto::cube::projects::v1::{CreateProjectRequest, Project, ProjectType};
+use cube_proto::cube::projects::v1::{
+    CreateMemberRequest, CreateProjectRequest, DeleteMemberRequest, Member, Project, ProjectType, Role, member,
+};
 use cube_proto::cube::scheduler::v1::Placement;
 use cube_proto::cube::watcher::v1::event_service_client::EventServiceClient;
 use cube_proto::cube::watcher::v1::{
@@ -36,6 +38,7 @@ cube_integration_tests::on_every_shape!(
     transitions_reach_members_once_through_the_gateway,
     a_resumed_stream_yields_the_missed_events_then_live_ones,
     local_processes_are_events_like_pods,
+    a_member_removed_from_a_project_stops_seeing_it,
 );
 
 /// Longest wait for something that should happen soon.
@@ -574,4 +577,68 @@ async fn local_processes_are_events_like_pods(shape: Shape) {
             .any(|event| transition(event).to_state() == WorkloadState::Deleted)
     })
     .await;
+}
+
+/// Omar, made a viewer of lena's project, watches it; once removed, his stream ends with NOT_FOUND and his lists
+/// no longer show it.
+async fn a_member_removed_from_a_project_stops_seeing_it(shape: Shape) {
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let platform = platform(shape, &kubeconfig).await;
+    let project = unique_name("vision");
+    create_project(&platform, &project, &platform.token).await;
+    let mut projects = ProjectServiceClient::new(connect(&platform.projects).await);
+    let member = projects
+        .create_member(authed(
+            CreateMemberRequest {
+                parent: format!("projects/{project}"),
+                member: Some(Member {
+                    subject: Some(member::Subject::User("users/omar".to_owned())),
+                    role: Role::Viewer as i32,
+                    ..Member::default()
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("adding omar")
+        .into_inner();
+    let mut events = EventServiceClient::new(connect(&platform.watcher).await);
+    let filter = format!("project = projects/{project}");
+    let mut stream = events
+        .watch_events(authed(
+            WatchEventsRequest {
+                filter: filter.clone(),
+                ..WatchEventsRequest::default()
+            },
+            &platform.stranger,
+        ))
+        .await
+        .expect("omar watches the project he is a member of")
+        .into_inner();
+    projects
+        .delete_member(authed(DeleteMemberRequest { name: member.name }, &platform.token))
+        .await
+        .expect("removing omar");
+    let ended = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(event)) => panic!("no event reaches a removed member: {event:?}"),
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(ended.map(|status| status.code()), Some(Code::NotFound));
+    let listing = events
+        .list_events(authed(
+            ListEventsRequest {
+                filter,
+                ..ListEventsRequest::default()
+            },
+            &platform.stranger,
+        ))
+        .await;
+    assert_eq!(listing.err().map(|status| status.code()), Some(Code::NotFound));
 }

@@ -25,7 +25,8 @@ use crate::store::{self, EventQuery, StoreError};
 const BATCH: u64 = 500;
 /// How often a stream looks at the history even when told of nothing new (should the bus be slow).
 const LOOK_ANYWAY: Duration = Duration::from_secs(2);
-/// How often a stream asks again which projects its caller belongs to (and whether their credentials still hold).
+/// How often a stream asks again which projects its caller belongs to (and whether their credentials still hold),
+/// besides each time projects announces a membership change.
 const RECHECK: Duration = Duration::from_secs(30);
 /// How many events a stream holds for a slow client before it stops reading.
 const BUFFER: usize = 256;
@@ -134,7 +135,8 @@ impl Stream {
     /// Sends what the history holds after the cursor, then waits for news, until the client leaves or the caller
     /// may no longer read (the stream then ends with the reason).
     async fn run(mut self) {
-        let mut news = self.events.live.subscribe();
+        let mut news = self.events.live.news();
+        let mut memberships = self.events.live.memberships();
         let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
         loop {
             news.borrow_and_update();
@@ -152,15 +154,22 @@ impl Stream {
             if full {
                 continue;
             }
-            tokio::select! {
+            let recheck_now = tokio::select! {
                 () = self.sender.closed() => return,
-                _ = news.changed() => {}
-                () = tokio::time::sleep(LOOK_ANYWAY) => {}
-                _ = recheck.tick() => {
-                    match self.events.query(&self.metadata, &self.caller, self.filter.clone()).await {
-                        Ok(query) => self.query = query,
-                        Err(error) => return self.end(error).await,
-                    }
+                _ = news.changed() => false,
+                () = tokio::time::sleep(LOOK_ANYWAY) => false,
+                _ = memberships.changed() => true,
+                _ = recheck.tick() => true,
+            };
+            if recheck_now {
+                memberships.borrow_and_update();
+                match self
+                    .events
+                    .query(&self.metadata, &self.caller, self.filter.clone())
+                    .await
+                {
+                    Ok(query) => self.query = query,
+                    Err(error) => return self.end(error).await,
                 }
             }
         }

@@ -138,7 +138,7 @@ impl Watcher {
     ) -> Result<Self, cube_bus::BusError> {
         let (gate, feed) = service_gate("watcher", peers.auth, &bus, &[]).await?;
         let live = live::Live::new();
-        let transitions = live::subscribe(&bus).await?;
+        let feeds = live::subscribe(&bus).await?;
         let relay = Arc::new(Notify::new());
         let shared = fleet::Shared {
             db: db.clone(),
@@ -148,7 +148,7 @@ impl Watcher {
             lease_duration: options.lease_duration,
         };
         let mut tasks = vec![
-            cube_kit::task::Background::spawn(live::follow(transitions, live.clone())),
+            cube_kit::task::Background::spawn(live::follow(feeds, live.clone())),
             cube_kit::task::Background::spawn(retention::prune(db.clone(), options.retention)),
             cube_kit::task::Background::spawn(cube_kit::outbox::relay(
                 db.clone(),
