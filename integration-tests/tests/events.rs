@@ -619,17 +619,14 @@ async fn a_member_removed_from_a_project_stops_seeing_it(shape: Shape) {
         .delete_member(authed(DeleteMemberRequest { name: member.name }, &platform.token))
         .await
         .expect("removing omar");
-    let ended = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            match stream.next().await {
-                Some(Ok(event)) => panic!("no event reaches a removed member: {event:?}"),
-                Some(Err(status)) => return Some(status),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
+    let ended = match tokio::time::timeout(TIMEOUT, stream.next())
+        .await
+        .expect("the stream ends")
+    {
+        Some(Ok(event)) => panic!("no event reaches a removed member: {event:?}"),
+        Some(Err(status)) => Some(status),
+        None => None,
+    };
     assert_eq!(ended.map(|status| status.code()), Some(Code::NotFound));
     let listing = events
         .list_events(authed(
