@@ -14,7 +14,7 @@ use cube_proto::cube::watcher::v1::ObjectKind;
 use cube_runtime::WorkloadStatus;
 use cube_runtime::kubernetes::pod_status;
 use cube_runtime::labels;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, WatchEvent, WatchParams};
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::live::Live;
 use crate::status::{deployment_status, node_status};
-use crate::store::{self, Fence, Position, StoreError};
+use crate::store::{self, Change, Fence, Position, StoreError};
 
 /// The name of the lease that makes one replica the watcher of `cluster`.
 pub fn lease_name(cluster: &str) -> String {
@@ -150,15 +150,21 @@ impl ClusterWatch {
         loop {
             let page = follow.api.list(&params).await.map_err(Stop::Kube)?;
             snapshot = snapshot.or(page.metadata.resource_version.clone());
-            for object in &page.items {
-                if let Some(uid) = object.uid() {
-                    let status = (follow.status_of)(&self.cluster, object);
-                    self.store(follow.fence, follow.kind, Some(uid.clone()), Some(status), None)
-                        .await
-                        .map_err(Stop::Store)?;
-                    listed.insert(uid);
-                }
-            }
+            let changes: Vec<Change> = page
+                .items
+                .iter()
+                .filter_map(|object| {
+                    let uid = object.uid()?;
+                    listed.insert(uid.clone());
+                    Some(Change {
+                        uid,
+                        status: Some((follow.status_of)(&self.cluster, object)),
+                    })
+                })
+                .collect();
+            self.store(follow.fence, follow.kind, &changes, None)
+                .await
+                .map_err(Stop::Store)?;
             match page.metadata.continue_ {
                 Some(token) if !token.is_empty() => params.continue_token = Some(token),
                 _ => break,
@@ -193,58 +199,83 @@ impl ClusterWatch {
             Err(error) => return Ok(Followed::Failed(version, error.to_string())),
         };
         let mut saved = Instant::now();
-        while let Some(change) = changes.next().await {
-            let (object, gone) = match change {
-                Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => (object, false),
-                Ok(WatchEvent::Deleted(object)) => (object, true),
-                Ok(WatchEvent::Bookmark(bookmark)) => {
-                    version = bookmark.metadata.resource_version;
+        while let Some(first) = changes.next().await {
+            // What else has arrived is recorded with it, in one transaction.
+            let mut arrived = vec![first];
+            while arrived.len() < BATCH
+                && let Some(Some(more)) = changes.next().now_or_never()
+            {
+                arrived.push(more);
+            }
+            let mut batch = Vec::with_capacity(arrived.len());
+            let mut ended = None;
+            for change in arrived {
+                let (object, gone) = match change {
+                    Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => (object, false),
+                    Ok(WatchEvent::Deleted(object)) => (object, true),
+                    Ok(WatchEvent::Bookmark(bookmark)) => {
+                        version = bookmark.metadata.resource_version;
+                        continue;
+                    }
+                    Ok(WatchEvent::Error(status)) if status.code == 410 => {
+                        ended = Some(Followed::Gone);
+                        break;
+                    }
+                    Ok(WatchEvent::Error(status)) => {
+                        ended = Some(Followed::Failed(String::new(), status.message));
+                        break;
+                    }
+                    Err(error) => {
+                        ended = Some(Followed::Failed(String::new(), error.to_string()));
+                        break;
+                    }
+                };
+                let (Some(read_at), Some(uid)) = (object.resource_version(), object.uid()) else {
                     continue;
-                }
-                Ok(WatchEvent::Error(status)) if status.code == 410 => return Ok(Followed::Gone),
-                Ok(WatchEvent::Error(status)) => return Ok(Followed::Failed(version, status.message)),
-                Err(error) => return Ok(Followed::Failed(version, error.to_string())),
-            };
-            let Some(read_at) = object.resource_version() else {
-                continue;
-            };
+                };
+                let status = (!gone).then(|| (follow.status_of)(&self.cluster, &object));
+                batch.push(Change { uid, status });
+                version = read_at;
+            }
+            // The changes read before an error are recorded; the watch then resumes after them.
             let position = Position {
                 cluster: &self.cluster,
                 kind: follow.kind,
-                resource_version: &read_at,
+                resource_version: &version,
             };
-            let status = (!gone).then(|| (follow.status_of)(&self.cluster, &object));
-            let recorded = self
-                .store(follow.fence, follow.kind, object.uid(), status, Some(&position))
-                .await?;
-            // A change that was no transition moves the place too, remembered now and then: resuming a little
+            let recorded = self.store(follow.fence, follow.kind, &batch, Some(&position)).await?;
+            // Changes that were no transition move the place too, remembered now and then: resuming a little
             // early only reads changes again that compare equal.
             if !recorded && saved.elapsed() >= SAVE_EVERY {
                 store::save_position(&self.db, &position).await?;
                 saved = Instant::now();
             }
-            version = read_at;
+            match ended {
+                Some(Followed::Failed(_, error)) => return Ok(Followed::Failed(version, error)),
+                Some(ended) => return Ok(ended),
+                None => {}
+            }
         }
         Ok(Followed::Until(version))
     }
 
-    /// Records what object `uid` now is (`None`: gone), and the watch's place with it when that was a
-    /// transition; wakes the relay and the streams then, and says whether it was one.
+    /// Records what objects now are, and the watch's place with them when there was a transition; wakes the
+    /// relay and the streams then, and says whether there was one.
     async fn store(
         &self,
         fence: Fence<'_>,
         kind: ObjectKind,
-        uid: Option<String>,
-        status: Option<WorkloadStatus>,
+        changes: &[Change],
         position: Option<&Position<'_>>,
     ) -> Result<bool, StoreError> {
-        let Some(uid) = uid else {
+        if changes.is_empty() {
             return Ok(false);
-        };
-        let Some(event) = store::record(&self.db, fence, kind, &uid, status.as_ref(), position).await? else {
+        }
+        let events = store::record(&self.db, fence, kind, changes, position).await?;
+        if events.is_empty() {
             return Ok(false);
-        };
-        tracing::debug!(event = %event.name, "transition");
+        }
+        tracing::debug!(transitions = events.len(), "recorded");
         self.relay.notify_one();
         self.live.recorded();
         Ok(true)
@@ -252,10 +283,14 @@ impl ClusterWatch {
 
     /// After a list: the objects of `kind` known but not listed are gone.
     async fn vanished(&self, fence: Fence<'_>, kind: ObjectKind, listed: &HashSet<String>) -> Result<(), StoreError> {
-        for uid in store::known(&self.db, &self.cluster, kind).await? {
-            if !listed.contains(&uid) {
-                self.store(fence, kind, Some(uid), None, None).await?;
-            }
+        let gone: Vec<Change> = store::known(&self.db, &self.cluster, kind)
+            .await?
+            .into_iter()
+            .filter(|uid| !listed.contains(uid))
+            .map(|uid| Change { uid, status: None })
+            .collect();
+        for chunk in gone.chunks(BATCH) {
+            self.store(fence, kind, chunk, None).await?;
         }
         Ok(())
     }
@@ -290,6 +325,8 @@ enum Stop {
 
 /// The pause before a failed list or watch is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// The most changes recorded in one transaction.
+const BATCH: usize = 256;
 /// How many objects a list reads at a time.
 const LIST_PAGE: u32 = 500;
 /// How long the API server keeps a watch open before the watcher opens the next one.

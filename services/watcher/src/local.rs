@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 
 use crate::cluster::{lease_name, next_holding};
 use crate::fleet::Shared;
-use crate::store::{self, Fence};
+use crate::store::{self, Change, Fence};
 
 /// The uid a local process's workload is recorded under: its key, which names one workload at a time.
 pub(crate) fn uid(status: &WorkloadStatus) -> String {
@@ -27,7 +27,11 @@ pub(crate) async fn follow(cluster: String, mut statuses: StatusStream, shared: 
     while let Some(status) = statuses.next().await {
         let uid = uid(&status);
         // A deleted workload's last status says so; it is recorded as gone.
-        let now = (status.reason.as_deref() != Some(reasons::DELETED)).then_some(&status);
+        let deleted = status.reason.as_deref() == Some(reasons::DELETED);
+        let change = [Change {
+            uid: uid.clone(),
+            status: (!deleted).then_some(status),
+        }];
         loop {
             let Some(epoch) = next_holding(&mut held).await else {
                 return;
@@ -36,14 +40,13 @@ pub(crate) async fn follow(cluster: String, mut statuses: StatusStream, shared: 
                 &shared.db,
                 Fence { lease: &name, epoch },
                 ObjectKind::LocalProcess,
-                &uid,
-                now,
+                &change,
                 None,
             )
             .await
             {
                 Ok(recorded) => {
-                    if recorded.is_some() {
+                    if !recorded.is_empty() {
                         shared.relay.notify_one();
                         shared.live.recorded();
                     }

@@ -7,6 +7,7 @@
 //! the transaction ends, so events commit in the order of their ids, and a reader that has seen every event up to
 //! an id can never later find a smaller one. That is what lets a stream resume from an id with no gap.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use cube_kit::time::now_ms;
@@ -332,68 +333,109 @@ pub(crate) fn kind_text(kind: ObjectKind) -> &'static str {
 
 /// Who may write: the lease of the cluster and the epoch this replica holds it at.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Fence<'a> {
-    pub(crate) lease: &'a str,
-    pub(crate) epoch: Epoch,
+pub struct Fence<'a> {
+    /// The lease's name ([`crate::lease_name`]).
+    pub lease: &'a str,
+    /// The epoch this replica holds it at.
+    pub epoch: Epoch,
 }
 
-/// Stores what object `uid` of `kind` now is (`None`: it is gone) and, when that differs from the last one
-/// published, records the event and enqueues its transition; returns the event.
-pub(crate) async fn record(
+/// What one object of a kind is now, as a watch read it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The object's uid.
+    pub uid: String,
+    /// Its status; `None` when it is gone.
+    pub status: Option<WorkloadStatus>,
+}
+
+/// How many uids one state query reads.
+const READ_CHUNK: usize = 500;
+
+/// Stores what the objects of `kind` in `changes` now are, in order, and, for each that differs from the last
+/// state published (or from an earlier change in `changes`), records the event and enqueues its transition; all
+/// in one transaction, with `position` when there was a transition. Returns the events recorded.
+pub async fn record(
     db: &DatabaseConnection,
     fence: Fence<'_>,
     kind: ObjectKind,
-    uid: &str,
-    now: Option<&WorkloadStatus>,
+    changes: &[Change],
     position: Option<&Position<'_>>,
-) -> Result<Option<Event>, StoreError> {
+) -> Result<Vec<Event>, StoreError> {
     let txn = db.begin().await?;
     lease::check(&txn, fence.lease, fence.epoch).await?;
-    let row = object_state::Entity::find_by_id(uid.to_owned()).one(&txn).await?;
-    let before = match &row {
-        Some(row) => Some(serde_json::from_str::<WorkloadStatus>(&row.status)?),
-        None => None,
-    };
-    let event = match (now, &before) {
-        (Some(after), _) => transition::transition(kind, uid, before.as_ref(), after, SystemTime::now()),
-        (None, Some(last)) => Some(transition::deleted(kind, uid, last, SystemTime::now())),
-        (None, None) => None,
-    };
-    let Some(event) = event else {
-        return Ok(None);
-    };
-    match now {
-        Some(after) => {
-            let status = serde_json::to_string(after)?;
-            if row.is_some() {
+    // uid → (whether a row is stored, the state now).
+    let mut states: HashMap<String, (bool, Option<WorkloadStatus>)> = HashMap::new();
+    let uids: Vec<&str> = changes.iter().map(|change| change.uid.as_str()).collect();
+    for chunk in uids.chunks(READ_CHUNK) {
+        let rows = object_state::Entity::find()
+            .filter(object_state::Column::Uid.is_in(chunk.iter().copied()))
+            .all(&txn)
+            .await?;
+        for row in rows {
+            let status = serde_json::from_str::<WorkloadStatus>(&row.status)?;
+            states.insert(row.uid, (true, Some(status)));
+        }
+    }
+    let time = SystemTime::now();
+    let mut transitions = Vec::new();
+    let mut changed: Vec<&str> = Vec::new();
+    for change in changes {
+        let (_, before) = states.entry(change.uid.clone()).or_insert((false, None));
+        let event = match (&change.status, &*before) {
+            (Some(after), _) => transition::transition(kind, &change.uid, before.as_ref(), after, time),
+            (None, Some(last)) => Some(transition::deleted(kind, &change.uid, last, time)),
+            (None, None) => None,
+        };
+        if let Some(event) = event {
+            transitions.push(event);
+            before.clone_from(&change.status);
+            if !changed.contains(&change.uid.as_str()) {
+                changed.push(&change.uid);
+            }
+        }
+    }
+    if transitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    for uid in changed {
+        let Some((stored, now)) = states.get(uid) else {
+            continue;
+        };
+        match (stored, now) {
+            (true, Some(now)) => {
                 object_state::Entity::update_many()
-                    .col_expr(object_state::Column::Status, Expr::value(status))
+                    .col_expr(object_state::Column::Status, Expr::value(serde_json::to_string(now)?))
                     .filter(object_state::Column::Uid.eq(uid))
                     .exec(&txn)
                     .await?;
-            } else {
+            }
+            (false, Some(now)) => {
                 object_state::Entity::insert(object_state::ActiveModel {
                     uid: Set(uid.to_owned()),
-                    cluster: Set(after.key.cluster.clone()),
+                    cluster: Set(now.key.cluster.clone()),
                     kind: Set(kind_text(kind).to_owned()),
-                    status: Set(status),
+                    status: Set(serde_json::to_string(now)?),
                 })
                 .exec_without_returning(&txn)
                 .await?;
             }
-        }
-        None => {
-            object_state::Entity::delete_by_id(uid.to_owned()).exec(&txn).await?;
+            (true, None) => {
+                object_state::Entity::delete_by_id(uid.to_owned()).exec(&txn).await?;
+            }
+            (false, None) => {}
         }
     }
-    outbox::enqueue(&txn, TOPIC, &event).await?;
+    for event in &transitions {
+        outbox::enqueue(&txn, TOPIC, event).await?;
+    }
     if let Some(position) = position {
         save_position(&txn, position).await?;
     }
     // Last, so that the counter row is held for as short a time as possible.
-    let recorded = insert_event(&txn, kind, event).await?;
+    let recorded = insert_events(&txn, kind, transitions).await?;
     txn.commit().await?;
-    Ok(Some(recorded))
+    Ok(recorded)
 }
 
 /// Where a cluster's watch of a kind got to.
@@ -463,44 +505,50 @@ pub(crate) fn kind_filter_text(kind: ObjectKind) -> &'static str {
     }
 }
 
-/// Takes the next event id and stores `transition` under it, in the caller's transaction.
-async fn insert_event(
+/// Takes the next event ids and stores `transitions` under them, in order, in the caller's transaction.
+async fn insert_events(
     txn: &impl ConnectionTrait,
     kind: ObjectKind,
-    transition: WorkloadTransition,
-) -> Result<Event, StoreError> {
+    transitions: Vec<WorkloadTransition>,
+) -> Result<Vec<Event>, StoreError> {
+    let count = <i64 as TryFrom<usize>>::try_from(transitions.len()).unwrap_or(i64::MAX);
     event_sequence::Entity::update_many()
         .col_expr(
             event_sequence::Column::Last,
-            Expr::col(event_sequence::Column::Last).add(1),
+            Expr::col(event_sequence::Column::Last).add(count),
         )
         .filter(event_sequence::Column::Id.eq(1))
         .exec(txn)
         .await?;
-    let id = last_event_id(txn).await?;
-    let time_ms = transition
-        .time
-        .as_ref()
-        .map_or_else(now_ms, |time| time.seconds * 1000 + i64::from(time.nanos / 1_000_000));
-    event::Entity::insert(event::ActiveModel {
-        id: Set(id),
-        time_ms: Set(time_ms),
-        project: Set(transition.project.clone()),
-        kind: Set(kind_filter_text(kind).to_owned()),
-        cluster: Set(transition.cluster.clone()),
-        namespace: Set(transition.namespace.clone()),
-        name: Set(transition.name.clone()),
-        uid: Set(transition.uid.clone()),
-        state: Set(state_text(transition.to_state()).to_owned()),
-        reason: Set(transition.reason.clone()),
-        transition: Set(transition.encode_to_vec()),
-    })
-    .exec_without_returning(txn)
-    .await?;
-    Ok(Event {
-        name: event_name(id),
-        transition: Some(transition),
-    })
+    let first = last_event_id(txn).await? - count + 1;
+    let rows = transitions.iter().zip(first..).map(|(transition, id)| {
+        let time_ms = transition
+            .time
+            .as_ref()
+            .map_or_else(now_ms, |time| time.seconds * 1000 + i64::from(time.nanos / 1_000_000));
+        event::ActiveModel {
+            id: Set(id),
+            time_ms: Set(time_ms),
+            project: Set(transition.project.clone()),
+            kind: Set(kind_filter_text(kind).to_owned()),
+            cluster: Set(transition.cluster.clone()),
+            namespace: Set(transition.namespace.clone()),
+            name: Set(transition.name.clone()),
+            uid: Set(transition.uid.clone()),
+            state: Set(state_text(transition.to_state()).to_owned()),
+            reason: Set(transition.reason.clone()),
+            transition: Set(transition.encode_to_vec()),
+        }
+    });
+    event::Entity::insert_many(rows).exec_without_returning(txn).await?;
+    Ok(transitions
+        .into_iter()
+        .zip(first..)
+        .map(|(transition, id)| Event {
+            name: event_name(id),
+            transition: Some(transition),
+        })
+        .collect())
 }
 
 /// The resource name of event `id`.
