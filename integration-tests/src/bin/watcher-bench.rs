@@ -181,9 +181,6 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
     let kube = kube_client(&kubeconfig).await;
     let namespace = TestNamespace::unique(&kube, "watcher-bench").await;
     let pods: Api<Pod> = Api::namespaced(kube.clone(), &namespace.name);
-    for index in 0..PODS {
-        create_pod(&pods, &format!("pod-{index}")).await?;
-    }
     let mut stream = EventServiceClient::new(cube_integration_tests::connect(&platform.watcher).await)
         .watch_events(authed(
             WatchEventsRequest {
@@ -194,10 +191,16 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
         ))
         .await?
         .into_inner();
+    for index in 0..PODS {
+        create_pod(&pods, &format!("pod-{index}")).await?;
+    }
     // Wait for the pods' creations: the watch is live.
     let mut created = 0;
     while created < PODS {
-        stream.next().await.context("the stream ended")??;
+        tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .context("the pods' creations were not reported")?
+            .context("the stream ended")??;
         created += 1;
     }
     let total = usize::try_from(rate * seconds)?;

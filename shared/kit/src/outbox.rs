@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cube_bus::{BusError, EventBus};
 use sea_orm::sea_query::{ColumnDef, Index, Table};
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait as _, QueryOrder as _,
-    QuerySelect as _,
+    ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _,
 };
 use sea_orm_migration::{MigrationName, MigrationTrait, SchemaManager};
 use tokio::sync::Notify;
@@ -93,8 +93,8 @@ pub async fn enqueue_encoded(db: &impl ConnectionTrait, topic: &str, payload: Ve
     Ok(event_id)
 }
 
-/// Publishes up to `limit` committed events from the outbox on `db`, oldest first, each keyed by its id, deleting
-/// each row once the bus has stored its event; returns how many were published.
+/// Publishes up to `limit` committed events from the outbox on `db`, oldest first, each keyed by its id, then
+/// deletes the rows of those the bus stored (in one statement); returns how many were published.
 ///
 /// # Errors
 /// Returns the first failure; the events published before it are deleted, the others stay for the next call.
@@ -104,12 +104,30 @@ pub async fn publish_pending(db: &impl ConnectionTrait, bus: &dyn EventBus, limi
         .limit(limit)
         .all(db)
         .await?;
+    let mut published = Vec::with_capacity(batch.len());
+    let mut failure = None;
     for event in &batch {
-        bus.append(&event.topic, Some(&event.event_id), event.payload.clone().into())
-            .await?;
-        row::Entity::delete_by_id(event.id).exec(db).await?;
+        match bus
+            .append(&event.topic, Some(&event.event_id), event.payload.clone().into())
+            .await
+        {
+            Ok(_) => published.push(event.id),
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
     }
-    Ok(batch.len())
+    if !published.is_empty() {
+        row::Entity::delete_many()
+            .filter(row::Column::Id.is_in(published.iter().copied()))
+            .exec(db)
+            .await?;
+    }
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(published.len()),
+    }
 }
 
 /// Configures [`relay`].
@@ -126,7 +144,7 @@ impl Default for RelayOptions {
     fn default() -> Self {
         Self {
             poll_interval: Duration::from_secs(1),
-            batch_size: 100,
+            batch_size: 500,
         }
     }
 }
