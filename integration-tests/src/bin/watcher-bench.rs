@@ -40,10 +40,10 @@ use tokio::sync::Notify;
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks Cube's watcher: transitions per second, end-to-end latency, memory per pod")]
 struct Args {
-    /// Synthetic pod updates recorded in the throughput run.
+    /// Synthetic pod updates recorded in the throughput run (0 skips it).
     #[arg(long, default_value_t = 20_000)]
     transitions: usize,
-    /// Changes per second made on the API server in the latency run.
+    /// Changes per second made on the API server in the latency run (0 skips it).
     #[arg(long, default_value_t = 1000)]
     rate: u64,
     /// Seconds the latency run lasts.
@@ -231,7 +231,8 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
             while tasks.join_next().await.is_some() {}
         })
     };
-    let started = Instant::now();
+    let making = Instant::now();
+    let mut made_in = None;
     let mut latencies = Vec::with_capacity(total);
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
     while latencies.len() < total && Instant::now() < deadline {
@@ -239,6 +240,9 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
             break;
         };
         let received = Instant::now();
+        if made_in.is_none() && changing.is_finished() {
+            made_in = Some(making.elapsed());
+        }
         let transition = event?.transition.context("a transition")?;
         let key = (transition.name.clone(), transition.container_restarts);
         // The change is timed from just before its patch was sent (it is stored once the patch returns).
@@ -261,7 +265,7 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
         }
     }
     let made = made.load(Ordering::SeqCst);
-    let achieved = made as f64 / started.elapsed().as_secs_f64().max(seconds as f64);
+    let achieved = made as f64 / made_in.unwrap_or_else(|| making.elapsed()).as_secs_f64().max(1.0);
     latencies.sort();
     let at = |quantile: f64| {
         latencies
