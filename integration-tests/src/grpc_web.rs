@@ -72,14 +72,19 @@ pub struct GrpcWebReply {
 impl GrpcWebReply {
     /// Returns the call's gRPC status, read from the trailers or, for a trailers-only answer, the headers.
     pub fn status(&self) -> tonic::Status {
-        let source = if self.trailers.contains_key("grpc-status") {
-            &self.trailers
-        } else {
-            &self.headers
-        };
-        tonic::Status::from_header_map(source)
-            .unwrap_or_else(|| tonic::Status::unknown(format!("no grpc-status in {source:?}")))
+        status_of(&self.headers, &self.trailers)
     }
+}
+
+/// A call's gRPC status: from the trailers, or the headers of a trailers-only answer.
+fn status_of(headers: &HeaderMap, trailers: &HeaderMap) -> tonic::Status {
+    let source = if trailers.contains_key("grpc-status") {
+        trailers
+    } else {
+        headers
+    };
+    tonic::Status::from_header_map(source)
+        .unwrap_or_else(|| tonic::Status::unknown(format!("no grpc-status in {source:?}")))
 }
 
 /// Frames `message` as one uncompressed gRPC message.
@@ -245,13 +250,7 @@ impl GrpcWebStream {
 
     /// The call's gRPC status once the stream ended: from the trailers, or the headers of a trailers-only answer.
     pub fn status(&self) -> tonic::Status {
-        let source = if self.trailers.contains_key("grpc-status") {
-            &self.trailers
-        } else {
-            &self.headers
-        };
-        tonic::Status::from_header_map(source)
-            .unwrap_or_else(|| tonic::Status::unknown(format!("no grpc-status in {source:?}")))
+        status_of(&self.headers, &self.trailers)
     }
 }
 

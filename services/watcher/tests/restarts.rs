@@ -14,14 +14,14 @@ use cube_proto::cube::watcher::v1::{WorkloadState, WorkloadTransition};
 use cube_runtime::labels;
 use cube_runtime::transition::TOPIC;
 use cube_testkit::kubernetes::{ApiServer, TestNamespace, client, unique_name};
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
-use prost::Message as _;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
+
+mod common;
 
 cube_testkit::on_every_backend!(
     every_change_is_published_once_across_kills_of_the_watcher,
@@ -233,16 +233,8 @@ async fn read(
 ) {
     tokio::time::timeout(TIMEOUT, async {
         while !done(seen) {
-            let delivery = subscription
-                .next()
-                .await
-                .expect("the subscription is open")
-                .expect("a delivery");
-            delivery.ack().await.expect("acknowledging");
-            let transition = WorkloadTransition::decode(delivery.payload.clone()).expect("a transition");
-            if transition.namespace == namespace {
-                seen.insert(transition.id.clone(), transition);
-            }
+            let transition = common::next_in(subscription, namespace).await;
+            seen.insert(transition.id.clone(), transition);
         }
     })
     .await

@@ -16,8 +16,6 @@ use cube_runtime::transition::TOPIC;
 use cube_runtime::{Container, ObjectKey, Runtime, WorkloadSpec, labels};
 use cube_testkit::kubernetes::{FakeNode, Kubelet, Script, TestNamespace, client, unique_name};
 use cube_watcher::{Options, Peers, Retention, Watcher};
-use futures::StreamExt as _;
-use prost::Message as _;
 use serde_json::json;
 
 /// Longest wait for something that should happen soon.
@@ -26,6 +24,8 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const RUN_LABEL: &str = "cube.test/run";
 /// A short lease, so that a restarted watcher takes its cluster over soon.
 const LEASE: Duration = Duration::from_secs(2);
+
+mod common;
 
 cube_testkit::on_every_backend!(a_pods_life_is_published_once_across_a_restart_of_the_watcher);
 
@@ -97,16 +97,7 @@ async fn until(
 ) {
     tokio::time::timeout(TIMEOUT, async {
         while !done(seen) {
-            let delivery = subscription
-                .next()
-                .await
-                .expect("the subscription is open")
-                .expect("a delivery");
-            delivery.ack().await.expect("acknowledging");
-            let event = WorkloadTransition::decode(delivery.payload.clone()).expect("a transition");
-            if event.namespace == namespace {
-                seen.push(event);
-            }
+            seen.push(common::next_in(subscription, namespace).await);
         }
     })
     .await
