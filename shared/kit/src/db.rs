@@ -82,6 +82,12 @@ fn options(backend: &'static str, url: String) -> ConnectOptions {
         // SQLite serialises writers; one connection avoids "database is locked" under concurrent writes.
         options.max_connections(1);
     }
+    if backend == "sqlite" && !in_memory {
+        // Write-ahead logging: a commit appends to the `-wal` file and syncs it once (synchronous stays FULL, so a
+        // committed transaction survives a crash or a power cut), where the default rollback journal syncs the
+        // journal and the database several times; readers in other processes do not block the writer.
+        options.map_sqlx_sqlite_opts(|sqlite| sqlite.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal));
+    }
     if in_memory {
         // An in-memory database lives only as long as its connection: the pool must never close it for being
         // idle or old, or the tables vanish and every later query fails with "no such table".

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait as _};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{pk_auto, string};
 
@@ -338,16 +338,19 @@ async fn sqlite_files_and_their_new_directories_are_the_owners_alone() {
         .expect("connecting and migrating");
     assert_eq!(mode(&path), 0o600, "{}", path.display());
     let companion = |suffix: &str| std::path::PathBuf::from(format!("{}{suffix}", path.display()));
-    // A rollback journal lives while a write transaction is open.
-    let txn = db.begin().await.expect("begin");
-    insert_note(&txn, "a secret").await;
-    assert_eq!(mode(&companion("-journal")), 0o600, "the rollback journal");
-    txn.commit().await.expect("commit");
-    // In WAL mode, the WAL and shared-memory files stay while the connection is open.
-    db.execute_unprepared("PRAGMA journal_mode=WAL")
+    // SQLite files are opened in WAL mode; the WAL and shared-memory files stay while the connection is open.
+    let journal = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            DbBackend::Sqlite,
+            "PRAGMA journal_mode",
+        ))
         .await
-        .expect("WAL mode");
-    insert_note(&db, "another secret").await;
+        .expect("reading the journal mode")
+        .expect("a row")
+        .try_get_by_index::<String>(0)
+        .expect("the mode");
+    assert_eq!(journal, "wal");
+    insert_note(&db, "a secret").await;
     for suffix in ["-wal", "-shm"] {
         assert_eq!(mode(&companion(suffix)), 0o600, "the {suffix} file");
     }
