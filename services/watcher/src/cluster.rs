@@ -14,7 +14,7 @@ use cube_proto::cube::watcher::v1::ObjectKind;
 use cube_runtime::WorkloadStatus;
 use cube_runtime::kubernetes::pod_status;
 use cube_runtime::labels;
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, WatchEvent, WatchParams};
@@ -194,18 +194,26 @@ impl ClusterWatch {
             params = params.labels(labels);
         }
         let mut changes = match follow.api.watch(&params, &version).await {
-            Ok(changes) => changes.boxed(),
+            Ok(changes) => changes.boxed().fuse(),
             Err(kube::Error::Api(status)) if status.code == 410 => return Ok(Followed::Gone),
             Err(error) => return Ok(Followed::Failed(version, error.to_string())),
         };
         let mut saved = Instant::now();
         while let Some(first) = changes.next().await {
-            // What else has arrived is recorded with it, in one transaction.
+            // What else arrives within `LINGER` is recorded with it, in one transaction (a group commit): under a
+            // stream of changes that is one commit, one relay pass and one wake of the streams per batch.
             let mut arrived = vec![first];
-            while arrived.len() < BATCH
-                && let Some(Some(more)) = changes.next().now_or_never()
-            {
-                arrived.push(more);
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
+            while arrived.len() < BATCH {
+                tokio::select! {
+                    biased;
+                    more = changes.next() => match more {
+                        Some(more) => arrived.push(more),
+                        None => break,
+                    },
+                    () = &mut linger => break,
+                }
             }
             let mut batch = Vec::with_capacity(arrived.len());
             let mut ended = None;
@@ -327,6 +335,10 @@ enum Stop {
 const RETRY: Duration = Duration::from_secs(1);
 /// The most changes recorded in one transaction.
 const BATCH: usize = 256;
+
+/// How long the first change of a batch waits for others to arrive.
+const LINGER: Duration = Duration::from_millis(10);
+
 /// How many objects a list reads at a time.
 const LIST_PAGE: u32 = 500;
 /// How long the API server keeps a watch open before the watcher opens the next one.

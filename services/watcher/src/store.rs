@@ -349,8 +349,8 @@ pub struct Change {
     pub status: Option<WorkloadStatus>,
 }
 
-/// How many uids one state query reads.
-const READ_CHUNK: usize = 500;
+/// How many objects one statement reads, writes or deletes.
+const CHUNK: usize = 500;
 
 /// Stores what the objects of `kind` in `changes` now are, in order, and, for each that differs from the last
 /// state published (or from an earlier change in `changes`), records the event and enqueues its transition; all
@@ -367,7 +367,7 @@ pub async fn record(
     // uid → (whether a row is stored, the state now).
     let mut states: HashMap<String, (bool, Option<WorkloadStatus>)> = HashMap::new();
     let uids: Vec<&str> = changes.iter().map(|change| change.uid.as_str()).collect();
-    for chunk in uids.chunks(READ_CHUNK) {
+    for chunk in uids.chunks(CHUNK) {
         let rows = object_state::Entity::find()
             .filter(object_state::Column::Uid.is_in(chunk.iter().copied()))
             .all(&txn)
@@ -398,37 +398,38 @@ pub async fn record(
     if transitions.is_empty() {
         return Ok(Vec::new());
     }
+    // The objects' states now: written with one statement per chunk, deleted ones removed with one.
+    let mut written = Vec::new();
+    let mut removed = Vec::new();
     for uid in changed {
-        let Some((stored, now)) = states.get(uid) else {
-            continue;
-        };
-        match (stored, now) {
-            (true, Some(now)) => {
-                object_state::Entity::update_many()
-                    .col_expr(object_state::Column::Status, Expr::value(serde_json::to_string(now)?))
-                    .filter(object_state::Column::Uid.eq(uid))
-                    .exec(&txn)
-                    .await?;
-            }
-            (false, Some(now)) => {
-                object_state::Entity::insert(object_state::ActiveModel {
-                    uid: Set(uid.to_owned()),
-                    cluster: Set(now.key.cluster.clone()),
-                    kind: Set(kind_text(kind).to_owned()),
-                    status: Set(serde_json::to_string(now)?),
-                })
-                .exec_without_returning(&txn)
-                .await?;
-            }
-            (true, None) => {
-                object_state::Entity::delete_by_id(uid.to_owned()).exec(&txn).await?;
-            }
-            (false, None) => {}
+        match states.get(uid) {
+            Some((_, Some(now))) => written.push(object_state::ActiveModel {
+                uid: Set(uid.to_owned()),
+                cluster: Set(now.key.cluster.clone()),
+                kind: Set(kind_text(kind).to_owned()),
+                status: Set(serde_json::to_string(now)?),
+            }),
+            Some((true, None)) => removed.push(uid.to_owned()),
+            Some((false, None)) | None => {}
         }
     }
-    for event in &transitions {
-        outbox::enqueue(&txn, TOPIC, event).await?;
+    for chunk in written.chunks(CHUNK) {
+        object_state::Entity::insert_many(chunk.iter().cloned())
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::column(object_state::Column::Uid)
+                    .update_column(object_state::Column::Status)
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
     }
+    for chunk in removed.chunks(CHUNK) {
+        object_state::Entity::delete_many()
+            .filter(object_state::Column::Uid.is_in(chunk.iter().cloned()))
+            .exec(&txn)
+            .await?;
+    }
+    outbox::enqueue_all(&txn, TOPIC, &transitions).await?;
     if let Some(position) = position {
         save_position(&txn, position).await?;
     }

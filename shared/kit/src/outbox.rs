@@ -93,6 +93,38 @@ pub async fn enqueue_encoded(db: &impl ConnectionTrait, topic: &str, payload: Ve
     Ok(event_id)
 }
 
+/// Writes `events`, encoded and in order, into the outbox on `db` (the caller's transaction) with one statement
+/// per 500 events, like [`enqueue`] for each; returns their ids in the same order.
+///
+/// # Errors
+/// Returns [`OutboxError::Database`] when the rows cannot be written; the caller's transaction should then roll
+/// back.
+pub async fn enqueue_all<M: prost::Message>(
+    db: &impl ConnectionTrait,
+    topic: &str,
+    events: &[M],
+) -> Result<Vec<Uuid>, OutboxError> {
+    const ROWS_PER_STATEMENT: usize = 500;
+    let created_ms = now_ms();
+    let mut ids = Vec::with_capacity(events.len());
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let first = ids.len();
+        ids.extend(chunk.iter().map(|_| Uuid::now_v7()));
+        let rows = chunk
+            .iter()
+            .zip(&ids[first..])
+            .map(|(event, event_id)| row::ActiveModel {
+                event_id: Set(event_id.hyphenated().to_string()),
+                topic: Set(topic.to_owned()),
+                payload: Set(event.encode_to_vec()),
+                created_ms: Set(created_ms),
+                ..Default::default()
+            });
+        row::Entity::insert_many(rows).exec_without_returning(db).await?;
+    }
+    Ok(ids)
+}
+
 /// Publishes up to `limit` committed events from the outbox on `db`, oldest first, each keyed by its id, then
 /// deletes the rows of those the bus stored (in one statement); returns how many were published.
 ///
