@@ -9,7 +9,7 @@
 //! 3. the resident memory of a `cube-watcher` process watching N pods created in an API server of the bench's
 //!    own (peak and after the list).
 //!
-//! Run: `cargo run --release -p cube-integration-tests --bin watcher-bench -- [--transitions 20000]
+//! Run: `cargo run --release -p cube-integration-tests --bin watcher-bench -- [--transitions 20000] [--runs 5]
 //! [--rate 1000] [--seconds 10] [--pods 100000]` with the test environment up (`scripts/test-env.sh up`).
 
 use std::collections::HashMap;
@@ -43,6 +43,9 @@ struct Args {
     /// Synthetic pod updates recorded in the throughput run (0 skips it).
     #[arg(long, default_value_t = 20_000)]
     transitions: usize,
+    /// How many times the throughput run is made per backend (the median is the figure).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
     /// Changes per second made on the API server in the latency run (0 skips it).
     #[arg(long, default_value_t = 1000)]
     rate: u64,
@@ -67,8 +70,21 @@ fn main() -> anyhow::Result<()> {
         args.transitions
     );
     for (name, url) in backends {
-        let rate = one_core.block_on(throughput(args.transitions, url.as_deref()))?;
-        println!("  transitions published per second ({name}): {rate:.0}");
+        if args.transitions == 0 {
+            break;
+        }
+        let mut rates = Vec::with_capacity(args.runs);
+        for _ in 0..args.runs.max(1) {
+            rates.push(one_core.block_on(throughput(args.transitions, url.as_deref()))?);
+        }
+        rates.sort_by(f64::total_cmp);
+        let each: Vec<String> = rates.iter().map(|rate| format!("{rate:.0}")).collect();
+        println!(
+            "  transitions published per second ({name}): median {:.0} of {} runs ({})",
+            rates.get(rates.len() / 2).copied().unwrap_or_default(),
+            rates.len(),
+            each.join(", ")
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.rate > 0 {

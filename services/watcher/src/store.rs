@@ -7,7 +7,7 @@
 //! the transaction ends, so events commit in the order of their ids, and a reader that has seen every event up to
 //! an id can never later find a smaller one. That is what lets a stream resume from an id with no gap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use cube_kit::time::now_ms;
@@ -379,7 +379,9 @@ pub async fn record(
     }
     let time = SystemTime::now();
     let mut transitions = Vec::new();
+    // The objects with a transition, in order, and the same as a set.
     let mut changed: Vec<&str> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
     for change in changes {
         let (_, before) = states.entry(change.uid.clone()).or_insert((false, None));
         let event = match (&change.status, &*before) {
@@ -390,7 +392,7 @@ pub async fn record(
         if let Some(event) = event {
             transitions.push(event);
             before.clone_from(&change.status);
-            if !changed.contains(&change.uid.as_str()) {
+            if seen.insert(&change.uid) {
                 changed.push(&change.uid);
             }
         }
