@@ -5,7 +5,7 @@
 //!    recorded as an event, enqueued and relayed through the outbox, on SQLite and (when the test environment
 //!    has one) PostgreSQL;
 //! 2. end-to-end latency (p50, p99, max) from a change made on a kube-apiserver of the bench's own to a
-//!    `WatchEvents` client, at a paced rate of changes per second;
+//!    grpc-web `WatchEvents` client through the gateway, at a paced rate of changes per second;
 //! 3. the resident memory of a `cube-watcher` process watching N pods created in an API server of the bench's
 //!    own (peak and after the list).
 //!
@@ -20,11 +20,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use cube_bus::{BusOptions, EventBus, MemoryBus};
-use cube_integration_tests::platform::{Platform, TestNamespace, authed, kube_client, platform};
+use cube_gateway::Gateway;
+use cube_integration_tests::grpc_web::{GrpcWebClient, GrpcWebStream, Http, frame};
+use cube_integration_tests::platform::{Platform, TestNamespace, kube_client, platform};
 use cube_integration_tests::shape::Shape;
+use cube_integration_tests::{start_gateway_with, test_server_args};
+use cube_kit::Channel;
 use cube_kit::lease::Lease;
-use cube_proto::cube::watcher::v1::event_service_client::EventServiceClient;
-use cube_proto::cube::watcher::v1::{ObjectKind, WatchEventsRequest};
+use cube_proto::cube::watcher::v1::{Event, ObjectKind, WatchEventsRequest};
 use cube_runtime::kubernetes::pod_status;
 use cube_runtime::labels;
 use cube_runtime::transition::TOPIC;
@@ -34,6 +37,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use prost::Message as _;
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -202,26 +206,36 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
     let kube = kube_client(&kubeconfig).await;
     let namespace = TestNamespace::unique(&kube, "watcher-bench").await;
     let pods: Api<Pod> = Api::namespaced(kube.clone(), &namespace.name);
-    let mut stream = EventServiceClient::new(cube_integration_tests::connect(&platform.watcher).await)
-        .watch_events(authed(
-            WatchEventsRequest {
-                filter: format!("namespace = {}", namespace.name),
-                ..WatchEventsRequest::default()
-            },
-            &platform.admin,
-        ))
-        .await?
-        .into_inner();
+    // The client is a web console's: grpc-web through the gateway.
+    let gateway = start_gateway_with(
+        Gateway::new(4 << 20).route("cube.watcher.v1", Channel::remote(&platform.watcher.url())?),
+        test_server_args(),
+    )
+    .await;
+    let mut web = GrpcWebClient::connect(gateway.address, Http::One)
+        .await
+        .map_err(|error| anyhow::anyhow!("connecting to the gateway: {error}"))?;
+    let request = WatchEventsRequest {
+        filter: format!("namespace = {}", namespace.name),
+        ..WatchEventsRequest::default()
+    };
+    let mut stream = web
+        .open(
+            "/cube.watcher.v1.EventService/WatchEvents",
+            frame(&request),
+            &[("authorization", &format!("Bearer {}", platform.admin))],
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("watching through the gateway: {error}"))?;
     for index in 0..PODS {
         create_pod(&pods, &format!("pod-{index}")).await?;
     }
     // Wait for the pods' creations: the watch is live.
     let mut created = 0;
     while created < PODS {
-        tokio::time::timeout(Duration::from_secs(60), stream.next())
+        tokio::time::timeout(Duration::from_secs(60), next_event(&mut stream))
             .await
-            .context("the pods' creations were not reported")?
-            .context("the stream ended")??;
+            .context("the pods' creations were not reported")??;
         created += 1;
     }
     let total = usize::try_from(rate * seconds)?;
@@ -277,7 +291,7 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
     let mut from_answers = Vec::with_capacity(total);
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
     while latencies.len() < total && Instant::now() < deadline {
-        let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await else {
+        let Ok(event) = tokio::time::timeout(Duration::from_secs(10), next_event(&mut stream)).await else {
             break;
         };
         let received = Instant::now();
@@ -333,6 +347,16 @@ async fn latency(rate: u64, seconds: u64) -> anyhow::Result<()> {
     }
     changing.abort();
     Ok(())
+}
+
+/// The next event of a grpc-web `WatchEvents` stream.
+async fn next_event(stream: &mut GrpcWebStream) -> anyhow::Result<Event> {
+    let message = stream
+        .message()
+        .await
+        .map_err(|error| anyhow::anyhow!("reading the stream: {error}"))?
+        .with_context(|| format!("the stream ended: {:?}", stream.status()))?;
+    Ok(Event::decode(message)?)
 }
 
 /// Each change made, by pod name and restart count: when its patch was sent and when the API server answered it.
