@@ -229,12 +229,13 @@ impl ClusterWatch {
                         ended = Some(Followed::Gone);
                         break;
                     }
+                    // `version` is the place after the changes read before it, which are recorded below.
                     Ok(WatchEvent::Error(status)) => {
-                        ended = Some(Followed::Failed(String::new(), status.message));
+                        ended = Some(Followed::Failed(version.clone(), status.message));
                         break;
                     }
                     Err(error) => {
-                        ended = Some(Followed::Failed(String::new(), error.to_string()));
+                        ended = Some(Followed::Failed(version.clone(), error.to_string()));
                         break;
                     }
                 };
@@ -258,10 +259,8 @@ impl ClusterWatch {
                 store::save_position(&self.db, &position).await?;
                 saved = Instant::now();
             }
-            match ended {
-                Some(Followed::Failed(_, error)) => return Ok(Followed::Failed(version, error)),
-                Some(ended) => return Ok(ended),
-                None => {}
+            if let Some(ended) = ended {
+                return Ok(ended);
             }
         }
         Ok(Followed::Until(version))

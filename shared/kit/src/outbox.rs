@@ -80,16 +80,8 @@ pub async fn enqueue(db: &impl ConnectionTrait, topic: &str, event: &impl prost:
 /// # Errors
 /// Returns [`OutboxError::Database`] when the row cannot be written.
 pub async fn enqueue_encoded(db: &impl ConnectionTrait, topic: &str, payload: Vec<u8>) -> Result<Uuid, OutboxError> {
-    let event_id = Uuid::now_v7();
-    row::Entity::insert(row::ActiveModel {
-        event_id: Set(event_id.hyphenated().to_string()),
-        topic: Set(topic.to_owned()),
-        payload: Set(payload),
-        created_ms: Set(now_ms()),
-        ..Default::default()
-    })
-    .exec(db)
-    .await?;
+    let (event_id, row) = new_row(topic, payload, now_ms());
+    row::Entity::insert(row).exec_without_returning(db).await?;
     Ok(event_id)
 }
 
@@ -108,21 +100,27 @@ pub async fn enqueue_all<M: prost::Message>(
     let created_ms = now_ms();
     let mut ids = Vec::with_capacity(events.len());
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
-        let first = ids.len();
-        ids.extend(chunk.iter().map(|_| Uuid::now_v7()));
-        let rows = chunk
+        let (chunk_ids, rows): (Vec<Uuid>, Vec<row::ActiveModel>) = chunk
             .iter()
-            .zip(&ids[first..])
-            .map(|(event, event_id)| row::ActiveModel {
-                event_id: Set(event_id.hyphenated().to_string()),
-                topic: Set(topic.to_owned()),
-                payload: Set(event.encode_to_vec()),
-                created_ms: Set(created_ms),
-                ..Default::default()
-            });
+            .map(|event| new_row(topic, event.encode_to_vec(), created_ms))
+            .unzip();
         row::Entity::insert_many(rows).exec_without_returning(db).await?;
+        ids.extend(chunk_ids);
     }
     Ok(ids)
+}
+
+/// A new outbox row for `payload` on `topic`, under a new event id.
+fn new_row(topic: &str, payload: Vec<u8>, created_ms: i64) -> (Uuid, row::ActiveModel) {
+    let event_id = Uuid::now_v7();
+    let row = row::ActiveModel {
+        event_id: Set(event_id.hyphenated().to_string()),
+        topic: Set(topic.to_owned()),
+        payload: Set(payload),
+        created_ms: Set(created_ms),
+        ..Default::default()
+    };
+    (event_id, row)
 }
 
 /// Publishes up to `limit` committed events from the outbox on `db`, oldest first, each keyed by its id, then

@@ -1,7 +1,8 @@
 //! Acceptance tests of the transactional outbox on SQLite, PostgreSQL and MariaDB, relayed to the in-process bus
 //! and to Redis Streams: an event committed by a process killed before it relayed is published once after a
 //! restart, and one published by a relay that crashed before deleting its row is published again under the same
-//! id, which a consumer deduplicating by id handles once.
+//! id, which a consumer deduplicating by id handles once; events enqueued together are published in order under
+//! the ids they were given.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -346,6 +347,43 @@ async fn crashed_after_publish(backend: Backend, kind: BusKind) {
     .await;
 }
 
+/// Events enqueued together (more than one statement's worth) are published once each, in the order given, under
+/// the ids `enqueue_all` returned; a rolled-back `enqueue_all` leaves nothing.
+async fn enqueued_together(backend: Backend, kind: BusKind) {
+    with_setup(backend, kind, |_url, db, bus| async move {
+        let events: Vec<prost_types::Timestamp> = (1..=1200).map(event).collect();
+        let txn = db.begin().await.expect("begin");
+        outbox::enqueue_all(&txn, &bus.topic, &events[..10])
+            .await
+            .expect("enqueue_all");
+        txn.rollback().await.expect("rollback");
+        assert_eq!(pending(&db).await, 0, "a rolled-back enqueue_all leaves nothing");
+
+        let txn = db.begin().await.expect("begin");
+        let ids = outbox::enqueue_all(&txn, &bus.topic, &events)
+            .await
+            .expect("enqueue_all");
+        txn.commit().await.expect("commit");
+        assert_eq!(ids.len(), events.len(), "an id per event");
+        let mut subscription = bus.subscribe().await;
+        let wake = Arc::new(Notify::new());
+        let _relay = relay(&db, bus.bus.clone(), wake.clone());
+        wake.notify_one();
+        for (id, sent) in ids.iter().zip(&events) {
+            let delivery = next(&mut subscription).await;
+            assert_eq!(
+                delivery.key.as_deref(),
+                Some(id.to_string().as_str()),
+                "published in order, under its id"
+            );
+            let received = prost_types::Timestamp::decode(delivery.payload.clone()).expect("an event");
+            assert_eq!(&received, sent);
+        }
+        assert_drained(&db).await;
+    })
+    .await;
+}
+
 macro_rules! on_every_backend_and_bus {
     ($($backend:ident => $variant:expr),* $(,)?) => {
         $(mod $backend {
@@ -369,6 +407,11 @@ macro_rules! on_every_backend_and_bus {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn crashed_after_publish_redis_bus() {
                 crashed_after_publish($variant, BusKind::Redis).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn enqueued_together_memory_bus() {
+                enqueued_together($variant, BusKind::Memory).await;
             }
         })*
     };
