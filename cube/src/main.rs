@@ -18,7 +18,7 @@ use cube_kit::{Channel, Server};
 
 /// The services that serve health only so far, as `cube up` wires them behind the gateway (auth, projects, the
 /// scheduler and the watcher are started with their state and peers).
-const SERVICES: [fn() -> Server; 3] = [cube_workflow::server, cube_notebook::server, cube_serving::server];
+const SERVICES: [fn() -> Server; 2] = [cube_notebook::server, cube_serving::server];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -116,6 +116,15 @@ struct WatcherCommand {
     watcher: cube_watcher::WatcherArgs,
 }
 
+/// `cube serve workflow`'s flags.
+#[derive(Debug, clap::Args)]
+struct WorkflowCommand {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    workflow: cube_workflow::WorkflowArgs,
+}
+
 /// `cube serve auth`'s flags.
 #[derive(Debug, clap::Args)]
 struct AuthCommand {
@@ -134,7 +143,7 @@ enum ServeCommand {
     /// Clusters, node inventory, placement and quota admission.
     Scheduler(Box<SchedulerCommand>),
     /// Job templates, pipelines, runs and schedules.
-    Workflow(ServeArgs),
+    Workflow(Box<WorkflowCommand>),
     /// Notebook lifecycle.
     Notebook(ServeArgs),
     /// Inference services.
@@ -161,7 +170,10 @@ fn main() -> ExitCode {
             let SchedulerCommand { serve, scheduler } = *command;
             cube_kit::cli::block_on(serve.server.worker_threads, cube_scheduler::serve(serve, scheduler))
         }
-        Command::Serve(ServeCommand::Workflow(args)) => serve(cube_workflow::server, args),
+        Command::Serve(ServeCommand::Workflow(command)) => {
+            let WorkflowCommand { serve, workflow } = *command;
+            cube_kit::cli::block_on(serve.server.worker_threads, cube_workflow::serve(serve, workflow))
+        }
         Command::Serve(ServeCommand::Notebook(args)) => serve(cube_notebook::server, args),
         Command::Serve(ServeCommand::Serving(args)) => serve(cube_serving::server, args),
         Command::Serve(ServeCommand::Watcher(command)) => {
@@ -214,6 +226,8 @@ enum UpError {
     Scheduler(#[from] cube_bus::BusError),
     #[error("watcher: {0}")]
     Watcher(String),
+    #[error("workflow: {0}")]
+    Workflow(#[from] cube_workflow::StartError),
 }
 
 async fn up(args: UpArgs) -> Result<(), UpError> {
@@ -280,6 +294,9 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
             .map_err(|error| RunError::Serve(error.into()))?,
     );
     gateway = gateway.route("cube.scheduler.v1", scheduler_channel.clone());
+    // Projects asks the workflow service for live runs before deleting a project, and the workflow service asks
+    // projects for memberships: the channel to the workflow service is bound once it is built.
+    let (workflow_for_projects, workflow_late) = Channel::late();
     let projects = cube_projects::Projects::start(
         &cube_kit::config::DatabaseArgs {
             database_url: format!("sqlite://{}", args.data_dir.join("projects.db").display()),
@@ -287,8 +304,8 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
         },
         cube_projects::Peers {
             auth: auth_channel.clone(),
-            scheduler: scheduler_channel,
-            workloads: Vec::new(),
+            scheduler: scheduler_channel.clone(),
+            workloads: vec![("workflow".to_owned(), workflow_for_projects)],
         },
         bus.clone(),
         Duration::from_secs(2),
@@ -339,9 +356,36 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
         }),
     )
     .await?;
-    // The runtime the workload services will run local work on; its processes outlive a restart of `cube up`.
-    background.push(Box::new(local));
     background.push(Box::new(watcher.background));
+    // The runtime the workload services run local work on; its processes outlive a restart of `cube up`.
+    let local = Arc::new(local);
+    let workflow = cube_workflow::Workflow::start(
+        cube_runtime::Runtimes::new(cube_clusters::ClusterRegistry::embedded(), local.clone()),
+        cube_kit::db::connect::<cube_workflow::model::Migrator>(
+            &format!("sqlite://{}", args.data_dir.join("workflow.db").display()),
+            true,
+        )
+        .await
+        .map_err(|error| RunError::Serve(error.into()))?,
+        bus.clone(),
+        cube_workflow::Peers {
+            auth: auth_channel.clone(),
+            projects: projects_channel.clone(),
+            scheduler: scheduler_channel,
+        },
+        cube_workflow::Options::new(cube_watcher::holder_name().map_err(UpError::Watcher)?),
+    )
+    .await?;
+    background.push(Box::new(local));
+    background.push(Box::new(workflow.background));
+    let workflow_channel = Channel::in_process(
+        workflow
+            .server
+            .into_routes()
+            .map_err(|error| RunError::Serve(error.into()))?,
+    );
+    workflow_late.bind(workflow_channel.clone());
+    gateway = gateway.route("cube.workflow.v1", workflow_channel);
     gateway = gateway.route(
         "cube.watcher.v1",
         Channel::in_process(

@@ -569,3 +569,162 @@ async fn cube_up_keeps_its_data_dir_private_and_says_when_ldap_is_on() {
         );
     }
 }
+
+/// `message` with `token` as its bearer.
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("metadata"));
+    request
+}
+
+/// Every state a grpc-web `WatchRun` of `run` through `gateway` sees, until the run finishes.
+async fn watch_run_over_grpc_web(
+    gateway: std::net::SocketAddr,
+    token: &str,
+    run: &str,
+) -> Vec<cube_proto::cube::workflow::v1::Run> {
+    use cube_integration_tests::grpc_web::{GrpcWebClient, Http, frame};
+    use prost::Message as _;
+    let mut web = GrpcWebClient::connect(gateway, Http::One).await.expect("connecting");
+    let bearer = format!("Bearer {token}");
+    let mut stream = web
+        .open(
+            "/cube.workflow.v1.RunService/WatchRun",
+            frame(&cube_proto::cube::workflow::v1::WatchRunRequest { name: run.to_owned() }),
+            &[("authorization", &bearer)],
+        )
+        .await
+        .expect("watching");
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(message) = stream.message().await.expect("reading the watch") {
+            seen.push(cube_proto::cube::workflow::v1::Run::decode(message).expect("a run"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the run did not finish: {:#?}", seen.last()));
+    assert_eq!(stream.status().code(), tonic::Code::Ok, "{:?}", stream.status());
+    seen
+}
+
+#[tokio::test]
+async fn cube_up_runs_a_pipeline_of_local_processes_through_the_gateway() {
+    use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
+    use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
+    use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
+    use cube_proto::cube::workflow::v1::{
+        CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, GetTaskLogsRequest, JobTemplate, Pipeline,
+        RunState, Task, TemplateVersion,
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let up = start_up(&root.path().join("state"), &[]).await;
+    let gateway = connect(&up.gateway).await;
+    let token = AuthServiceClient::new(gateway.clone())
+        .login(LoginRequest {
+            username: "admin".into(),
+            password: "a long enough password".into(),
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .access_token;
+    JobTemplateServiceClient::new(gateway.clone())
+        .create_job_template(bearer(
+            CreateJobTemplateRequest {
+                job_template_id: "shell".into(),
+                job_template: Some(JobTemplate {
+                    image: "debian:12".into(),
+                    version: TemplateVersion::Release as i32,
+                    ..JobTemplate::default()
+                }),
+            },
+            &token,
+        ))
+        .await
+        .expect("creating a template");
+    let task = |name: &str, command: &str, upstream: &[&str]| Task {
+        name: name.into(),
+        template: "jobTemplates/shell".into(),
+        command: command.into(),
+        upstream: upstream.iter().map(|name| (*name).to_owned()).collect(),
+        ..Task::default()
+    };
+    let pipeline = PipelineServiceClient::new(gateway.clone())
+        .create_pipeline(bearer(
+            CreatePipelineRequest {
+                parent: "projects/public".into(),
+                pipeline_id: "hello".into(),
+                pipeline: Some(Pipeline {
+                    tasks: vec![
+                        task("prepare", "echo \"preparing $KFJ_RUN_ID\"\nsleep 1", &[]),
+                        task("train", "echo \"training in $KFJ_TASK_NAME\"\nsleep 1", &["prepare"]),
+                    ],
+                    ..Pipeline::default()
+                }),
+            },
+            &token,
+        ))
+        .await
+        .expect("creating a pipeline")
+        .into_inner();
+    let run = RunServiceClient::new(gateway.clone())
+        .create_run(bearer(
+            CreateRunRequest {
+                parent: pipeline.name.clone(),
+                request_id: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .expect("running the pipeline")
+        .into_inner();
+    let address = up
+        .gateway
+        .trim_start_matches("http://")
+        .parse()
+        .expect("the gateway's address");
+    let seen = watch_run_over_grpc_web(address, &token, &run.name).await;
+    let finished = seen.last().expect("the watch saw the run");
+    assert_eq!(finished.state(), RunState::Succeeded, "{finished:#?}");
+    // Each task was seen running, then done, the second only after the first.
+    let order: Vec<(String, RunState)> = seen
+        .iter()
+        .flat_map(|run| run.tasks.iter().map(|task| (task.name.clone(), task.state())))
+        .fold(Vec::new(), |mut order, change| {
+            if !order.contains(&change) && change.1 != RunState::Pending {
+                order.push(change);
+            }
+            order
+        });
+    assert_eq!(
+        order,
+        [
+            ("prepare".to_owned(), RunState::Running),
+            ("prepare".to_owned(), RunState::Succeeded),
+            ("train".to_owned(), RunState::Running),
+            ("train".to_owned(), RunState::Succeeded),
+        ]
+    );
+    let mut logs = RunServiceClient::new(gateway)
+        .get_task_logs(bearer(
+            GetTaskLogsRequest {
+                run: run.name.clone(),
+                task: "train".into(),
+                attempt: 0,
+                follow: true,
+            },
+            &token,
+        ))
+        .await
+        .expect("reading the log")
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = logs.message().await.expect("a log chunk") {
+        text.extend(chunk.data);
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "training in train\n");
+    let stderr = up.stop().await;
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+}

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod grpc_web;
 pub mod platform;
 pub mod shape;
+pub mod workflow;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -293,4 +294,21 @@ pub async fn connect(running: &Running) -> tonic::transport::Channel {
         .connect()
         .await
         .unwrap_or_else(|error| panic!("connecting to {}: {error}", running.address))
+}
+
+/// The fields an INVALID_ARGUMENT status names in its `BadRequest`, in order; panics on any other code.
+pub fn bad_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|request| {
+            request
+                .field_violations
+                .iter()
+                .map(|violation| violation.field.clone())
+                .collect()
+        })
+        .unwrap_or_default()
 }

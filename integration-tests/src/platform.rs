@@ -70,7 +70,24 @@ pub struct Platform {
         cube_watcher::Background,
     ),
     // Last: the databases and the bus outlive the services using them.
-    _backing: Backing,
+    backing: Backing,
+}
+
+impl Platform {
+    /// A fresh database of the platform's backend for one more service, `service`.
+    pub async fn database(&mut self, service: &str) -> String {
+        self.backing.database(service).await
+    }
+
+    /// The flags that put a service process on the platform's bus (none for the in-process bus).
+    pub fn bus_flags(&self) -> Vec<String> {
+        self.backing.bus_flags()
+    }
+
+    /// A directory that lives as long as the platform.
+    pub fn dir(&self) -> &std::path::Path {
+        self.backing.dir()
+    }
 }
 
 /// The platform of `shape` over the cluster `kubeconfig` reaches (registered as `kube`), with [`test_options`].
@@ -93,6 +110,23 @@ pub fn test_options() -> Options {
 /// The platform of `shape` with the scheduler started with `options`: each service on a fresh database of the
 /// shape's backend, events on the shape's bus.
 pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> Platform {
+    let registry = ClusterRegistry::new(vec![ClusterConfig::new("kube", Some(kubeconfig.into()))]).expect("registry");
+    platform_of(shape, kubeconfig, options, registry).await
+}
+
+/// The platform of `shape` whose scheduler knows a second cluster, `local` (no Kubernetes API: work runs as
+/// processes of the service that runs it), besides `kube`, the default.
+pub async fn platform_with_local(shape: Shape, kubeconfig: &str) -> Platform {
+    let registry = ClusterRegistry::new(vec![
+        ClusterConfig::new("kube", Some(kubeconfig.into())),
+        ClusterConfig::new("local", None),
+    ])
+    .expect("registry");
+    platform_of(shape, kubeconfig, test_options(), registry).await
+}
+
+/// The platform of `shape`, its scheduler started with `options` on the clusters of `registry`.
+async fn platform_of(shape: Shape, kubeconfig: &str, options: Options, registry: ClusterRegistry) -> Platform {
     let mut backing = Backing::new(shape);
     let bus = backing.bus();
     let scheduler_db = backing.database("scheduler").await;
@@ -105,7 +139,6 @@ pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> 
     let auth_background = auth.background;
     let auth = start_server(auth.server).await;
     let auth_channel = Channel::remote(&auth.url()).expect("url");
-    let registry = ClusterRegistry::new(vec![ClusterConfig::new("kube", Some(kubeconfig.into()))]).expect("registry");
     let (projects_for_scheduler, projects_late) = Channel::late();
     let scheduler = Scheduler::start(
         registry,
@@ -209,7 +242,7 @@ pub async fn platform_with(shape: Shape, kubeconfig: &str, options: Options) -> 
         watcher,
         bus,
         _keep: (auth_background, scheduler_keep, projects_background, watcher_background),
-        _backing: backing,
+        backing,
     }
 }
 

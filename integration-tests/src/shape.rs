@@ -76,6 +76,20 @@ impl Backing {
         self.bus.clone()
     }
 
+    /// The flags that put a service process on this platform's bus: its Redis URL and namespace, or none for the
+    /// in-process bus (which no other process shares).
+    pub fn bus_flags(&self) -> Vec<String> {
+        match &self.redis {
+            Some((_, namespace)) => vec![
+                "--redis-url".to_owned(),
+                cube_testkit::require("CUBE_TEST_REDIS_URL"),
+                "--redis-namespace".to_owned(),
+                namespace.clone(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     /// A directory of the platform's own, removed with it.
     pub fn dir(&self) -> &Path {
         self.dir.path()

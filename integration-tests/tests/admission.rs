@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cube_integration_tests::connect;
 use cube_integration_tests::platform::{
     FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform_with, test_options,
 };
 use cube_integration_tests::shape::Shape;
+use cube_integration_tests::{bad_fields, connect};
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{
     CreateMemberRequest, DeleteMemberRequest, GetQuotaUsageRequest, Member, Project, Quota, Role, Settings,
@@ -729,22 +729,6 @@ fn answer(status: &tonic::Status) -> (Code, String, Option<Info>) {
         .error_info()
         .map(|info| (info.reason.clone(), info.domain.clone(), info.metadata.clone()));
     (status.code(), status.message().to_owned(), info)
-}
-
-/// The fields an INVALID_ARGUMENT status names in its `BadRequest`.
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|request| {
-            request
-                .field_violations
-                .iter()
-                .map(|violation| violation.field.clone())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The leak: omar, not a member of speech, calls Admit with the name of lena's workload there. He gets the

@@ -58,6 +58,14 @@ impl Domain for Watcher {
     const DOMAIN: &'static str = "watcher.cube.dev";
 }
 
+/// The domain of `cube.workflow.v1`.
+#[derive(Debug, Clone, Copy)]
+pub struct Workflow;
+
+impl Domain for Workflow {
+    const DOMAIN: &'static str = "workflow.cube.dev";
+}
+
 /// The domain of `cube.common.v1`, whose services several Cube services implement.
 #[derive(Debug, Clone, Copy)]
 pub struct Common;

@@ -51,6 +51,13 @@ pub mod cube {
         }
     }
     /// Messages and enums every Cube API shares.
+    pub mod workflow {
+        pub mod v1 {
+            tonic::include_proto!("cube.workflow.v1");
+
+            type ServiceCodec<T, U> = crate::codec::CubeCodec<T, U, crate::codec::Workflow>;
+        }
+    }
     pub mod common {
         /// Version 1 of `cube.common`.
         pub mod v1 {
@@ -59,6 +66,14 @@ pub mod cube {
             /// The codec of this package's clients and servers (the build's `codec_path`).
             type ServiceCodec<T, U> = crate::codec::CubeCodec<T, U, crate::codec::Common>;
         }
+    }
+}
+
+/// Google's messages that Cube's carry.
+pub mod google {
+    /// `google.rpc`: the error model.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
     }
 }
 

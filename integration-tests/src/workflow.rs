@@ -1,0 +1,70 @@
+//! The workflow service as the cross-service tests and benchmarks run it: in this process beside a [`Platform`],
+//! tasks running on the test cluster (registered as `kube`) or as local processes (cluster `local`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cube_clusters::{ClusterConfig, ClusterRegistry};
+use cube_kit::Channel;
+use cube_runtime::{LocalRuntime, Runtimes};
+use cube_workflow::{Options, Peers, Workflow};
+
+use crate::platform::Platform;
+use crate::{Running, start_server};
+
+/// The workflow service, serving.
+pub struct RunningWorkflow {
+    /// Its server.
+    pub server: Running,
+    /// Its engine and consumers.
+    _background: cube_workflow::Background,
+    /// The local runtime its `local` cluster runs on.
+    _local: Arc<LocalRuntime>,
+}
+
+/// How often the engine reconciles in tests: often, so that a lost event costs little time.
+pub const TEST_RECONCILE: Duration = Duration::from_millis(500);
+
+/// Starts the workflow service of `platform` on a fresh database of its shape, running tasks on the cluster
+/// `kubeconfig` reaches (as `kube`) and locally (as `local`).
+pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> RunningWorkflow {
+    let database = platform.database("workflow").await;
+    let local_dir = platform.dir().join("workloads");
+    cube_kit::db::private_directory(&local_dir)
+        .unwrap_or_else(|error| panic!("the local runtime's directory: {error}"));
+    let (local, _statuses) = LocalRuntime::open(&local_dir)
+        .await
+        .unwrap_or_else(|error| panic!("the local runtime: {error}"));
+    let local = Arc::new(local);
+    let registry = ClusterRegistry::new(vec![
+        ClusterConfig::new("kube", Some(kubeconfig.into())),
+        ClusterConfig::new("local", None),
+    ])
+    .unwrap_or_else(|error| panic!("registry: {error}"));
+    let db = cube_kit::db::connect::<cube_workflow::model::Migrator>(&database, true)
+        .await
+        .unwrap_or_else(|error| panic!("the workflow database: {error}"));
+    let remote = |running: &Running| Channel::remote(&running.url()).unwrap_or_else(|error| panic!("url: {error}"));
+    let workflow = Workflow::start(
+        Runtimes::new(registry, local.clone()),
+        db,
+        platform.bus.clone(),
+        Peers {
+            auth: remote(&platform.auth),
+            projects: remote(&platform.projects),
+            scheduler: remote(&platform.scheduler),
+        },
+        Options {
+            reconcile_interval: TEST_RECONCILE,
+            lease_duration: Duration::from_secs(5),
+            ..Options::new(format!("workflow-test-{}", uuid::Uuid::new_v4().simple()))
+        },
+    )
+    .await
+    .unwrap_or_else(|error| panic!("workflow: {error}"));
+    RunningWorkflow {
+        server: start_server(workflow.server).await,
+        _background: workflow.background,
+        _local: local,
+    }
+}

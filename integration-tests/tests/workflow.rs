@@ -1,0 +1,984 @@
+//! The workflow engine across services, on both shapes, against the real kube-apiserver and scheduler with the
+//! fake kubelet: DAG order, parallelism, retries with backoff, `RetryRun` (also after the pods are gone),
+//! `CancelRun`, a manual run replacing the previous one, the placement and `KFJ_*` environment on every pod,
+//! refused input that stores nothing, and who may call what.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use cube_integration_tests::platform::{
+    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform,
+};
+use cube_integration_tests::shape::Shape;
+use cube_integration_tests::workflow::{RunningWorkflow, start_workflow};
+use cube_integration_tests::{bad_fields, connect};
+use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
+use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
+use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
+use cube_proto::cube::common::v1::ListProjectWorkloadsRequest;
+use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorkloadServiceClient;
+use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
+use cube_proto::cube::projects::v1::{CreateMemberRequest, Member, Quota, Role, Settings, member};
+use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
+use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
+use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
+use cube_proto::cube::workflow::v1::{
+    ArgSpec, ArgType, CancelRunRequest, CopyPipelineRequest, CreateJobTemplateRequest, CreatePipelineRequest,
+    CreateRunRequest, DeleteJobTemplateRequest, DeletePipelineRequest, GetJobTemplateRequest, GetPipelineRequest,
+    GetRunRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest, ListPipelinesRequest, ListRunsRequest,
+    Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, Task, TemplateVersion, UpdateJobTemplateRequest,
+    UpdatePipelineRequest, WatchRunRequest,
+};
+use cube_testkit::kubernetes::{Kubelet, Script};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams};
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::Channel;
+
+cube_integration_tests::on_every_shape!(
+    a_diamond_runs_in_order_on_placed_pods_with_the_kfj_environment,
+    parallelism_holds_on_a_wide_fan_out,
+    failures_retry_with_backoff_and_retry_run_reruns_only_what_failed,
+    cancel_and_a_new_manual_run_end_runs_at_once,
+    bad_input_is_refused_field_by_field_and_nothing_is_stored,
+    every_rpc_answers_each_role_as_its_rights_say,
+);
+
+/// Longest wait for a run to finish.
+const TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a scripted container runs.
+const RUNS: Duration = Duration::from_millis(300);
+
+/// A platform with the workflow service, a project `vision` whose tasks run on the test's own fake node, and a
+/// released template `worker`.
+struct Flow {
+    platform: Platform,
+    _workflow: RunningWorkflow,
+    client: kube::Client,
+    namespace: TestNamespace,
+    node: FakeNode,
+    channel: Channel,
+}
+
+impl Flow {
+    async fn start(shape: Shape) -> Self {
+        let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+        let client = kube_client(&kubeconfig).await;
+        let group = cube_testkit::kubernetes::unique_name("wf");
+        let (node, namespace, mut platform) = tokio::join!(
+            FakeNode::create(&client, json!({"cpu": "true", "train": "true", "org": group}), &[]),
+            TestNamespace::unique(&client, "wf"),
+            platform(shape, &kubeconfig),
+        );
+        create_project(
+            &platform,
+            "vision",
+            Settings {
+                resource_group: group,
+                pipeline_namespace: namespace.name.clone(),
+                volume_mounts: String::new(),
+                ..Settings::default()
+            },
+            Quota::default(),
+        )
+        .await;
+        let workflow = start_workflow(&mut platform, &kubeconfig).await;
+        let channel = connect(&workflow.server).await;
+        let flow = Self {
+            platform,
+            _workflow: workflow,
+            client,
+            namespace,
+            node,
+            channel,
+        };
+        JobTemplateServiceClient::new(flow.channel.clone())
+            .create_job_template(authed(
+                CreateJobTemplateRequest {
+                    job_template_id: "worker".into(),
+                    job_template: Some(worker_template()),
+                },
+                &flow.platform.admin,
+            ))
+            .await
+            .expect("creating the worker template");
+        flow
+    }
+
+    fn kubelet(&self) -> Kubelet {
+        Kubelet::start(&self.client, [&self.node])
+    }
+
+    fn pipelines(&self) -> PipelineServiceClient<Channel> {
+        PipelineServiceClient::new(self.channel.clone())
+    }
+
+    fn runs(&self) -> RunServiceClient<Channel> {
+        RunServiceClient::new(self.channel.clone())
+    }
+
+    /// Creates pipeline `id` of `tasks` in `vision` as lena.
+    async fn pipeline(&self, id: &str, tasks: Vec<Task>, parallelism: i32) -> Pipeline {
+        self.pipelines()
+            .create_pipeline(authed(
+                CreatePipelineRequest {
+                    parent: "projects/vision".into(),
+                    pipeline_id: id.into(),
+                    pipeline: Some(Pipeline {
+                        tasks,
+                        parallelism,
+                        global_env: "STAGE=test".into(),
+                        ..Pipeline::default()
+                    }),
+                },
+                &self.platform.token,
+            ))
+            .await
+            .expect("creating a pipeline")
+            .into_inner()
+    }
+
+    /// Runs `pipeline` as lena, asking again while the scheduler's inventory has not seen the node yet.
+    async fn start_run(&self, pipeline: &str) -> Run {
+        cube_testkit::eventually("a run placed on the test node", Duration::from_secs(20), || async {
+            match self
+                .runs()
+                .create_run(authed(
+                    CreateRunRequest {
+                        parent: pipeline.into(),
+                        request_id: String::new(),
+                    },
+                    &self.platform.token,
+                ))
+                .await
+            {
+                Ok(run) => Some(run.into_inner()),
+                Err(status) if status.code() == Code::FailedPrecondition => None,
+                Err(status) => panic!("creating a run: {status:?}"),
+            }
+        })
+        .await
+    }
+
+    /// Every state of run `name` a watcher sees, until it finishes.
+    async fn watch_to_end(&self, name: &str) -> Vec<Run> {
+        let mut stream = self
+            .runs()
+            .watch_run(authed(WatchRunRequest { name: name.into() }, &self.platform.token))
+            .await
+            .expect("watching the run")
+            .into_inner();
+        let mut seen = Vec::new();
+        tokio::time::timeout(TIMEOUT, async {
+            while let Some(run) = stream.message().await.expect("the watch") {
+                seen.push(run);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the run did not finish; last seen: {:#?}", seen.last()));
+        seen
+    }
+
+    async fn get_run(&self, name: &str) -> Run {
+        self.runs()
+            .get_run(authed(GetRunRequest { name: name.into() }, &self.platform.token))
+            .await
+            .expect("getting the run")
+            .into_inner()
+    }
+
+    /// The pods of run `id` in the test namespace.
+    async fn pods(&self, id: &str) -> Vec<Pod> {
+        self.namespace
+            .pods()
+            .list(&ListParams::default().labels(&format!("cube.io/run={id}")))
+            .await
+            .expect("listing pods")
+            .items
+    }
+}
+
+fn worker_template() -> JobTemplate {
+    JobTemplate {
+        image: "cube.test/worker:1".into(),
+        entrypoint: "train --verbose".into(),
+        version: TemplateVersion::Release as i32,
+        env: HashMap::from([("TEMPLATE_ENV".to_owned(), "from-template".to_owned())]),
+        args: vec![
+            ArgSpec {
+                name: "--epochs".into(),
+                r#type: ArgType::Int as i32,
+                default_json: "1".into(),
+                minimum: Some(1.0),
+                editable: true,
+                ..ArgSpec::default()
+            },
+            ArgSpec {
+                name: "--fast".into(),
+                r#type: ArgType::Bool as i32,
+                editable: true,
+                ..ArgSpec::default()
+            },
+        ],
+        ..JobTemplate::default()
+    }
+}
+
+/// A task `name` of the worker template after `upstream`.
+fn task(name: &str, upstream: &[&str]) -> Task {
+    Task {
+        name: name.into(),
+        template: "jobTemplates/worker".into(),
+        cpu: "0.1".into(),
+        memory: "64M".into(),
+        upstream: upstream.iter().map(|name| (*name).to_owned()).collect(),
+        ..Task::default()
+    }
+}
+
+/// The id of run `name` (its last part).
+fn id_of(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// The state of each task of `run`, by name.
+fn states(run: &Run) -> BTreeMap<String, RunState> {
+    run.tasks.iter().map(|task| (task.name.clone(), task.state())).collect()
+}
+
+/// The run as a watcher last saw it.
+fn last(seen: &[Run]) -> &Run {
+    seen.last().expect("the watch saw the run")
+}
+
+async fn a_diamond_runs_in_order_on_placed_pods_with_the_kfj_environment(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    let _kubelet = flow
+        .kubelet()
+        .script("app.kubernetes.io/managed-by=cube", Script::run_for(RUNS).exit(0));
+    let mut first = task("a", &[]);
+    first.args = Some(prost_types::Struct {
+        fields: BTreeMap::from([
+            ("--epochs".to_owned(), prost_types::Value::from(3.0)),
+            ("--fast".to_owned(), prost_types::Value::from(true)),
+        ]),
+    });
+    let pipeline = flow
+        .pipeline(
+            "diamond",
+            vec![first, task("b", &["a"]), task("c", &["a"]), task("d", &["b", "c"])],
+            0,
+        )
+        .await;
+    let run = flow.start_run(&pipeline.name).await;
+    let seen = flow.watch_to_end(&run.name).await;
+    assert_eq!(last(&seen).state(), RunState::Succeeded, "{:#?}", last(&seen));
+    // No watcher ever saw a task start before what it comes after had succeeded.
+    for view in &seen {
+        let state = states(view);
+        let started = |name: &str| !matches!(state[name], RunState::Pending);
+        let done = |name: &str| state[name] == RunState::Succeeded;
+        assert!(!started("b") || done("a"), "b started before a ended: {state:?}");
+        assert!(!started("c") || done("a"), "c started before a ended: {state:?}");
+        assert!(
+            !started("d") || (done("b") && done("c")),
+            "d started too early: {state:?}"
+        );
+    }
+    let id = id_of(&run.name);
+    let pods = flow.pods(id).await;
+    assert_eq!(pods.len(), 4, "one pod per task");
+    for pod in &pods {
+        let spec = pod.spec.clone().expect("a spec");
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some(flow.node.name.as_str()),
+            "bound by the scheduler to the node"
+        );
+        let selector = spec.node_selector.clone().unwrap_or_default();
+        assert_eq!(selector.get("train").map(String::as_str), Some("true"), "{selector:?}");
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels["run-id"], id);
+        assert_eq!(labels["pipeline-id"], "diamond");
+        let task = labels["cube.io/task"].clone();
+        let main = &spec.containers[0];
+        let env: BTreeMap<String, String> = main
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|var| (var.name, var.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(env["KFJ_RUN_ID"], id);
+        assert_eq!(env["KFJ_PIPELINE_NAME"], "diamond");
+        assert_eq!(env["KFJ_TASK_NAME"], task);
+        assert_eq!(env["KFJ_RUNNER"], "lena");
+        assert_eq!(env["KFJ_NAMESPACE"], flow.namespace.name);
+        assert_eq!(env["KFJ_TASK_RESOURCE_CPU"], "0.1");
+        assert!(env["KFJ_TASK_NODE_SELECTOR"].contains("train=true"), "{env:?}");
+        assert_eq!(env["TEMPLATE_ENV"], "from-template");
+        assert_eq!(env["STAGE"], "test");
+        assert_eq!(
+            main.command.as_deref(),
+            Some(&["train".to_owned(), "--verbose".to_owned()][..])
+        );
+        let expected: &[&str] = if task == "a" {
+            &["--epochs", "3", "--fast"]
+        } else {
+            &["--epochs", "1"]
+        };
+        assert_eq!(
+            main.args.clone().unwrap_or_default(),
+            expected,
+            "task {task}'s arguments"
+        );
+    }
+    let done = flow.get_run(&run.name).await;
+    for task in &done.tasks {
+        assert_eq!(task.attempts.len(), 1, "task {} ran once", task.name);
+        let attempt = &task.attempts[0];
+        assert_eq!(attempt.exit_code, Some(0));
+        assert_eq!(attempt.node, flow.node.name);
+        assert_eq!(attempt.status.as_ref().map(|status| status.code), Some(0));
+    }
+}
+
+async fn parallelism_holds_on_a_wide_fan_out(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    let _kubelet = flow
+        .kubelet()
+        .script("app.kubernetes.io/managed-by=cube", Script::run_for(RUNS).exit(0));
+    let mut tasks = vec![task("root", &[])];
+    tasks.extend((0..10).map(|i| task(&format!("wide-{i}"), &["root"])));
+    let pipeline = flow.pipeline("fan", tasks, 2).await;
+    let run = flow.start_run(&pipeline.name).await;
+    let seen = flow.watch_to_end(&run.name).await;
+    assert_eq!(last(&seen).state(), RunState::Succeeded);
+    let most = seen
+        .iter()
+        .map(|view| {
+            view.tasks
+                .iter()
+                .filter(|task| task.state() == RunState::Running)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert_eq!(most, 2, "at most two tasks run at once, and two did");
+    assert_eq!(flow.pods(id_of(&run.name)).await.len(), 11);
+}
+
+async fn failures_retry_with_backoff_and_retry_run_reruns_only_what_failed(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    let failing = flow
+        .kubelet()
+        .script("cube.io/task=b", Script::run_for(Duration::from_millis(100)).exit(3))
+        .script("app.kubernetes.io/managed-by=cube", Script::run_for(RUNS).exit(0));
+    let mut flaky = task("b", &["a"]);
+    flaky.retry = Some(RetryPolicy {
+        limit: 2,
+        backoff: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..RetryPolicy::default()
+    });
+    let pipeline = flow
+        .pipeline("flaky", vec![task("a", &[]), flaky, task("c", &["b"])], 0)
+        .await;
+    let run = flow.start_run(&pipeline.name).await;
+    let seen = flow.watch_to_end(&run.name).await;
+    let failed = flow.get_run(&run.name).await;
+    assert_eq!(failed.state(), RunState::Failed, "{:#?}", last(&seen));
+    let state = states(&failed);
+    assert_eq!(
+        (state["a"], state["b"], state["c"]),
+        (RunState::Succeeded, RunState::Failed, RunState::Pending)
+    );
+    let b = &failed.tasks[1];
+    assert_eq!(b.attempts.len(), 3, "one attempt and two retries");
+    assert!(b.attempts.iter().all(|attempt| attempt.exit_code == Some(3)));
+    assert_eq!(b.reason, "attempt 3 failed: Error (exit code 3)");
+    // Each retry waited its backoff: 1 s, then 2 s (the times are the engine's, in milliseconds).
+    let ends = |n: usize| cube_kit::time::timestamp_ms(b.attempts[n].end_time.as_ref().expect("ended"));
+    let starts = |n: usize| cube_kit::time::timestamp_ms(b.attempts[n].start_time.as_ref().expect("started"));
+    assert!(
+        starts(1) - ends(0) >= 1000,
+        "the first retry came {} ms after",
+        starts(1) - ends(0)
+    );
+    assert!(
+        starts(2) - ends(1) >= 2000,
+        "the second retry came {} ms after",
+        starts(2) - ends(1)
+    );
+
+    // The pods are long gone and the kubelet now lets b succeed: a retry reruns b and c only.
+    drop(failing);
+    flow.namespace
+        .pods()
+        .delete_collection(
+            &DeleteParams::default().grace_period(0),
+            &ListParams::default().labels(&format!("cube.io/run={}", id_of(&run.name))),
+        )
+        .await
+        .expect("deleting the run's pods");
+    let _kubelet = flow
+        .kubelet()
+        .script("app.kubernetes.io/managed-by=cube", Script::run_for(RUNS).exit(0));
+    let retried = flow
+        .runs()
+        .retry_run(authed(
+            RetryRunRequest {
+                name: run.name.clone(),
+                from_task: String::new(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("retrying")
+        .into_inner();
+    assert!(
+        matches!(retried.state(), RunState::Pending | RunState::Running),
+        "{retried:?}"
+    );
+    let seen = flow.watch_to_end(&run.name).await;
+    assert_eq!(last(&seen).state(), RunState::Succeeded, "{:#?}", last(&seen));
+    let attempts = |run: &Run| -> Vec<usize> { run.tasks.iter().map(|task| task.attempts.len()).collect() };
+    assert_eq!(
+        attempts(last(&seen)),
+        [1, 4, 1],
+        "a kept its one attempt, b and c ran again"
+    );
+
+    // From a named task: it and what follows it run again, with every earlier attempt kept.
+    flow.runs()
+        .retry_run(authed(
+            RetryRunRequest {
+                name: run.name.clone(),
+                from_task: "b".into(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("retrying from b");
+    let seen = flow.watch_to_end(&run.name).await;
+    assert_eq!(last(&seen).state(), RunState::Succeeded);
+    assert_eq!(attempts(last(&seen)), [1, 5, 2]);
+}
+
+async fn cancel_and_a_new_manual_run_end_runs_at_once(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    // Pods that never end: only a cancel ends them.
+    let _kubelet = flow
+        .kubelet()
+        .script("app.kubernetes.io/managed-by=cube", Script::run());
+    let pipeline = flow.pipeline("endless", vec![task("forever", &[])], 0).await;
+    let running = |name: String| {
+        let flow = &flow;
+        async move {
+            cube_testkit::eventually("the task running", TIMEOUT, || async {
+                let run = flow.get_run(&name).await;
+                (run.tasks[0].attempts.first().map(|attempt| attempt.state()) == Some(RunState::Running)).then_some(())
+            })
+            .await;
+        }
+    };
+    let first = flow.start_run(&pipeline.name).await;
+    running(first.name.clone()).await;
+    let canceled = flow
+        .runs()
+        .cancel_run(authed(
+            CancelRunRequest {
+                name: first.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("canceling")
+        .into_inner();
+    assert_eq!(canceled.state(), RunState::Canceled, "{canceled:#?}");
+    assert_eq!(canceled.tasks[0].state(), RunState::Canceled);
+    assert!(
+        flow.pods(id_of(&first.name)).await.is_empty(),
+        "the pod is deleted at once"
+    );
+
+    // A second manual run replaces a first that is still going.
+    let second = flow.start_run(&pipeline.name).await;
+    running(second.name.clone()).await;
+    let third = flow.start_run(&pipeline.name).await;
+    let replaced = cube_testkit::eventually("the earlier run canceled", TIMEOUT, || async {
+        let run = flow.get_run(&second.name).await;
+        (run.state() == RunState::Canceled).then_some(run)
+    })
+    .await;
+    assert_eq!(
+        replaced.reason,
+        format!("replaced by the manual run {}", id_of(&third.name))
+    );
+    cube_testkit::eventually("its pod deleted", TIMEOUT, || async {
+        flow.pods(id_of(&second.name)).await.is_empty().then_some(())
+    })
+    .await;
+    running(third.name.clone()).await;
+    let listed = flow
+        .runs()
+        .list_runs(authed(
+            ListRunsRequest {
+                parent: pipeline.name.clone(),
+                filter: "state = CANCELED".into(),
+                ..ListRunsRequest::default()
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("listing runs")
+        .into_inner();
+    let names: Vec<&str> = listed.runs.iter().map(|run| run.name.as_str()).collect();
+    assert_eq!(names, [second.name.as_str(), first.name.as_str()], "newest first");
+}
+
+async fn bad_input_is_refused_field_by_field_and_nothing_is_stored(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    let create = |id: &str, tasks: Vec<Task>| {
+        let mut pipelines = flow.pipelines();
+        let request = authed(
+            CreatePipelineRequest {
+                parent: "projects/vision".into(),
+                pipeline_id: id.into(),
+                pipeline: Some(Pipeline {
+                    tasks,
+                    ..Pipeline::default()
+                }),
+            },
+            &flow.platform.token,
+        );
+        async move { pipelines.create_pipeline(request).await.expect_err("refused") }
+    };
+    let cyclic = create("cyclic", vec![task("a", &["c"]), task("b", &["a"]), task("c", &["b"])]).await;
+    assert_eq!(bad_fields(&cyclic), ["pipeline.tasks"]);
+    assert!(cyclic.message().contains("a -> b -> c -> a"), "{}", cyclic.message());
+
+    let mut bad_args = task("a", &[]);
+    bad_args.args = Some(prost_types::Struct {
+        fields: BTreeMap::from([
+            ("--epochs".to_owned(), prost_types::Value::from(0.0)),
+            ("--fast".to_owned(), prost_types::Value::from("yes".to_owned())),
+            ("--nope".to_owned(), prost_types::Value::from(1.0)),
+        ]),
+    });
+    let mut unknown = task("b", &[]);
+    unknown.template = "jobTemplates/missing".into();
+    let mut resources = task("c", &[]);
+    resources.cpu = "500m".into();
+    resources.memory = "1.5G".into();
+    resources.gpu = "0(T4)".into();
+    let mut named = task("Bad_Name", &[]);
+    named.upstream = vec!["ghost".into()];
+    let refused = create("mixed", vec![bad_args, unknown, resources, named]).await;
+    let mut fields = bad_fields(&refused);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "pipeline.tasks[0].args.--epochs",
+            "pipeline.tasks[0].args.--fast",
+            "pipeline.tasks[0].args.--nope",
+            "pipeline.tasks[1].template",
+            "pipeline.tasks[2].cpu",
+            "pipeline.tasks[2].gpu",
+            "pipeline.tasks[2].memory",
+            "pipeline.tasks[3].name",
+            "pipeline.tasks[3].upstream[0]",
+        ]
+    );
+    let badly_named = create("Not-A-Name", vec![task("a", &[])]).await;
+    assert_eq!(bad_fields(&badly_named), ["pipeline_id"]);
+    let listed = flow
+        .pipelines()
+        .list_pipelines(authed(
+            ListPipelinesRequest {
+                parent: "projects/vision".into(),
+                ..ListPipelinesRequest::default()
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("listing")
+        .into_inner();
+    assert!(
+        listed.pipelines.is_empty(),
+        "nothing was stored: {:?}",
+        listed.pipelines
+    );
+
+    let schema = JobTemplateServiceClient::new(flow.channel.clone())
+        .create_job_template(authed(
+            CreateJobTemplateRequest {
+                job_template_id: "broken".into(),
+                job_template: Some(JobTemplate {
+                    image: String::new(),
+                    args: vec![ArgSpec {
+                        name: "--mode".into(),
+                        r#type: ArgType::Enum as i32,
+                        ..ArgSpec::default()
+                    }],
+                    ..JobTemplate::default()
+                }),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        bad_fields(&schema),
+        ["job_template.image", "job_template.args[0].choices"]
+    );
+}
+
+/// What a call's answer says of the caller's rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Not signed in.
+    Unauthenticated,
+    /// Told the resource does not exist.
+    Hidden,
+    /// Signed in, seen, refused.
+    Forbidden,
+    /// Reached what the call does (whatever it answered then).
+    Allowed,
+}
+
+fn outcome<T>(result: Result<T, tonic::Status>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Allowed,
+        Err(status) => match status.code() {
+            Code::Unauthenticated => Outcome::Unauthenticated,
+            Code::NotFound => Outcome::Hidden,
+            Code::PermissionDenied => Outcome::Forbidden,
+            _ => Outcome::Allowed,
+        },
+    }
+}
+
+/// Signs `username` up with `admin` and in, and adds them to `vision` as `role` (by lena, its owner).
+async fn member(platform: &Platform, username: &str, role: Role) -> String {
+    let auth = connect(&platform.auth).await;
+    let password = format!("{username} long password");
+    UserServiceClient::new(auth.clone())
+        .create_user(authed(
+            CreateUserRequest {
+                user: Some(User {
+                    email: format!("{username}@example.com"),
+                    ..User::default()
+                }),
+                user_id: username.into(),
+                password: password.clone(),
+            },
+            &platform.admin,
+        ))
+        .await
+        .expect("creating a user");
+    ProjectServiceClient::new(connect(&platform.projects).await)
+        .create_member(authed(
+            CreateMemberRequest {
+                parent: "projects/vision".into(),
+                member: Some(Member {
+                    role: role as i32,
+                    subject: Some(member::Subject::User(format!("users/{username}"))),
+                    ..Member::default()
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("adding a member");
+    AuthServiceClient::new(auth)
+        .login(LoginRequest {
+            username: username.into(),
+            password,
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .access_token
+}
+
+/// `message` with `token` as its bearer, or without credentials when `token` is empty.
+fn as_caller<T>(message: T, token: &str) -> tonic::Request<T> {
+    if token.is_empty() {
+        tonic::Request::new(message)
+    } else {
+        authed(message, token)
+    }
+}
+
+async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
+    use Outcome::{Allowed as A, Forbidden as F, Hidden as H, Unauthenticated as U};
+    let flow = Flow::start(shape).await;
+    let _kubelet = flow
+        .kubelet()
+        .script("app.kubernetes.io/managed-by=cube", Script::run_for(RUNS).exit(0));
+    let viewer = member(&flow.platform, "vera", Role::Viewer).await;
+    let developer = member(&flow.platform, "devi", Role::Developer).await;
+    let pipeline = flow.pipeline("matrix", vec![task("a", &[])], 0).await;
+    let run = flow.start_run(&pipeline.name).await;
+    flow.watch_to_end(&run.name).await;
+    let platform = &flow.platform;
+    let callers = [
+        ("anonymous", String::new()),
+        ("non-member", platform.stranger.clone()),
+        ("viewer", viewer),
+        ("developer", developer),
+        ("owner", platform.token.clone()),
+        ("admin", platform.admin.clone()),
+    ];
+    let stale = "\"v0\"".to_owned();
+    let run_name = run.name.clone();
+    let pipeline_name = pipeline.name.clone();
+    // Each RPC, and what each caller above gets; calls that are allowed fail after the check (a stale etag, an
+    // invalid id) or change nothing, so that every row sees the same state.
+    type Call<'a> = Box<dyn Fn(String) -> futures::future::BoxFuture<'a, Outcome> + 'a>;
+    let templates = JobTemplateServiceClient::new(flow.channel.clone());
+    let pipelines = flow.pipelines();
+    let runs = flow.runs();
+    let workloads = ProjectWorkloadServiceClient::new(flow.channel.clone());
+    macro_rules! call {
+        ($client:ident, $method:ident, $message:expr) => {{
+            let client = $client.clone();
+            let message = $message;
+            Box::new(move |token: String| {
+                let mut client = client.clone();
+                let message = message.clone();
+                Box::pin(async move { outcome(client.$method(as_caller(message, &token)).await) })
+                    as futures::future::BoxFuture<'_, Outcome>
+            }) as Call<'_>
+        }};
+    }
+    let rows: Vec<(&str, Call<'_>, [Outcome; 6])> = vec![
+        (
+            "CreateJobTemplate",
+            call!(
+                templates,
+                create_job_template,
+                CreateJobTemplateRequest {
+                    job_template_id: "Invalid Id".into(),
+                    job_template: Some(worker_template()),
+                }
+            ),
+            [U, A, A, A, A, A],
+        ),
+        (
+            "GetJobTemplate",
+            call!(
+                templates,
+                get_job_template,
+                GetJobTemplateRequest {
+                    name: "jobTemplates/worker".into()
+                }
+            ),
+            [U, A, A, A, A, A],
+        ),
+        (
+            "ListJobTemplates",
+            call!(templates, list_job_templates, ListJobTemplatesRequest::default()),
+            [U, A, A, A, A, A],
+        ),
+        (
+            "UpdateJobTemplate",
+            call!(
+                templates,
+                update_job_template,
+                UpdateJobTemplateRequest {
+                    job_template: Some(JobTemplate {
+                        name: "jobTemplates/worker".into(),
+                        etag: stale.clone(),
+                        ..worker_template()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["image".into()]
+                    }),
+                }
+            ),
+            [U, F, F, F, F, A],
+        ),
+        (
+            "DeleteJobTemplate",
+            call!(
+                templates,
+                delete_job_template,
+                DeleteJobTemplateRequest {
+                    name: "jobTemplates/worker".into(),
+                    etag: stale.clone(),
+                }
+            ),
+            [U, F, F, F, F, A],
+        ),
+        (
+            "CreatePipeline",
+            call!(
+                pipelines,
+                create_pipeline,
+                CreatePipelineRequest {
+                    parent: "projects/vision".into(),
+                    pipeline_id: "Invalid Id".into(),
+                    pipeline: None,
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "GetPipeline",
+            call!(
+                pipelines,
+                get_pipeline,
+                GetPipelineRequest {
+                    name: pipeline_name.clone()
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "ListPipelines",
+            call!(
+                pipelines,
+                list_pipelines,
+                ListPipelinesRequest {
+                    parent: "projects/vision".into(),
+                    ..ListPipelinesRequest::default()
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "UpdatePipeline",
+            call!(
+                pipelines,
+                update_pipeline,
+                UpdatePipelineRequest {
+                    pipeline: Some(Pipeline {
+                        name: pipeline_name.clone(),
+                        etag: stale.clone(),
+                        ..Pipeline::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["description".into()]
+                    }),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "DeletePipeline",
+            call!(
+                pipelines,
+                delete_pipeline,
+                DeletePipelineRequest {
+                    name: pipeline_name.clone(),
+                    etag: stale.clone(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "CopyPipeline",
+            call!(
+                pipelines,
+                copy_pipeline,
+                CopyPipelineRequest {
+                    name: pipeline_name.clone(),
+                    pipeline_id: "Invalid Id".into(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "CreateRun",
+            call!(
+                runs,
+                create_run,
+                CreateRunRequest {
+                    parent: pipeline_name.clone(),
+                    request_id: String::new(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "GetRun",
+            call!(runs, get_run, GetRunRequest { name: run_name.clone() }),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "ListRuns",
+            call!(
+                runs,
+                list_runs,
+                ListRunsRequest {
+                    parent: "projects/vision/pipelines/-".into(),
+                    ..ListRunsRequest::default()
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "CancelRun",
+            call!(runs, cancel_run, CancelRunRequest { name: run_name.clone() }),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "RetryRun",
+            call!(
+                runs,
+                retry_run,
+                RetryRunRequest {
+                    name: run_name.clone(),
+                    from_task: String::new(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "WatchRun",
+            call!(runs, watch_run, WatchRunRequest { name: run_name.clone() }),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "GetTaskLogs",
+            call!(
+                runs,
+                get_task_logs,
+                GetTaskLogsRequest {
+                    run: run_name.clone(),
+                    task: "no-such-task".into(),
+                    attempt: 0,
+                    follow: false,
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "ListProjectWorkloads",
+            call!(
+                workloads,
+                list_project_workloads,
+                ListProjectWorkloadsRequest {
+                    project: "projects/vision".into(),
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (rpc, call, expected) in &rows {
+        for ((caller, token), want) in callers.iter().zip(expected) {
+            // CreateRun by the allowed really runs: the runs it makes replace each other, which changes nothing
+            // the other rows read.
+            let got = call(token.clone()).await;
+            if got != *want {
+                wrong.push(format!("{rpc} as {caller}: {got:?}, expected {want:?}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert_eq!(rows.len(), 19, "every workflow RPC has a row");
+}

@@ -1,0 +1,783 @@
+//! The workflow service's one store: every SQL statement it runs, returning domain values. Changes of runs go
+//! through the run's `revision`: a write names the revision it read and fails (`Aborted`) when another write
+//! came first, so the engine and the handlers never overwrite each other's changes.
+
+use std::collections::HashMap;
+
+use cube_kit::ApiError;
+use cube_kit::lease::{self, Epoch};
+use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
+use sea_orm::{
+    ColumnTrait as _, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+};
+
+use crate::model::{attempt, pipeline, run, task, template};
+use crate::progress::{Attempt, RunProgress, State};
+
+/// The lease whose holder drives runs.
+pub(crate) const ENGINE_LEASE: &str = "workflow-engine";
+
+/// A database failure, as an API error whose detail stays in the logs.
+pub(crate) fn db_error(error: sea_orm::DbErr) -> ApiError {
+    ApiError::internal(error)
+}
+
+/// The workflow service's store.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    db: DatabaseConnection,
+}
+
+/// The live run states, as stored.
+const LIVE: [State; 4] = [State::Pending, State::Queued, State::Running, State::Canceling];
+
+fn live_states() -> Vec<&'static str> {
+    LIVE.iter().map(|state| state.as_str()).collect()
+}
+
+/// A page of runs: which, and where the page starts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RunQuery {
+    /// The project id.
+    pub(crate) project: String,
+    /// The pipeline id, or `None` for every pipeline of the project.
+    pub(crate) pipeline: Option<String>,
+    /// Only runs in this state.
+    pub(crate) state: Option<String>,
+    /// Only runs of this user.
+    pub(crate) creator: Option<String>,
+    /// Only runs of this trigger.
+    pub(crate) trigger: Option<String>,
+    /// Only runs created at or after this, ms.
+    pub(crate) created_from: Option<i64>,
+    /// Only runs created before this, ms.
+    pub(crate) created_before: Option<i64>,
+    /// The last run of the previous page: (created, id).
+    pub(crate) after: Option<(i64, String)>,
+    /// How many, one more than the page size.
+    pub(crate) limit: u64,
+}
+
+/// A run's row with its tasks and attempts.
+#[derive(Debug, Clone)]
+pub(crate) struct RunRecord {
+    /// The run.
+    pub(crate) run: run::Model,
+    /// Its tasks, in order.
+    pub(crate) tasks: Vec<task::Model>,
+    /// Its attempts by task, oldest first.
+    pub(crate) attempts: HashMap<String, Vec<attempt::Model>>,
+}
+
+impl Store {
+    /// The store on `db`.
+    pub(crate) fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    // Templates.
+
+    /// Stores a new template; `AlreadyExists` when its id is taken.
+    pub(crate) async fn insert_template(&self, row: template::Model) -> Result<(), ApiError> {
+        let id = row.id.clone();
+        let result = template::Entity::insert(template::ActiveModel::from(row))
+            .on_conflict(OnConflict::column(template::Column::Id).do_nothing().to_owned())
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result == 0 {
+            return Err(ApiError::AlreadyExists {
+                kind: "job template",
+                name: format!("jobTemplates/{id}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The template `id`.
+    pub(crate) async fn template(&self, id: &str) -> Result<Option<template::Model>, ApiError> {
+        template::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// The templates of `ids`, by id.
+    pub(crate) async fn templates(&self, ids: &[String]) -> Result<HashMap<String, template::Model>, ApiError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(template::Entity::find()
+            .filter(template::Column::Id.is_in(ids.iter().cloned()))
+            .all(&self.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|row| (row.id.clone(), row))
+            .collect())
+    }
+
+    /// A page of templates visible to `viewer` (`None`: every template), in (category, order, id) order, after
+    /// `after`.
+    pub(crate) async fn list_templates(
+        &self,
+        viewer: Option<&str>,
+        filters: &[(template::Column, String)],
+        after: Option<(String, i32, String)>,
+        limit: u64,
+    ) -> Result<Vec<template::Model>, ApiError> {
+        let mut query = template::Entity::find();
+        if let Some(viewer) = viewer {
+            query = query.filter(
+                Condition::any()
+                    .add(template::Column::Version.eq("RELEASE"))
+                    .add(template::Column::Creator.eq(viewer)),
+            );
+        }
+        for (column, value) in filters {
+            query = query.filter(column.eq(value.clone()));
+        }
+        if let Some((category, order, id)) = after {
+            query = query.filter(
+                Condition::any()
+                    .add(template::Column::Category.gt(category.clone()))
+                    .add(
+                        Condition::all()
+                            .add(template::Column::Category.eq(category.clone()))
+                            .add(template::Column::DisplayOrder.gt(order)),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(template::Column::Category.eq(category))
+                            .add(template::Column::DisplayOrder.eq(order))
+                            .add(template::Column::Id.gt(id)),
+                    ),
+            );
+        }
+        query
+            .order_by_asc(template::Column::Category)
+            .order_by_asc(template::Column::DisplayOrder)
+            .order_by_asc(template::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Replaces a template read at `revision`; `Aborted` when it changed since.
+    pub(crate) async fn update_template(&self, row: template::Model, revision: i64) -> Result<(), ApiError> {
+        let id = row.id.clone();
+        let result = template::Entity::update_many()
+            .set(template::ActiveModel {
+                id: NotSet,
+                creator: NotSet,
+                created_ms: NotSet,
+                ..template::ActiveModel::from(row)
+            })
+            .filter(template::Column::Id.eq(id.clone()))
+            .filter(template::Column::Revision.eq(revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("job template", &format!("jobTemplates/{id}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes template `id` read at `revision`, unless a pipeline uses it.
+    pub(crate) async fn delete_template(&self, id: &str, revision: i64) -> Result<(), ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let user = pipeline::Entity::find()
+            .filter(pipeline::Column::Templates.contains(format!(" {id} ")))
+            .one(&txn)
+            .await
+            .map_err(db_error)?;
+        if let Some(user) = user {
+            return Err(ApiError::FailedPrecondition {
+                message: format!(
+                    "job template jobTemplates/{id} is used by pipeline projects/{}/pipelines/{}",
+                    user.project, user.id
+                ),
+            });
+        }
+        let result = template::Entity::delete_many()
+            .filter(template::Column::Id.eq(id))
+            .filter(template::Column::Revision.eq(revision))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("job template", &format!("jobTemplates/{id}")));
+        }
+        txn.commit().await.map_err(db_error)
+    }
+
+    // Pipelines.
+
+    /// Stores a new pipeline; `AlreadyExists` when its id is taken in its project.
+    pub(crate) async fn insert_pipeline(&self, row: pipeline::Model) -> Result<(), ApiError> {
+        let name = format!("projects/{}/pipelines/{}", row.project, row.id);
+        let result = pipeline::Entity::insert(pipeline::ActiveModel::from(row))
+            .on_conflict(
+                OnConflict::columns([pipeline::Column::Project, pipeline::Column::Id])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result == 0 {
+            return Err(ApiError::AlreadyExists { kind: "pipeline", name });
+        }
+        Ok(())
+    }
+
+    /// Pipeline `id` of `project`.
+    pub(crate) async fn pipeline(&self, project: &str, id: &str) -> Result<Option<pipeline::Model>, ApiError> {
+        pipeline::Entity::find_by_id((project.to_owned(), id.to_owned()))
+            .one(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// A page of `project`'s pipelines after `after`, by id.
+    pub(crate) async fn list_pipelines(
+        &self,
+        project: &str,
+        creator: Option<&str>,
+        after: Option<String>,
+        limit: u64,
+    ) -> Result<Vec<pipeline::Model>, ApiError> {
+        let mut query = pipeline::Entity::find().filter(pipeline::Column::Project.eq(project));
+        if let Some(creator) = creator {
+            query = query.filter(pipeline::Column::Creator.eq(creator));
+        }
+        if let Some(after) = after {
+            query = query.filter(pipeline::Column::Id.gt(after));
+        }
+        query
+            .order_by_asc(pipeline::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Replaces a pipeline read at `revision`; `Aborted` when it changed since.
+    pub(crate) async fn update_pipeline(&self, row: pipeline::Model, revision: i64) -> Result<(), ApiError> {
+        let name = format!("projects/{}/pipelines/{}", row.project, row.id);
+        let (project, id) = (row.project.clone(), row.id.clone());
+        let result = pipeline::Entity::update_many()
+            .set(pipeline::ActiveModel {
+                project: NotSet,
+                id: NotSet,
+                creator: NotSet,
+                created_ms: NotSet,
+                ..pipeline::ActiveModel::from(row)
+            })
+            .filter(pipeline::Column::Project.eq(project))
+            .filter(pipeline::Column::Id.eq(id))
+            .filter(pipeline::Column::Revision.eq(revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("pipeline", &name));
+        }
+        Ok(())
+    }
+
+    /// Deletes a pipeline read at `revision`, unless one of its runs is live.
+    pub(crate) async fn delete_pipeline(&self, project: &str, id: &str, revision: i64) -> Result<(), ApiError> {
+        let name = format!("projects/{project}/pipelines/{id}");
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let live = run::Entity::find()
+            .filter(run::Column::Project.eq(project))
+            .filter(run::Column::Pipeline.eq(id))
+            .filter(run::Column::State.is_in(live_states()))
+            .one(&txn)
+            .await
+            .map_err(db_error)?;
+        if let Some(live) = live {
+            return Err(ApiError::FailedPrecondition {
+                message: format!(
+                    "pipeline {name} has a live run, {name}/runs/{}; cancel it first",
+                    live.id
+                ),
+            });
+        }
+        let result = pipeline::Entity::delete_many()
+            .filter(pipeline::Column::Project.eq(project))
+            .filter(pipeline::Column::Id.eq(id))
+            .filter(pipeline::Column::Revision.eq(revision))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("pipeline", &name));
+        }
+        txn.commit().await.map_err(db_error)
+    }
+
+    // Runs.
+
+    /// The run of `project`'s `pipeline` created with `request_id`.
+    pub(crate) async fn run_by_request(
+        &self,
+        project: &str,
+        pipeline: &str,
+        request_id: &str,
+    ) -> Result<Option<run::Model>, ApiError> {
+        run::Entity::find()
+            .filter(run::Column::Project.eq(project))
+            .filter(run::Column::Pipeline.eq(pipeline))
+            .filter(run::Column::RequestId.eq(request_id))
+            .one(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Stores a new run and its tasks; a manual run first marks the pipeline's earlier live manual runs for
+    /// canceling. Returns `false` when a run with its request id exists (a concurrent call won).
+    pub(crate) async fn insert_run(&self, row: run::Model, tasks: Vec<task::Model>) -> Result<bool, ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if row.trigger == "MANUAL" {
+            run::Entity::update_many()
+                .col_expr(run::Column::State, Expr::value(State::Canceling.as_str()))
+                .col_expr(
+                    run::Column::Reason,
+                    Expr::value(format!("replaced by the manual run {}", row.id)),
+                )
+                .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
+                .filter(run::Column::Project.eq(row.project.clone()))
+                .filter(run::Column::Pipeline.eq(row.pipeline.clone()))
+                .filter(run::Column::Trigger.eq("MANUAL"))
+                .filter(run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)))
+                .exec(&txn)
+                .await
+                .map_err(db_error)?;
+        }
+        let inserted = run::Entity::insert(run::ActiveModel::from(row))
+            .on_conflict(
+                OnConflict::columns([run::Column::Project, run::Column::Pipeline, run::Column::RequestId])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_error)?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        if !tasks.is_empty() {
+            task::Entity::insert_many(tasks.into_iter().map(task::ActiveModel::from))
+                .exec_without_returning(&txn)
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    /// Run `id` with its tasks and attempts.
+    pub(crate) async fn run_record(&self, id: &str) -> Result<Option<RunRecord>, ApiError> {
+        record(&self.db, id).await
+    }
+
+    /// A page of runs, newest first.
+    pub(crate) async fn list_runs(&self, query: &RunQuery) -> Result<Vec<run::Model>, ApiError> {
+        let mut select = run::Entity::find().filter(run::Column::Project.eq(query.project.clone()));
+        if let Some(pipeline) = &query.pipeline {
+            select = select.filter(run::Column::Pipeline.eq(pipeline.clone()));
+        }
+        if let Some(state) = &query.state {
+            select = select.filter(run::Column::State.eq(state.clone()));
+        }
+        if let Some(creator) = &query.creator {
+            select = select.filter(run::Column::Creator.eq(creator.clone()));
+        }
+        if let Some(trigger) = &query.trigger {
+            select = select.filter(run::Column::Trigger.eq(trigger.clone()));
+        }
+        if let Some(from) = query.created_from {
+            select = select.filter(run::Column::CreatedMs.gte(from));
+        }
+        if let Some(before) = query.created_before {
+            select = select.filter(run::Column::CreatedMs.lt(before));
+        }
+        if let Some((created, id)) = &query.after {
+            select = select.filter(
+                Condition::any().add(run::Column::CreatedMs.lt(*created)).add(
+                    Condition::all()
+                        .add(run::Column::CreatedMs.eq(*created))
+                        .add(run::Column::Id.lt(id.clone())),
+                ),
+            );
+        }
+        select
+            .order_by_desc(run::Column::CreatedMs)
+            .order_by_desc(run::Column::Id)
+            .limit(query.limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// The ids of the live runs, oldest first.
+    pub(crate) async fn live_runs(&self) -> Result<Vec<String>, ApiError> {
+        run::Entity::find()
+            .select_only()
+            .column(run::Column::Id)
+            .filter(run::Column::State.is_in(live_states()))
+            .order_by_asc(run::Column::CreatedMs)
+            .into_tuple::<String>()
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Whether `project` has live runs, and their names.
+    pub(crate) async fn live_runs_of(&self, project: &str) -> Result<Vec<String>, ApiError> {
+        let rows: Vec<(String, String)> = run::Entity::find()
+            .select_only()
+            .column(run::Column::Pipeline)
+            .column(run::Column::Id)
+            .filter(run::Column::Project.eq(project))
+            .filter(run::Column::State.is_in(live_states()))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(pipeline, id)| format!("projects/{project}/pipelines/{pipeline}/runs/{id}"))
+            .collect())
+    }
+
+    /// Marks a live run read at `revision` for canceling; `Aborted` when it changed since.
+    pub(crate) async fn cancel_run(&self, id: &str, revision: i64) -> Result<(), ApiError> {
+        let result = run::Entity::update_many()
+            .col_expr(run::Column::State, Expr::value(State::Canceling.as_str()))
+            .col_expr(run::Column::Reason, Expr::value("canceled by a user"))
+            .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
+            .filter(run::Column::Id.eq(id))
+            .filter(run::Column::Revision.eq(revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("run", id));
+        }
+        Ok(())
+    }
+
+    /// Sets the tasks `again` of a finished run read at `revision` pending again (their retries reset, their
+    /// attempts kept), and the run pending.
+    pub(crate) async fn retry_run(&self, id: &str, revision: i64, again: &[String]) -> Result<(), ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let result = run::Entity::update_many()
+            .col_expr(run::Column::State, Expr::value(State::Pending.as_str()))
+            .col_expr(run::Column::Reason, Expr::value("retried"))
+            .col_expr(run::Column::EndedMs, Expr::value(Option::<i64>::None))
+            .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
+            .filter(run::Column::Id.eq(id))
+            .filter(run::Column::Revision.eq(revision))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("run", id));
+        }
+        task::Entity::update_many()
+            .col_expr(task::Column::State, Expr::value(State::Pending.as_str()))
+            .col_expr(task::Column::Reason, Expr::value("retried"))
+            .col_expr(task::Column::Retries, Expr::value(0))
+            .col_expr(task::Column::NextAttemptMs, Expr::value(Option::<i64>::None))
+            .filter(task::Column::Run.eq(id))
+            .filter(task::Column::Name.is_in(again.iter().cloned()))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)
+    }
+
+    /// Writes what the engine decided for a run it read as `before` (at revision `revision`), fenced by the
+    /// engine's lease: the run, the tasks and attempts that changed, and new attempts. Returns `false`, writing
+    /// nothing, when the run changed since it was read.
+    pub(crate) async fn save_progress(
+        &self,
+        epoch: Epoch,
+        revision: i64,
+        before: &RunProgress,
+        after: &RunProgress,
+    ) -> Result<bool, ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        lease::check(&txn, ENGINE_LEASE, epoch)
+            .await
+            .map_err(|error| ApiError::Aborted {
+                message: error.to_string(),
+            })?;
+        let result = run::Entity::update_many()
+            .col_expr(run::Column::State, Expr::value(after.state.as_str()))
+            .col_expr(run::Column::Reason, Expr::value(after.reason.clone()))
+            .col_expr(run::Column::StartedMs, Expr::value(after.started_ms))
+            .col_expr(run::Column::EndedMs, Expr::value(after.ended_ms))
+            .col_expr(run::Column::Revision, Expr::value(revision + 1))
+            .filter(run::Column::Id.eq(after.id.clone()))
+            .filter(run::Column::Revision.eq(revision))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Ok(false);
+        }
+        for (old, new) in before.tasks.iter().zip(&after.tasks) {
+            if (old.state, &old.reason, old.retries, old.next_attempt_ms)
+                != (new.state, &new.reason, new.retries, new.next_attempt_ms)
+            {
+                task::Entity::update_many()
+                    .col_expr(task::Column::State, Expr::value(new.state.as_str()))
+                    .col_expr(task::Column::Reason, Expr::value(new.reason.clone()))
+                    .col_expr(task::Column::Retries, Expr::value(new.retries))
+                    .col_expr(task::Column::NextAttemptMs, Expr::value(new.next_attempt_ms))
+                    .filter(task::Column::Run.eq(after.id.clone()))
+                    .filter(task::Column::Name.eq(new.name.clone()))
+                    .exec(&txn)
+                    .await
+                    .map_err(db_error)?;
+            }
+            for attempt in &new.attempts {
+                let earlier = old.attempts.iter().find(|was| was.number == attempt.number);
+                if earlier == Some(attempt) {
+                    continue;
+                }
+                save_attempt(&txn, &after.id, &new.name, attempt, earlier.is_some()).await?;
+            }
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    /// Ends an attempt the runtime refused to run (its workload is invalid) as failed, so the task's retry
+    /// policy decides what follows.
+    pub(crate) async fn refuse_attempt(
+        &self,
+        run: &str,
+        task: &str,
+        number: i32,
+        message: &str,
+    ) -> Result<(), ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        attempt::Entity::update_many()
+            .col_expr(attempt::Column::State, Expr::value(State::Failed.as_str()))
+            .col_expr(attempt::Column::Applied, Expr::value(true))
+            .col_expr(attempt::Column::EndedMs, Expr::value(cube_kit::time::now_ms()))
+            .col_expr(attempt::Column::Reason, Expr::value("Refused"))
+            .col_expr(attempt::Column::Message, Expr::value(truncate(message, 4000)))
+            .filter(attempt::Column::Run.eq(run))
+            .filter(attempt::Column::Task.eq(task))
+            .filter(attempt::Column::Number.eq(number))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        run::Entity::update_many()
+            .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
+            .filter(run::Column::Id.eq(run))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)
+    }
+
+    /// Marks attempts applied (their workloads exist).
+    pub(crate) async fn mark_applied(&self, run: &str, applied: &[(String, i32)]) -> Result<(), ApiError> {
+        for (task, number) in applied {
+            attempt::Entity::update_many()
+                .col_expr(attempt::Column::Applied, Expr::value(true))
+                .filter(attempt::Column::Run.eq(run))
+                .filter(attempt::Column::Task.eq(task.clone()))
+                .filter(attempt::Column::Number.eq(*number))
+                .exec(&self.db)
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// Inserts or updates one attempt.
+async fn save_attempt(
+    txn: &DatabaseTransaction,
+    run: &str,
+    task: &str,
+    attempt: &Attempt,
+    exists: bool,
+) -> Result<(), ApiError> {
+    let row = attempt::ActiveModel {
+        run: Set(run.to_owned()),
+        task: Set(task.to_owned()),
+        number: Set(attempt.number),
+        state: Set(attempt.state.as_str().to_owned()),
+        applied: Set(attempt.applied),
+        workload: Set(attempt.workload.clone()),
+        node: Set(attempt.node.clone()),
+        started_ms: Set(attempt.started_ms),
+        ended_ms: Set(attempt.ended_ms),
+        exit_code: Set(attempt.exit_code),
+        reason: Set(truncate(&attempt.reason, 200)),
+        message: Set(truncate(&attempt.message, 4000)),
+        infrastructure: Set(attempt.infrastructure),
+    };
+    if exists {
+        attempt::Entity::update_many()
+            .set(row)
+            .filter(attempt::Column::Run.eq(run))
+            .filter(attempt::Column::Task.eq(task))
+            .filter(attempt::Column::Number.eq(attempt.number))
+            .exec(txn)
+            .await
+            .map_err(db_error)?;
+    } else {
+        attempt::Entity::insert(row)
+            .exec_without_returning(txn)
+            .await
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// At most `limit` characters of `text`.
+fn truncate(text: &str, limit: usize) -> String {
+    text.chars().take(limit).collect()
+}
+
+/// Run `id` with its tasks and attempts, read through `db`.
+async fn record(db: &impl ConnectionTrait, id: &str) -> Result<Option<RunRecord>, ApiError> {
+    let Some(run) = run::Entity::find_by_id(id.to_owned()).one(db).await.map_err(db_error)? else {
+        return Ok(None);
+    };
+    let tasks = task::Entity::find()
+        .filter(task::Column::Run.eq(id))
+        .order_by_asc(task::Column::Position)
+        .all(db)
+        .await
+        .map_err(db_error)?;
+    let mut attempts: HashMap<String, Vec<attempt::Model>> = HashMap::new();
+    for row in attempt::Entity::find()
+        .filter(attempt::Column::Run.eq(id))
+        .order_by_asc(attempt::Column::Number)
+        .all(db)
+        .await
+        .map_err(db_error)?
+    {
+        attempts.entry(row.task.clone()).or_default().push(row);
+    }
+    Ok(Some(RunRecord { run, tasks, attempts }))
+}
+
+/// The error of a write that lost to a concurrent change.
+fn changed(kind: &str, name: &str) -> ApiError {
+    ApiError::Aborted {
+        message: format!("{kind} {name} changed since it was read; read it again and retry"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_row(id: &str, trigger: &str, state: State) -> run::Model {
+        run::Model {
+            id: id.to_owned(),
+            project: "vision".to_owned(),
+            pipeline: "daily".to_owned(),
+            state: state.as_str().to_owned(),
+            reason: String::new(),
+            trigger: trigger.to_owned(),
+            creator: "lena".to_owned(),
+            request_id: None,
+            snapshot: String::new(),
+            revision: 1,
+            created_ms: 1,
+            started_ms: None,
+            ended_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_manual_run_replaces_live_manual_runs_and_never_scheduled_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("workflow.db").display());
+        let store = Store::new(
+            cube_kit::db::connect::<crate::model::Migrator>(&url, true)
+                .await
+                .expect("database"),
+        );
+        for row in [
+            run_row("manual2", "MANUAL", State::Succeeded),
+            run_row("cron1", "SCHEDULED", State::Running),
+            run_row("manual1", "MANUAL", State::Running),
+        ] {
+            assert!(store.insert_run(row, Vec::new()).await.expect("inserted"));
+        }
+        assert!(
+            store
+                .insert_run(run_row("manual3", "MANUAL", State::Pending), Vec::new())
+                .await
+                .expect("inserted")
+        );
+        let state = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .run_record(id)
+                    .await
+                    .expect("read")
+                    .map(|record| (record.run.state, record.run.reason))
+                    .expect("stored")
+            }
+        };
+        assert_eq!(
+            state("manual1").await,
+            ("CANCELING".to_owned(), "replaced by the manual run manual3".to_owned())
+        );
+        assert_eq!(state("manual2").await.0, "SUCCEEDED", "finished runs stay as they are");
+        assert_eq!(state("cron1").await.0, "RUNNING", "scheduled runs are never replaced");
+        assert_eq!(state("manual3").await.0, "PENDING");
+    }
+
+    #[tokio::test]
+    async fn a_request_id_makes_one_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("workflow.db").display());
+        let store = Store::new(
+            cube_kit::db::connect::<crate::model::Migrator>(&url, true)
+                .await
+                .expect("database"),
+        );
+        let with_request = |id: &str| run::Model {
+            request_id: Some("nightly-42".to_owned()),
+            ..run_row(id, "SCHEDULED", State::Pending)
+        };
+        assert!(
+            store
+                .insert_run(with_request("first"), Vec::new())
+                .await
+                .expect("inserted")
+        );
+        assert!(
+            !store
+                .insert_run(with_request("second"), Vec::new())
+                .await
+                .expect("answered")
+        );
+        let found = store
+            .run_by_request("vision", "daily", "nightly-42")
+            .await
+            .expect("read");
+        assert_eq!(found.map(|row| row.id).as_deref(), Some("first"));
+    }
+}
