@@ -260,6 +260,12 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new(BusOptions::default()));
     let auth = cube_auth::Auth::start(&args.auth()?, bus.clone()).await?;
     let bootstrap = auth.bootstrap.clone();
+    // Each service that acts without a caller gets an account of its own, made anew on every start.
+    let workflow_token = auth
+        .service_accounts
+        .renew("workflow")
+        .await
+        .map_err(|error| UpError::Workflow(cube_workflow::StartError::Config(error.to_string())))?;
     let mut background: Vec<Box<dyn std::any::Any + Send>> = vec![Box::new(auth.background)];
     let auth_routes = auth
         .server
@@ -373,7 +379,7 @@ async fn start(args: &UpArgs) -> Result<Started, UpError> {
             projects: projects_channel.clone(),
             scheduler: scheduler_channel,
         },
-        cube_workflow::Options::new(cube_watcher::holder_name().map_err(UpError::Watcher)?),
+        cube_workflow::Options::new(cube_watcher::holder_name().map_err(UpError::Watcher)?, workflow_token),
     )
     .await?;
     background.push(Box::new(local));

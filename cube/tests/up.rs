@@ -611,6 +611,8 @@ async fn watch_run_over_grpc_web(
 
 #[tokio::test]
 async fn cube_up_runs_a_pipeline_of_local_processes_through_the_gateway() {
+    use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
+    use cube_proto::cube::auth::v1::{CreateUserRequest, User};
     use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
     use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
     use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
@@ -621,10 +623,34 @@ async fn cube_up_runs_a_pipeline_of_local_processes_through_the_gateway() {
     let root = tempfile::tempdir().expect("tempdir");
     let up = start_up(&root.path().join("state"), &[]).await;
     let gateway = connect(&up.gateway).await;
-    let token = AuthServiceClient::new(gateway.clone())
+    let admin = AuthServiceClient::new(gateway.clone())
         .login(LoginRequest {
             username: "admin".into(),
             password: "a long enough password".into(),
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .access_token;
+    // A data scientist: every new user joins `public` as a developer.
+    UserServiceClient::new(gateway.clone())
+        .create_user(bearer(
+            CreateUserRequest {
+                user: Some(User {
+                    email: "lena@example.com".into(),
+                    ..User::default()
+                }),
+                user_id: "lena".into(),
+                password: "lena's long password".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("creating a user");
+    let token = AuthServiceClient::new(gateway.clone())
+        .login(LoginRequest {
+            username: "lena".into(),
+            password: "lena's long password".into(),
         })
         .await
         .expect("login")

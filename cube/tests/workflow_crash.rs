@@ -85,6 +85,13 @@ impl WorkflowProcess {
             "--local-workloads-dir".to_owned(),
             dir.join("workloads").display().to_string(),
         ]);
+        let token_file = dir.join("workflow.token");
+        std::fs::write(
+            &token_file,
+            cube_integration_tests::workflow::service_token(platform).await,
+        )
+        .expect("the token file");
+        args.extend(["--service-token-file".to_owned(), token_file.display().to_string()]);
         args.extend(platform.bus_flags());
         let mut process = Self {
             args,

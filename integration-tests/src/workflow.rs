@@ -16,6 +16,8 @@ use crate::{Running, start_server};
 pub struct RunningWorkflow {
     /// Its server.
     pub server: Running,
+    /// Its database's URL.
+    pub database: String,
     /// Its engine and consumers.
     _background: cube_workflow::Background,
     /// The local runtime its `local` cluster runs on.
@@ -24,6 +26,24 @@ pub struct RunningWorkflow {
 
 /// How often the engine reconciles in tests: often, so that a lost event costs little time.
 pub const TEST_RECONCILE: Duration = Duration::from_millis(500);
+
+/// Makes the service account `workflow` of `platform` (as its admin) and returns its token.
+pub async fn service_token(platform: &Platform) -> String {
+    use cube_proto::cube::auth::v1::CreateServiceAccountRequest;
+    use cube_proto::cube::auth::v1::service_account_service_client::ServiceAccountServiceClient;
+    ServiceAccountServiceClient::new(crate::connect(&platform.auth).await)
+        .create_service_account(crate::platform::authed(
+            CreateServiceAccountRequest {
+                service_account_id: "workflow".into(),
+                service_account: None,
+            },
+            &platform.admin,
+        ))
+        .await
+        .unwrap_or_else(|status| panic!("creating the workflow service account: {status:?}"))
+        .into_inner()
+        .token
+}
 
 /// Starts the workflow service of `platform` on a fresh database of its shape, running tasks on the cluster
 /// `kubeconfig` reaches (as `kube`) and locally (as `local`).
@@ -57,13 +77,17 @@ pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> Runnin
         Options {
             reconcile_interval: TEST_RECONCILE,
             lease_duration: Duration::from_secs(5),
-            ..Options::new(format!("workflow-test-{}", uuid::Uuid::new_v4().simple()))
+            ..Options::new(
+                format!("workflow-test-{}", uuid::Uuid::new_v4().simple()),
+                service_token(platform).await,
+            )
         },
     )
     .await
     .unwrap_or_else(|error| panic!("workflow: {error}"));
     RunningWorkflow {
         server: start_server(workflow.server).await,
+        database,
         _background: workflow.background,
         _local: local,
     }

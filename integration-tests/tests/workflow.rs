@@ -3,6 +3,9 @@
 //! `CancelRun`, a manual run replacing the previous one, the placement and `KFJ_*` environment on every pod,
 //! refused input that stores nothing, and who may call what.
 
+// The matrix test's one future holds every row's boxed call: deeper than the compiler's default layout limit.
+#![recursion_limit = "256"]
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -43,6 +46,7 @@ cube_integration_tests::on_every_shape!(
     cancel_and_a_new_manual_run_end_runs_at_once,
     bad_input_is_refused_field_by_field_and_nothing_is_stored,
     every_rpc_answers_each_role_as_its_rights_say,
+    quotas_queue_runs_and_tasks_with_the_reason_until_they_fit,
 );
 
 /// Longest wait for a run to finish.
@@ -63,6 +67,10 @@ struct Flow {
 
 impl Flow {
     async fn start(shape: Shape) -> Self {
+        Self::with_quota(shape, Quota::default()).await
+    }
+
+    async fn with_quota(shape: Shape, quota: Quota) -> Self {
         let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
         let client = kube_client(&kubeconfig).await;
         let group = cube_testkit::kubernetes::unique_name("wf");
@@ -80,7 +88,7 @@ impl Flow {
                 volume_mounts: String::new(),
                 ..Settings::default()
             },
-            Quota::default(),
+            quota,
         )
         .await;
         let workflow = start_workflow(&mut platform, &kubeconfig).await;
@@ -981,4 +989,72 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
     assert_eq!(rows.len(), 19, "every workflow RPC has a row");
+}
+
+async fn quotas_queue_runs_and_tasks_with_the_reason_until_they_fit(shape: Shape) {
+    let flow = Flow::with_quota(
+        shape,
+        Quota {
+            runs: Some(1),
+            cpu: Some(1.0),
+            ..Quota::default()
+        },
+    )
+    .await;
+    let _kubelet = flow.kubelet().script("cube.io/task=forever", Script::run()).script(
+        "app.kubernetes.io/managed-by=cube",
+        Script::run_for(Duration::from_millis(1500)).exit(0),
+    );
+    let endless = flow.pipeline("endless", vec![task("forever", &[])], 0).await;
+    let big = |name: &str| {
+        let mut big = task(name, &[]);
+        big.cpu = "0.8".into();
+        big
+    };
+    let wide = flow.pipeline("wide", vec![big("left"), big("right")], 0).await;
+
+    // The project runs one run at a time: a second waits, saying why, until the first ends.
+    let first = flow.start_run(&endless.name).await;
+    cube_testkit::eventually("the first run running", TIMEOUT, || async {
+        (flow.get_run(&first.name).await.tasks[0].state() == RunState::Running).then_some(())
+    })
+    .await;
+    let second = flow.start_run(&wide.name).await;
+    let queued = cube_testkit::eventually("the second run queued", TIMEOUT, || async {
+        let run = flow.get_run(&second.name).await;
+        (run.state() == RunState::Queued).then_some(run)
+    })
+    .await;
+    assert!(queued.reason.contains("runs"), "{}", queued.reason);
+    assert!(
+        flow.pods(id_of(&second.name)).await.is_empty(),
+        "a queued run starts nothing"
+    );
+    flow.runs()
+        .cancel_run(authed(
+            CancelRunRequest {
+                name: first.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("canceling the first run");
+
+    // Then its two tasks ask 0.8 CPU each of a 1-CPU quota: one waits for the other, explained.
+    let seen = flow.watch_to_end(&second.name).await;
+    assert_eq!(last(&seen).state(), RunState::Succeeded, "{:#?}", last(&seen));
+    let both = seen
+        .iter()
+        .any(|run| run.tasks.iter().all(|task| task.state() == RunState::Running));
+    assert!(!both, "both tasks ran at once beyond the CPU quota");
+    let waited = seen
+        .iter()
+        .flat_map(|run| &run.tasks)
+        .find(|task| task.state() == RunState::Queued)
+        .expect("a task waited for quota");
+    assert!(
+        waited.reason.starts_with("waiting for quota") && waited.reason.contains("cpu"),
+        "{}",
+        waited.reason
+    );
 }

@@ -150,6 +150,29 @@ pub struct Auth {
     pub bootstrap: Option<Bootstrap>,
     /// Keep alive while serving: the outbox relay and the revocation feed.
     pub background: Background,
+    /// Issues the service-account tokens of services started in this process (`cube up`).
+    pub service_accounts: ServiceAccountIssuer,
+}
+
+/// Issues service-account tokens in the process that runs auth, for the services `cube up` starts beside it
+/// (deployed services read theirs from `--service-token-file`).
+#[derive(Clone)]
+pub struct ServiceAccountIssuer(Arc<Core>);
+
+impl std::fmt::Debug for ServiceAccountIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServiceAccountIssuer")
+    }
+}
+
+impl ServiceAccountIssuer {
+    /// Makes service account `id` anew and returns its token; a token made for it before no longer works.
+    ///
+    /// # Errors
+    /// Returns why the account could not be stored.
+    pub async fn renew(&self, id: &str) -> Result<String, ApiError> {
+        service_accounts::renew_account(&self.0.db, id).await
+    }
 }
 
 /// Background work that stops when dropped.
@@ -258,10 +281,11 @@ impl Auth {
             .add_service(ServiceAccountServiceServer::new(service_accounts::ServiceAccounts(
                 core.clone(),
             )))
-            .add_service(AuditServiceServer::new(audit::AuditLog(core)));
+            .add_service(AuditServiceServer::new(audit::AuditLog(core.clone())));
         Ok(Self {
             server,
             bootstrap,
+            service_accounts: ServiceAccountIssuer(core),
             background: Background {
                 _relay: relay,
                 _feed: feed,

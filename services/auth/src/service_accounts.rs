@@ -12,8 +12,8 @@ use cube_proto::cube::auth::v1::{
     ListServiceAccountsRequest, ListServiceAccountsResponse, RevokedKind, ServiceAccount, TokenRevoked,
 };
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, QueryOrder as _,
-    QuerySelect as _, TransactionTrait as _,
+    ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _, TransactionTrait as _,
 };
 use tonic::{Request, Response, Status};
 
@@ -122,6 +122,22 @@ pub(crate) async fn create_account(
     .await
     .map_err(db_error)?;
     Ok((row, token))
+}
+
+/// Makes service account `id` anew, its earlier token (if any) no longer valid, in one transaction; returns the
+/// new token.
+///
+/// # Errors
+/// Returns why it could not be stored.
+pub(crate) async fn renew_account(db: &DatabaseConnection, id: &str) -> Result<String, ApiError> {
+    let txn = db.begin().await.map_err(db_error)?;
+    service_account::Entity::delete_by_id(id.to_owned())
+        .exec(&txn)
+        .await
+        .map_err(db_error)?;
+    let (_, token) = create_account(&txn, id, id).await?;
+    txn.commit().await.map_err(db_error)?;
+    Ok(token)
 }
 
 impl ServiceAccounts {

@@ -23,8 +23,11 @@ use crate::placement::{PlacementConfig, WorkloadKind};
 pub(crate) struct Ask {
     /// The project id.
     pub(crate) project: String,
-    /// The kind of workload.
+    /// The kind of workload, as placement sees it.
     pub(crate) kind: WorkloadKind,
+    /// What its admission is stored and counted as: `train`, `notebook`, `service` (one of the kind's own),
+    /// `run` (one run, no resources) or `task` (a run's task: resources, no run).
+    pub(crate) admitted_as: &'static str,
     /// CPU request and limit.
     pub(crate) cpu: CpuSpec,
     /// Memory request and limit.
@@ -51,18 +54,40 @@ pub(crate) fn read(fields: Fields<'_>, violations: &mut Vec<FieldViolation>) -> 
     let project = crate::names::project_id("project", fields.project)
         .map_err(|violation| violations.push(violation))
         .ok();
-    let kind = match fields.kind {
-        KindMessage::Train => Some(WorkloadKind::Train),
-        KindMessage::Notebook => Some(WorkloadKind::Notebook),
-        KindMessage::Service => Some(WorkloadKind::Service),
+    let (kind, admitted_as) = match fields.kind {
+        KindMessage::Train => (Some(WorkloadKind::Train), "train"),
+        KindMessage::Notebook => (Some(WorkloadKind::Notebook), "notebook"),
+        KindMessage::Service => (Some(WorkloadKind::Service), "service"),
+        KindMessage::Task => (Some(WorkloadKind::Train), "task"),
+        KindMessage::Run => (Some(WorkloadKind::Train), "run"),
         KindMessage::Unspecified => {
             violations.push(FieldViolation::new(
                 "kind",
-                "is required: WORKLOAD_KIND_TRAIN, WORKLOAD_KIND_NOTEBOOK or WORKLOAD_KIND_SERVICE",
+                "is required: WORKLOAD_KIND_TRAIN, WORKLOAD_KIND_NOTEBOOK, WORKLOAD_KIND_SERVICE, \
+                 WORKLOAD_KIND_RUN or WORKLOAD_KIND_TASK",
             ));
-            None
+            (None, "")
         }
     };
+    if admitted_as == "run" {
+        // A run holds no resources itself: its tasks do.
+        for (field, text) in [("cpu", fields.cpu), ("memory", fields.memory), ("gpu", fields.gpu)] {
+            if !text.is_empty() {
+                violations.push(FieldViolation::new(
+                    field,
+                    "must be empty for WORKLOAD_KIND_RUN: a run holds no resources; admit its tasks as WORKLOAD_KIND_TASK",
+                ));
+            }
+        }
+        return Some(Ask {
+            project: project?,
+            kind: kind?,
+            admitted_as,
+            cpu: CpuSpec::new(0, 1).ok()?,
+            memory: MemorySpec::new(0, 1 << 20).ok()?,
+            gpu: GpuSpec::default(),
+        });
+    }
     let cpu = resource::<CpuSpec>("cpu", fields.cpu, "2, 0.5 or 1~4", violations);
     let memory = resource::<MemorySpec>("memory", fields.memory, "4G, 512M or 2G~8G", violations);
     let gpu = resource::<GpuSpec>(
@@ -74,6 +99,7 @@ pub(crate) fn read(fields: Fields<'_>, violations: &mut Vec<FieldViolation>) -> 
     Some(Ask {
         project: project?,
         kind: kind?,
+        admitted_as,
         cpu: cpu?,
         memory: memory?,
         gpu: gpu?,

@@ -224,6 +224,12 @@ impl Placer {
             },
             &mut violations,
         );
+        if body.kind() == cube_proto::cube::scheduler::v1::WorkloadKind::Run {
+            violations.push(FieldViolation::new(
+                "kind",
+                "a run is not placed: place each of its tasks as WORKLOAD_KIND_TASK",
+            ));
+        }
         let rdma = u32::try_from(body.rdma)
             .map_err(|_| violations.push(FieldViolation::new("rdma", "must be zero or more")))
             .ok();
@@ -243,6 +249,7 @@ impl Placer {
             cpu,
             memory,
             gpu,
+            ..
         } = ask;
 
         let shared = &self.shared;

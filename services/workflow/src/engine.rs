@@ -18,9 +18,10 @@ use futures::StreamExt as _;
 use prost::Message as _;
 use tokio::sync::{Notify, broadcast};
 
+use crate::admission::{Admission, TaskAsk, Verdict, run_workload, task_workload};
 use crate::launch::{self, RunContext, Snapshot};
 use crate::model::attempt;
-use crate::progress::{self, Attempt, Retry, RetryOn, RunProgress, State, TaskProgress};
+use crate::progress::{self, Attempt, Quota, Retry, RetryOn, RunProgress, State, TaskProgress};
 use crate::secrets::SecretKey;
 use crate::store::{RunRecord, Store};
 
@@ -38,6 +39,8 @@ pub(crate) struct Engine {
     pub(crate) interval: Duration,
     /// The key registry passwords are sealed with.
     pub(crate) key: Option<Arc<SecretKey>>,
+    /// The scheduler's admission of runs and tasks.
+    pub(crate) admission: Admission,
 }
 
 /// The default retry policy's first wait.
@@ -63,7 +66,11 @@ pub(crate) async fn run(engine: Arc<Engine>, keeper: Keeper) {
             }
         };
         for id in live {
-            match advance(&engine, epoch, &id).await {
+            let advanced = match advance(&engine, epoch, &id).await {
+                Err(error) => refused(&engine, &id, error).await,
+                done => done,
+            };
+            match advanced {
                 Ok(true) => {
                     let _ = engine.changes.send(id);
                     // What changed may let more start (a skipped task, a freed slot): look again at once.
@@ -73,6 +80,34 @@ pub(crate) async fn run(engine: Arc<Engine>, keeper: Keeper) {
                 Err(error) => tracing::warn!(%error, run = %id, "advancing a run"),
             }
         }
+    }
+}
+
+/// What an error while moving run `id` on means: when the scheduler refused the run's user for good (not a member
+/// of the project any more, a malformed request), the run is canceled with the reason (its pods deleted);
+/// anything else is tried again.
+async fn refused(engine: &Engine, id: &str, error: ApiError) -> Result<bool, ApiError> {
+    if !matches!(
+        error,
+        ApiError::NotFound { .. } | ApiError::PermissionDenied { .. } | ApiError::InvalidArgument(_)
+    ) {
+        return Err(error);
+    }
+    let Some(record) = engine.store.run_record(id).await? else {
+        return Ok(false);
+    };
+    if State::parse(&record.run.state).is_none_or(State::is_final) {
+        return Err(error);
+    }
+    let reason = format!(
+        "the scheduler refused to admit the run for {}: {error}",
+        record.run.creator
+    );
+    match engine.store.cancel_run(id, record.run.revision, &reason).await {
+        Ok(()) => Ok(true),
+        // Changed meanwhile: decided again next round.
+        Err(ApiError::Aborted { .. }) => Ok(false),
+        Err(other) => Err(other),
     }
 }
 
@@ -108,8 +143,33 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
     let Some(record) = engine.store.run_record(id).await? else {
         return Ok(false);
     };
-    let snapshot = Snapshot::decode(&record.run.snapshot).map_err(ApiError::internal)?;
+    let run = &record.run;
+    let snapshot = Snapshot::decode(&run.snapshot).map_err(ApiError::internal)?;
     let before = progress_of(&record, &snapshot);
+    if before.state.is_final() {
+        // Ended, still holding admissions: release them all.
+        release_all(engine, &record).await?;
+        return Ok(false);
+    }
+    if matches!(before.state, State::Pending | State::Queued) && !run.admitted {
+        let workload = run_workload(&run.project, &run.pipeline, id);
+        let verdict = engine
+            .admission
+            .admit_run(&run.creator, &run.project, &workload)
+            .await?;
+        let queued = match &verdict {
+            Verdict::Admitted => None,
+            // Still waiting for the same reason: nothing to write.
+            Verdict::Queued(reason) if before.state == State::Queued && before.reason.ends_with(reason.as_str()) => {
+                return Ok(false);
+            }
+            Verdict::Queued(reason) => Some(reason.as_str()),
+        };
+        engine.store.admission_of_run(id, run.revision, queued).await?;
+        // Read again next round, admitted or not.
+        engine.wake.notify_one();
+        return Ok(true);
+    }
     let needs_look = before.state == State::Canceling || before.tasks.iter().any(|task| task.state == State::Running);
     let observed = if needs_look {
         match observe(&engine.runtime, id, &snapshot).await {
@@ -124,8 +184,13 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
         HashMap::new()
     };
     let now = cube_kit::time::now_ms();
+    let quota = if before.state == State::Canceling {
+        Quota::default()
+    } else {
+        admit_ready(engine, &record, &snapshot, &before, now).await?
+    };
     let mut after = before.clone();
-    let effects = progress::step(&mut after, &observed, now);
+    let effects = progress::step(&mut after, &observed, now, &quota);
     for name in &effects.delete {
         if let Some(key) = key_of(&snapshot, &after, name) {
             match engine.runtime.delete(&key, Duration::ZERO).await {
@@ -134,21 +199,16 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
             }
         }
     }
-    if after != before
-        && !engine
-            .store
-            .save_progress(epoch, record.run.revision, &before, &after)
-            .await?
-    {
+    if after != before && !engine.store.save_progress(epoch, run.revision, &before, &after).await? {
         // Changed meanwhile (canceled, retried): read again next round.
         engine.wake.notify_one();
         return Ok(false);
     }
     let context = RunContext {
-        project: &record.run.project,
-        pipeline: &record.run.pipeline,
+        project: &run.project,
+        pipeline: &run.pipeline,
         run: id,
-        creator: &record.run.creator,
+        creator: &run.creator,
         snapshot: &snapshot,
     };
     let mut applied = Vec::new();
@@ -164,7 +224,7 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
             Err(problem) => Err((problem, true)),
         };
         match result {
-            Ok(_) => applied.push((task_name.clone(), *number)),
+            Ok(()) => applied.push((task_name.clone(), *number)),
             Err((message, true)) => {
                 refused = true;
                 engine.store.refuse_attempt(id, task_name, *number, &message).await?;
@@ -175,7 +235,81 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
     if !applied.is_empty() {
         engine.store.mark_applied(id, &applied).await?;
     }
+    // What ended gives back what it held: a task's resources now, everything once the run is over.
+    for (old, new) in before.tasks.iter().zip(&after.tasks) {
+        if new.state.is_final() && !old.state.is_final() {
+            let workload = task_workload(&run.project, &run.pipeline, id, &new.name);
+            engine.admission.release(&run.creator, &workload).await?;
+        }
+    }
+    if after.state.is_final() {
+        release_all(engine, &record).await?;
+    }
     Ok(after != before || refused)
+}
+
+/// Admits the tasks of `run` that would start now; what admission granted and what it holds back.
+async fn admit_ready(
+    engine: &Engine,
+    record: &RunRecord,
+    snapshot: &Snapshot,
+    run: &RunProgress,
+    now: i64,
+) -> Result<Quota, ApiError> {
+    let row = &record.run;
+    let asks: Vec<(String, TaskAsk)> = progress::ready(run, now)
+        .into_iter()
+        .filter_map(|name| {
+            let task = snapshot.task(&name)?;
+            let template = snapshot.template(task)?;
+            let (cpu, memory, gpu) = launch::pod_resources(task, template);
+            let workload = task_workload(&row.project, &row.pipeline, &row.id, &name);
+            Some((
+                name,
+                TaskAsk {
+                    workload,
+                    cpu,
+                    memory,
+                    gpu,
+                },
+            ))
+        })
+        .collect();
+    let mut quota = Quota::default();
+    if asks.is_empty() {
+        return Ok(quota);
+    }
+    let tasks: Vec<TaskAsk> = asks.iter().map(|(_, ask)| ask.clone()).collect();
+    let verdicts: HashMap<String, Verdict> = engine
+        .admission
+        .admit_tasks(&row.creator, &row.project, &tasks)
+        .await?
+        .into_iter()
+        .collect();
+    for (name, ask) in asks {
+        match verdicts.get(&ask.workload) {
+            Some(Verdict::Admitted) => {
+                quota.granted.insert(name);
+            }
+            Some(Verdict::Queued(reason)) => {
+                quota.held.insert(name, reason.clone());
+            }
+            None => {}
+        }
+    }
+    Ok(quota)
+}
+
+/// Releases everything an ended run holds (its tasks' admissions and its own) and records it.
+async fn release_all(engine: &Engine, record: &RunRecord) -> Result<(), ApiError> {
+    let run = &record.run;
+    for task in &record.tasks {
+        let workload = task_workload(&run.project, &run.pipeline, &run.id, &task.name);
+        engine.admission.release(&run.creator, &workload).await?;
+    }
+    let workload = run_workload(&run.project, &run.pipeline, &run.id);
+    engine.admission.release(&run.creator, &workload).await?;
+    engine.store.released(&run.id).await
 }
 
 /// Makes sure the namespace of `spec` holds the image pull secret of `task`'s template, when the template has

@@ -7,6 +7,7 @@
 //! `cube up`). Every statement is in `store.rs`.
 
 mod access;
+mod admission;
 mod args;
 mod dag;
 mod engine;
@@ -95,6 +96,10 @@ pub struct WorkflowArgs {
         default_value = "/var/lib/cube/workloads"
     )]
     pub local_workloads_dir: PathBuf,
+    /// The file holding the token of the workflow service's account (`CreateServiceAccount`), with which the
+    /// engine admits runs and tasks for their users.
+    #[arg(long = "service-token-file", env = "CUBE_SERVICE_TOKEN_FILE")]
+    pub service_token_file: PathBuf,
     /// A file of at least 32 random bytes that registry passwords are sealed with (unset: templates cannot hold
     /// registry passwords).
     #[arg(long = "secret-key-file", env = "CUBE_SECRET_KEY_FILE")]
@@ -136,13 +141,17 @@ pub struct Options {
     pub task_env: Vec<(String, String)>,
     /// The file registry passwords are sealed with.
     pub secret_key_file: Option<PathBuf>,
+    /// The token of the workflow service's account.
+    pub service_token: String,
 }
 
 impl Options {
-    /// The options of a replica named `holder`, with the defaults of the flags.
-    pub fn new(holder: String) -> Self {
+    /// The options of a replica named `holder` holding the service-account token `service_token`, with the
+    /// defaults of the flags.
+    pub fn new(holder: String, service_token: String) -> Self {
         Self {
             holder,
+            service_token,
             lease_duration: Duration::from_secs(15),
             reconcile_interval: Duration::from_secs(2),
             task_env: DEFAULT_TASK_ENV
@@ -205,6 +214,7 @@ impl Workflow {
             changes: broadcast::channel(1024).0,
             interval: options.reconcile_interval,
             key: key.clone(),
+            admission: admission::Admission::new(peers.scheduler.clone(), options.service_token.clone()),
         });
         let keeper = Lease::new(ENGINE_LEASE, options.holder.clone(), options.lease_duration).keep(db);
         let tasks = vec![
@@ -269,7 +279,7 @@ pub enum ServeError {
 /// Names a pair without `=`.
 pub fn task_env(pairs: &[String]) -> Result<Vec<(String, String)>, StartError> {
     if pairs.is_empty() {
-        return Ok(Options::new(String::new()).task_env);
+        return Ok(Options::new(String::new(), String::new()).task_env);
     }
     pairs
         .iter()
@@ -310,12 +320,20 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: WorkflowArgs) -> Resul
         "workflow-{}",
         cube_kit::identity::jws::random_id(6).map_err(|_| StartError::Config("no randomness".into()))?
     );
+    let token = std::fs::read_to_string(&args.service_token_file)
+        .map(|token| token.trim().to_owned())
+        .map_err(|error| {
+            StartError::Config(format!(
+                "--service-token-file {}: {error}",
+                args.service_token_file.display()
+            ))
+        })?;
     let options = Options {
         lease_duration: args.lease_duration,
         reconcile_interval: args.reconcile_interval,
         task_env: task_env(&args.task_env)?,
         secret_key_file: args.secret_key_file.clone(),
-        ..Options::new(holder)
+        ..Options::new(holder, token)
     };
     let workflow = Workflow::start(Runtimes::new(registry, Arc::new(local)), db, bus, peers, options).await?;
     let _background = workflow.background;

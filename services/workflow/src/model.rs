@@ -109,6 +109,9 @@ pub mod run {
         /// were when it was created.
         #[sea_orm(column_type = "Text")]
         pub snapshot: String,
+        /// Whether it holds admissions (its own, its tasks') not yet released: set when the run is admitted,
+        /// cleared once everything it held is released after it ended.
+        pub admitted: bool,
         /// Bumped by every change of the run or its tasks, for watchers.
         pub revision: i64,
         /// Created.

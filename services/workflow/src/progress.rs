@@ -2,7 +2,7 @@
 //! the time, the next state of each, which attempts to start and which workloads to delete. A plain function
 //! over plain values; the engine reads them from the store and the runtime, and writes and acts on the result.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use cube_runtime::{Phase, WorkloadStatus, reasons};
 
@@ -185,6 +185,43 @@ pub(crate) struct Effects {
     pub(crate) apply: Vec<(String, i32)>,
 }
 
+/// What admission decided for the tasks [`ready`] named: the granted ones may start; the held ones wait, with
+/// the reason (the quota and resource that block them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Quota {
+    /// Tasks whose admission holds.
+    pub(crate) granted: HashSet<String>,
+    /// Tasks a quota holds back, with why.
+    pub(crate) held: HashMap<String, String>,
+}
+
+/// The tasks of `run` that would start at `now`: pending or queued, everything upstream succeeded or skipped,
+/// their retry wait over, not skipped themselves, as many as the parallelism leaves room for. They need an
+/// admission first.
+pub(crate) fn ready(run: &RunProgress, now: i64) -> Vec<String> {
+    if !matches!(run.state, State::Pending | State::Queued | State::Running) {
+        return Vec::new();
+    }
+    let state: HashMap<&str, State> = run.tasks.iter().map(|task| (task.name.as_str(), task.state)).collect();
+    let running = run.tasks.iter().filter(|task| task.state == State::Running).count();
+    let room = usize::try_from(run.parallelism)
+        .ok()
+        .filter(|limit| *limit > 0)
+        .map_or(usize::MAX, |limit| limit.saturating_sub(running));
+    run.tasks
+        .iter()
+        .filter(|task| matches!(task.state, State::Pending | State::Queued) && !task.skip)
+        .filter(|task| task.next_attempt_ms.is_none_or(|at| at <= now))
+        .filter(|task| {
+            task.upstream
+                .iter()
+                .all(|upstream| matches!(state.get(upstream.as_str()), Some(State::Succeeded | State::Skipped)))
+        })
+        .take(room)
+        .map(|task| task.name.clone())
+        .collect()
+}
+
 /// Reasons that mean an attempt failed for something outside the task: tried again without counting.
 const INFRASTRUCTURE: [&str; 5] = [reasons::LOST, "Evicted", "NodeLost", "Preempted", "Shutdown"];
 /// Reasons that mean the workload could not run at all (`RETRY_ON_ERROR`).
@@ -196,8 +233,14 @@ const ERRORS: [&str; 5] = [
     "Unschedulable",
 ];
 
-/// Moves `run` on, given the statuses of its workloads by name (those the runtime listed) at `now` (ms).
-pub(crate) fn step(run: &mut RunProgress, observed: &HashMap<String, WorkloadStatus>, now: i64) -> Effects {
+/// Moves `run` on, given the statuses of its workloads by name (those the runtime listed) at `now` (ms) and
+/// what admission decided for the tasks [`ready`] named: only granted tasks start.
+pub(crate) fn step(
+    run: &mut RunProgress,
+    observed: &HashMap<String, WorkloadStatus>,
+    now: i64,
+    quota: &Quota,
+) -> Effects {
     let mut effects = Effects::default();
     if run.state.is_final() {
         return effects;
@@ -214,7 +257,7 @@ pub(crate) fn step(run: &mut RunProgress, observed: &HashMap<String, WorkloadSta
     let limit = usize::try_from(run.parallelism).ok().filter(|limit| *limit > 0);
     let run_id = run.id.clone();
     for task in &mut run.tasks {
-        if task.state != State::Pending {
+        if !matches!(task.state, State::Pending | State::Queued) {
             continue;
         }
         let blocked: Vec<&str> = task
@@ -246,6 +289,15 @@ pub(crate) fn step(run: &mut RunProgress, observed: &HashMap<String, WorkloadSta
         }
         if limit.is_some_and(|limit| running >= limit) {
             task.reason = format!("waiting: {} tasks run at once at most", run.parallelism);
+            continue;
+        }
+        if let Some(reason) = quota.held.get(&task.name) {
+            task.state = State::Queued;
+            task.reason = format!("waiting for quota: {reason}");
+            continue;
+        }
+        if !quota.granted.contains(&task.name) {
+            // Ready only now: admitted on the next step.
             continue;
         }
         let number = task.attempts.last().map_or(1, |last| last.number + 1);
@@ -296,7 +348,9 @@ fn can_still_run(run: &RunProgress) -> BTreeSet<String> {
     }
     run.tasks
         .iter()
-        .filter(|task| state.get(task.name.as_str()) == Some(&State::Pending) && !dead.contains(&task.name))
+        .filter(|task| {
+            matches!(state.get(task.name.as_str()), Some(State::Pending | State::Queued)) && !dead.contains(&task.name)
+        })
         .map(|task| task.name.clone())
         .collect()
 }
@@ -522,6 +576,20 @@ mod tests {
         (name.to_owned(), status)
     }
 
+    /// Admission granting every task.
+    fn granted(run: &RunProgress) -> Quota {
+        Quota {
+            granted: run.tasks.iter().map(|task| task.name.clone()).collect(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// One step with every task admitted.
+    fn go(run: &mut RunProgress, observed: &HashMap<String, WorkloadStatus>, now: i64) -> Effects {
+        let quota = granted(run);
+        step(run, observed, now, &quota)
+    }
+
     fn started(effects: &Effects) -> Vec<&str> {
         effects.apply.iter().map(|(task, _)| task.as_str()).collect()
     }
@@ -537,24 +605,24 @@ mod tests {
             ],
             0,
         );
-        assert_eq!(started(&step(&mut diamond, &HashMap::new(), 0)), ["a"]);
+        assert_eq!(started(&go(&mut diamond, &HashMap::new(), 0)), ["a"]);
         assert_eq!(diamond.state, State::Running);
         // Recorded and applied: the runtime reports it running, then done.
         let seen = HashMap::from([status("a-r1-1", Phase::Succeeded, Some(0), None)]);
-        assert_eq!(started(&step(&mut diamond, &seen, 1)), ["b", "c"]);
+        assert_eq!(started(&go(&mut diamond, &seen, 1)), ["b", "c"]);
         let seen = HashMap::from([
             status("a-r1-1", Phase::Succeeded, Some(0), None),
             status("b-r1-1", Phase::Succeeded, Some(0), None),
             status("c-r1-1", Phase::Running, None, None),
         ]);
-        assert!(started(&step(&mut diamond, &seen, 2)).is_empty());
+        assert!(started(&go(&mut diamond, &seen, 2)).is_empty());
         let seen = HashMap::from([
             status("b-r1-1", Phase::Succeeded, Some(0), None),
             status("c-r1-1", Phase::Succeeded, Some(0), None),
         ]);
-        assert_eq!(started(&step(&mut diamond, &seen, 3)), ["d"]);
+        assert_eq!(started(&go(&mut diamond, &seen, 3)), ["d"]);
         let seen = HashMap::from([status("d-r1-1", Phase::Succeeded, Some(0), None)]);
-        step(&mut diamond, &seen, 4);
+        go(&mut diamond, &seen, 4);
         assert_eq!(diamond.state, State::Succeeded);
         assert_eq!(diamond.ended_ms, Some(4));
     }
@@ -564,14 +632,14 @@ mod tests {
         let mut tasks = vec![task("root", &[])];
         tasks.extend((0..10).map(|i| task(&format!("t{i}"), &["root"])));
         let mut fan = run(tasks, 2);
-        step(&mut fan, &HashMap::new(), 0);
+        go(&mut fan, &HashMap::new(), 0);
         let seen = HashMap::from([status("root-r1-1", Phase::Succeeded, Some(0), None)]);
-        assert_eq!(started(&step(&mut fan, &seen, 1)), ["t0", "t1"]);
+        assert_eq!(started(&go(&mut fan, &seen, 1)), ["t0", "t1"]);
         let seen = HashMap::from([
             status("t0-r1-1", Phase::Succeeded, Some(0), None),
             status("t1-r1-1", Phase::Running, None, None),
         ]);
-        assert_eq!(started(&step(&mut fan, &seen, 2)), ["t2"]);
+        assert_eq!(started(&go(&mut fan, &seen, 2)), ["t2"]);
         assert_eq!(fan.tasks[5].reason, "waiting: 2 tasks run at once at most");
     }
 
@@ -580,18 +648,18 @@ mod tests {
         let mut failing = task("a", &[]);
         failing.retry.limit = 2;
         let mut one = run(vec![failing, task("b", &["a"])], 0);
-        step(&mut one, &HashMap::new(), 0);
+        go(&mut one, &HashMap::new(), 0);
         let seen = HashMap::from([status("a-r1-1", Phase::Failed, Some(1), Some("Error"))]);
-        assert!(started(&step(&mut one, &seen, 10)).is_empty());
+        assert!(started(&go(&mut one, &seen, 10)).is_empty());
         assert_eq!(one.tasks[0].next_attempt_ms, Some(1010));
-        assert!(started(&step(&mut one, &seen, 1009)).is_empty());
-        assert_eq!(started(&step(&mut one, &seen, 1010)), ["a"]);
+        assert!(started(&go(&mut one, &seen, 1009)).is_empty());
+        assert_eq!(started(&go(&mut one, &seen, 1010)), ["a"]);
         let seen = HashMap::from([status("a-r1-2", Phase::Failed, Some(1), Some("Error"))]);
-        step(&mut one, &seen, 1020);
+        go(&mut one, &seen, 1020);
         assert_eq!(one.tasks[0].next_attempt_ms, Some(3020), "the second wait doubles");
-        assert_eq!(started(&step(&mut one, &seen, 3020)), ["a"]);
+        assert_eq!(started(&go(&mut one, &seen, 3020)), ["a"]);
         let seen = HashMap::from([status("a-r1-3", Phase::Failed, Some(3), Some("Error"))]);
-        step(&mut one, &seen, 4000);
+        go(&mut one, &seen, 4000);
         assert_eq!(one.tasks[0].state, State::Failed);
         assert_eq!(one.tasks[0].reason, "attempt 3 failed: Error (exit code 3)");
         assert_eq!(one.tasks[1].state, State::Pending);
@@ -602,10 +670,10 @@ mod tests {
     #[test]
     fn lost_attempts_are_tried_again_without_counting() {
         let mut one = run(vec![task("a", &[])], 0);
-        step(&mut one, &HashMap::new(), 0);
+        go(&mut one, &HashMap::new(), 0);
         let seen = HashMap::from([status("a-r1-1", Phase::Failed, None, Some(reasons::LOST))]);
-        step(&mut one, &seen, 5);
-        assert_eq!(started(&step(&mut one, &seen, 5)), ["a"]);
+        go(&mut one, &seen, 5);
+        assert_eq!(started(&go(&mut one, &seen, 5)), ["a"]);
         assert_eq!(one.tasks[0].retries, 0);
         assert!(one.tasks[0].attempts[0].infrastructure);
     }
@@ -613,9 +681,9 @@ mod tests {
     #[test]
     fn a_recorded_attempt_that_was_never_applied_is_applied_again_under_its_name() {
         let mut one = run(vec![task("a", &[])], 0);
-        step(&mut one, &HashMap::new(), 0);
+        go(&mut one, &HashMap::new(), 0);
         // The process died after recording attempt 1 and before applying it.
-        assert_eq!(step(&mut one, &HashMap::new(), 1).apply, [("a".to_owned(), 1)]);
+        assert_eq!(go(&mut one, &HashMap::new(), 1).apply, [("a".to_owned(), 1)]);
         assert_eq!(one.tasks[0].attempts.len(), 1);
     }
 
@@ -624,10 +692,10 @@ mod tests {
         let mut slow = task("a", &[]);
         slow.timeout_ms = Some(1000);
         let mut one = run(vec![slow], 0);
-        step(&mut one, &HashMap::new(), 0);
+        go(&mut one, &HashMap::new(), 0);
         let seen = HashMap::from([status("a-r1-1", Phase::Running, None, None)]);
-        step(&mut one, &seen, 100);
-        let effects = step(&mut one, &seen, 1100);
+        go(&mut one, &seen, 100);
+        let effects = go(&mut one, &seen, 1100);
         assert_eq!(effects.delete, ["a-r1-1"]);
         assert_eq!(one.tasks[0].attempts[0].reason, reasons::DEADLINE_EXCEEDED);
         assert_eq!(one.state, State::Failed);
@@ -636,9 +704,9 @@ mod tests {
     #[test]
     fn canceling_deletes_live_workloads_and_ends_at_once() {
         let mut two = run(vec![task("a", &[]), task("b", &["a"])], 0);
-        step(&mut two, &HashMap::new(), 0);
+        go(&mut two, &HashMap::new(), 0);
         two.state = State::Canceling;
-        let effects = step(&mut two, &HashMap::new(), 7);
+        let effects = go(&mut two, &HashMap::new(), 7);
         assert_eq!(effects.delete, ["a-r1-1"]);
         assert_eq!(two.state, State::Canceled);
         assert_eq!(two.tasks[1].state, State::Canceled);
@@ -649,8 +717,25 @@ mod tests {
         let mut skipped = task("a", &[]);
         skipped.skip = true;
         let mut two = run(vec![skipped, task("b", &["a"])], 0);
-        step(&mut two, &HashMap::new(), 0);
+        go(&mut two, &HashMap::new(), 0);
         assert_eq!(two.tasks[0].state, State::Skipped);
-        assert_eq!(started(&step(&mut two, &HashMap::new(), 1)), ["b"]);
+        assert_eq!(started(&go(&mut two, &HashMap::new(), 1)), ["b"]);
+    }
+
+    #[test]
+    fn quota_holds_tasks_back_with_the_reason_and_ready_names_what_would_start() {
+        let mut fan = run(vec![task("a", &[]), task("b", &[]), task("c", &["a"])], 0);
+        assert_eq!(ready(&fan, 0), ["a", "b"]);
+        let quota = Quota {
+            granted: HashSet::from(["a".to_owned()]),
+            held: HashMap::from([("b".to_owned(), "cpu 0.8 of 1 in use".to_owned())]),
+        };
+        assert_eq!(started(&step(&mut fan, &HashMap::new(), 0, &quota)), ["a"]);
+        assert_eq!(fan.tasks[1].state, State::Queued);
+        assert_eq!(fan.tasks[1].reason, "waiting for quota: cpu 0.8 of 1 in use");
+        assert_eq!(fan.state, State::Running, "a run with a queued task goes on");
+        assert_eq!(ready(&fan, 1), ["b"], "a queued task is asked for again");
+        let limited = run(vec![task("a", &[]), task("b", &[]), task("c", &[])], 2);
+        assert_eq!(ready(&limited, 0), ["a", "b"], "no more than the parallelism");
     }
 }

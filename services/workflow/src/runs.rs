@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::access::{Access, Need, upstream};
+use crate::admission::task_workload;
 use crate::dag;
 use crate::engine::Engine;
 use crate::launch::{self, Snapshot, template_id};
@@ -255,6 +256,7 @@ impl Runs {
             }
         }
         let project = self.access.project(&request, &row.project).await?;
+        let id = new_run_id()?;
         snapshot.project_volumes = project
             .settings
             .map(|settings| settings.volume_mounts)
@@ -268,10 +270,11 @@ impl Runs {
                 let (cpu, memory, gpu) = launch::pod_resources(task, template);
                 let ask = PlaceRequest {
                     project: format!("projects/{}", row.project),
-                    kind: WorkloadKind::Train as i32,
+                    kind: WorkloadKind::Task as i32,
                     cpu,
                     memory,
                     gpu,
+                    workload: task_workload(&row.project, &row.id, &id, &task.name),
                     ..PlaceRequest::default()
                 };
                 // Each placement is asked with the caller's credentials.
@@ -301,7 +304,6 @@ impl Runs {
             snapshot.placements.insert(name, placement);
         }
         snapshot.pipeline = pipeline;
-        let id = new_run_id()?;
         let tasks = snapshot
             .pipeline
             .tasks
@@ -327,6 +329,7 @@ impl Runs {
             creator: caller.username.clone(),
             request_id: (!body.request_id.is_empty()).then(|| body.request_id.clone()),
             snapshot: snapshot.encode(),
+            admitted: false,
             revision: 1,
             created_ms: now_ms(),
             started_ms: None,
@@ -437,7 +440,10 @@ impl Runs {
             if state == State::Canceling {
                 break;
             }
-            match store.cancel_run(&record.run.id, record.run.revision).await {
+            match store
+                .cancel_run(&record.run.id, record.run.revision, "canceled by a user")
+                .await
+            {
                 Ok(()) => break,
                 // Changed meanwhile: read it again and decide again.
                 Err(ApiError::Aborted { .. }) => {

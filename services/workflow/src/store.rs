@@ -409,12 +409,10 @@ impl Store {
             select = select.filter(run::Column::CreatedMs.lt(before));
         }
         if let Some((created, id)) = &query.after {
+            // A row comparison, which the index on (…, created_ms, id) answers by seeking, whatever the depth.
             select = select.filter(
-                Condition::any().add(run::Column::CreatedMs.lt(*created)).add(
-                    Condition::all()
-                        .add(run::Column::CreatedMs.eq(*created))
-                        .add(run::Column::Id.lt(id.clone())),
-                ),
+                Expr::tuple([Expr::col(run::Column::CreatedMs), Expr::col(run::Column::Id)])
+                    .lt(Expr::tuple([Expr::value(*created), Expr::value(id.clone())])),
             );
         }
         select
@@ -426,12 +424,17 @@ impl Store {
             .map_err(db_error)
     }
 
-    /// The ids of the live runs, oldest first.
+    /// The ids of the runs the engine has work on, oldest first: the live ones, and the ended ones that still
+    /// hold admissions.
     pub(crate) async fn live_runs(&self) -> Result<Vec<String>, ApiError> {
         run::Entity::find()
             .select_only()
             .column(run::Column::Id)
-            .filter(run::Column::State.is_in(live_states()))
+            .filter(
+                Condition::any()
+                    .add(run::Column::State.is_in(live_states()))
+                    .add(run::Column::Admitted.eq(true)),
+            )
             .order_by_asc(run::Column::CreatedMs)
             .into_tuple::<String>()
             .all(&self.db)
@@ -457,11 +460,43 @@ impl Store {
             .collect())
     }
 
-    /// Marks a live run read at `revision` for canceling; `Aborted` when it changed since.
-    pub(crate) async fn cancel_run(&self, id: &str, revision: i64) -> Result<(), ApiError> {
+    /// Records what admission said of a run read at `revision`: admitted (it holds its admission from now on) or
+    /// queued for `reason`. Returns `false`, writing nothing, when the run changed since.
+    pub(crate) async fn admission_of_run(
+        &self,
+        id: &str,
+        revision: i64,
+        queued: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        let mut update = run::Entity::update_many()
+            .col_expr(run::Column::Revision, Expr::value(revision + 1))
+            .filter(run::Column::Id.eq(id))
+            .filter(run::Column::Revision.eq(revision));
+        update = match queued {
+            Some(reason) => update
+                .col_expr(run::Column::State, Expr::value(State::Queued.as_str()))
+                .col_expr(run::Column::Reason, Expr::value(format!("waiting for quota: {reason}"))),
+            None => update.col_expr(run::Column::Admitted, Expr::value(true)),
+        };
+        Ok(update.exec(&self.db).await.map_err(db_error)?.rows_affected == 1)
+    }
+
+    /// Records that an ended run released everything it held.
+    pub(crate) async fn released(&self, id: &str) -> Result<(), ApiError> {
+        run::Entity::update_many()
+            .col_expr(run::Column::Admitted, Expr::value(false))
+            .filter(run::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Marks a live run read at `revision` for canceling, for `reason`; `Aborted` when it changed since.
+    pub(crate) async fn cancel_run(&self, id: &str, revision: i64, reason: &str) -> Result<(), ApiError> {
         let result = run::Entity::update_many()
             .col_expr(run::Column::State, Expr::value(State::Canceling.as_str()))
-            .col_expr(run::Column::Reason, Expr::value("canceled by a user"))
+            .col_expr(run::Column::Reason, Expr::value(truncate(reason, 2000)))
             .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
             .filter(run::Column::Id.eq(id))
             .filter(run::Column::Revision.eq(revision))
@@ -700,6 +735,7 @@ mod tests {
             creator: "lena".to_owned(),
             request_id: None,
             snapshot: String::new(),
+            admitted: false,
             revision: 1,
             created_ms: 1,
             started_ms: None,

@@ -42,7 +42,7 @@ use futures::StreamExt as _;
 use sea_orm::DatabaseConnection;
 use tonic::{Request, Response, Status};
 
-use self::quota::{Amount, StoredBlocker, blockers, queued_reason, scopes, scopes_json};
+use self::quota::{Amount, StoredBlocker, blockers, counts_a_run, queued_reason, scopes, scopes_json};
 use self::reconcile::Reconciler;
 use self::store::{BatchItem, Batched, Outcome, Store, retrying};
 use cube_clusters::ClusterRegistry;
@@ -278,14 +278,14 @@ impl Admissions {
     /// What admitting `workload` of `ask` for `caller` stores and reserves, against the limits of `view`.
     fn prepare(&self, caller: &Principal, workload: &str, ask: &crate::ask::Ask, view: &ProjectView) -> Prepared {
         let gpu_type = ask.gpu_type(&self.inner.vendors);
-        let kind = ask.kind.label();
+        let kind = ask.admitted_as;
         let amount = Amount {
             cpu_millis: i64::try_from(ask.cpu.request_millis()).unwrap_or(i64::MAX),
             memory_bytes: i64::try_from(ask.memory.request_bytes()).unwrap_or(i64::MAX),
             gpu_millis: i64::try_from(ask.gpu.thousandths()).unwrap_or(i64::MAX),
             notebooks: i64::from(kind == "notebook"),
             services: i64::from(kind == "service"),
-            runs: i64::from(kind == "train"),
+            runs: i64::from(counts_a_run(kind)),
         };
         let scopes = scopes(&ask.project, &caller.username, gpu_type.as_deref(), Some(view));
         let row = reservation::Model {

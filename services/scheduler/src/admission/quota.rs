@@ -243,8 +243,14 @@ pub(super) fn amount_of(row: &reservation::Model) -> Amount {
         gpu_millis: row.gpu_millis,
         notebooks: i64::from(row.kind == "notebook"),
         services: i64::from(row.kind == "service"),
-        runs: i64::from(row.kind == "train"),
+        runs: i64::from(counts_a_run(&row.kind)),
     }
+}
+
+/// Whether an admission stored as `kind` counts against the `runs` quota: a run, or a training workload that
+/// is not a run's task.
+pub(super) fn counts_a_run(kind: &str) -> bool {
+    matches!(kind, "train" | "run")
 }
 
 /// What blocks `amount` in `scopes`, given what each scope's row holds now (`used`, by row; a missing row holds

@@ -71,7 +71,11 @@ impl Reconciler {
         let grace = i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX);
         let cutoff = unix_ms(now).saturating_sub(grace);
         let old = self.store.admitted_before(cutoff).await?;
-        let missing: Vec<reservation::Model> = old.into_iter().filter(|row| !live.contains(&row.workload)).collect();
+        // A run's own admission has no pods (its tasks have them): it is released by the run's end only.
+        let missing: Vec<reservation::Model> = old
+            .into_iter()
+            .filter(|row| row.kind != "run" && !live.contains(&row.workload))
+            .collect();
         let confirmed: Vec<&reservation::Model> = {
             let mut suspects = self.suspects.lock().unwrap_or_else(PoisonError::into_inner);
             let confirmed = missing

@@ -1,0 +1,335 @@
+//! Benchmarks the workflow engine (issue 15's targets):
+//!
+//! 1. a 1,000-task DAG on the test kube-apiserver and scheduler with the fake kubelet, in two shapes: wide (every
+//!    task at once) and deep (a chain). For the wide DAG, pods created per second: tasks started over the time
+//!    from `CreateRun` until every task has an attempt whose pod was applied. For the deep chain, the engine's
+//!    overhead per task: the run's wall time less the time the tasks themselves ran, per task (it includes the
+//!    API server, the scheduler's binding, the fake kubelet's reports and the watcher's transitions);
+//! 2. `ListRuns` on PostgreSQL with 1,000,000 runs of one pipeline: p50 and p99 of the first page and of a page
+//!    500,000 runs deep, each call through the workflow service's gRPC API (membership check included).
+//!
+//! Run: `cargo run --release -p cube-integration-tests --bin workflow-bench -- [--tasks 1000] [--runs 1000000]
+//! [--calls 200]` with the test environment up (`scripts/test-env.sh up`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use cube_integration_tests::connect;
+use cube_integration_tests::platform::{
+    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform,
+};
+use cube_integration_tests::shape::Shape;
+use cube_integration_tests::workflow::{RunningWorkflow, start_workflow};
+use cube_proto::cube::projects::v1::{Quota, Settings};
+use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
+use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
+use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
+use cube_proto::cube::workflow::v1::{
+    CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, GetRunRequest, JobTemplate, ListRunsRequest,
+    Pipeline, Run, RunState, Task, TemplateVersion,
+};
+use cube_testkit::kubernetes::{Kubelet, Script};
+use sea_orm::ConnectionTrait as _;
+use serde_json::json;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks Cube's workflow engine: pods per second, overhead per task, ListRuns at depth")]
+struct Args {
+    /// Tasks of each DAG (0 skips the DAG runs).
+    #[arg(long, default_value_t = 1000)]
+    tasks: usize,
+    /// How long each task's pod runs in the deep chain, ms.
+    #[arg(long, default_value_t = 20)]
+    task_ms: u64,
+    /// Runs stored for the ListRuns measurement (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    runs: usize,
+    /// ListRuns calls measured per page.
+    #[arg(long, default_value_t = 200)]
+    calls: usize,
+}
+
+/// The platform, the workflow service and a project `vision` whose tasks run on the bench's fake node.
+struct Bench {
+    platform: Platform,
+    workflow: RunningWorkflow,
+    channel: Channel,
+    _node: FakeNode,
+    _namespace: TestNamespace,
+    _kubelet: Kubelet,
+}
+
+impl Bench {
+    async fn start(task_ms: u64) -> anyhow::Result<Self> {
+        let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+        let client = kube_client(&kubeconfig).await;
+        let group = cube_testkit::kubernetes::unique_name("bench");
+        // Room for every pod of a 1,000-task run at once.
+        let node = FakeNode::create(
+            &client,
+            json!({"cpu": "true", "train": "true", "org": group}),
+            &[("pods", 5000), ("cpu", 1000)],
+        )
+        .await;
+        let namespace = TestNamespace::unique(&client, "bench").await;
+        let kubelet = Kubelet::start(&client, [&node]).script(
+            "app.kubernetes.io/managed-by=cube",
+            Script::run_for(Duration::from_millis(task_ms)).exit(0),
+        );
+        let mut platform = platform(Shape::PostgresRedis, &kubeconfig).await;
+        create_project(
+            &platform,
+            "vision",
+            Settings {
+                resource_group: group,
+                pipeline_namespace: namespace.name.clone(),
+                ..Settings::default()
+            },
+            Quota::default(),
+        )
+        .await;
+        let workflow = start_workflow(&mut platform, &kubeconfig).await;
+        let channel = connect(&workflow.server).await;
+        JobTemplateServiceClient::new(channel.clone())
+            .create_job_template(authed(
+                CreateJobTemplateRequest {
+                    job_template_id: "worker".into(),
+                    job_template: Some(JobTemplate {
+                        image: "cube.test/worker:1".into(),
+                        entrypoint: "train".into(),
+                        version: TemplateVersion::Release as i32,
+                        ..JobTemplate::default()
+                    }),
+                },
+                &platform.token,
+            ))
+            .await
+            .context("creating the template")?;
+        Ok(Self {
+            platform,
+            workflow,
+            channel,
+            _node: node,
+            _namespace: namespace,
+            _kubelet: kubelet,
+        })
+    }
+
+    async fn get(&self, name: &str) -> anyhow::Result<Run> {
+        Ok(RunServiceClient::new(self.channel.clone())
+            .get_run(authed(GetRunRequest { name: name.into() }, &self.platform.token))
+            .await?
+            .into_inner())
+    }
+
+    /// Creates pipeline `id` of `tasks` and runs it; the run's name and when it was created.
+    async fn run(&self, id: &str, tasks: Vec<Task>) -> anyhow::Result<(String, Instant)> {
+        let pipeline = PipelineServiceClient::new(self.channel.clone())
+            .create_pipeline(authed(
+                CreatePipelineRequest {
+                    parent: "projects/vision".into(),
+                    pipeline_id: id.into(),
+                    pipeline: Some(Pipeline {
+                        tasks,
+                        ..Pipeline::default()
+                    }),
+                },
+                &self.platform.token,
+            ))
+            .await
+            .context("creating the pipeline")?
+            .into_inner();
+        let mut runs = RunServiceClient::new(self.channel.clone());
+        // The scheduler's inventory sees the node within seconds of starting.
+        for _ in 0..100 {
+            let started = Instant::now();
+            match runs
+                .create_run(authed(
+                    CreateRunRequest {
+                        parent: pipeline.name.clone(),
+                        request_id: String::new(),
+                    },
+                    &self.platform.token,
+                ))
+                .await
+            {
+                Ok(run) => return Ok((run.into_inner().name, started)),
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => anyhow::bail!("creating a run: {status:?}"),
+            }
+        }
+        anyhow::bail!("the node never became placeable")
+    }
+
+    /// Waits until `done` holds for run `name`, polling every 50 ms; the run as it was then.
+    async fn wait(&self, name: &str, done: impl Fn(&Run) -> bool) -> anyhow::Result<Run> {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let run = self.get(name).await?;
+            if done(&run) {
+                return Ok(run);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "run {name} did not get there: {:?}",
+                run.state()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn task(name: String, upstream: Vec<String>) -> Task {
+    Task {
+        name,
+        template: "jobTemplates/worker".into(),
+        cpu: "0.01".into(),
+        memory: "16M".into(),
+        upstream,
+        ..Task::default()
+    }
+}
+
+/// The p50 and p99 of `samples`, ms.
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[index].as_secs_f64() * 1000.0
+    };
+    (at(0.50), at(0.99))
+}
+
+async fn dags(bench: &Bench, tasks: usize, task_ms: u64) -> anyhow::Result<()> {
+    // Wide: every task is ready at once; the engine records and applies them all.
+    let wide: Vec<Task> = (0..tasks).map(|i| task(format!("w{i}"), Vec::new())).collect();
+    let (name, created) = bench.run("wide", wide).await?;
+    bench
+        .wait(&name, |run| run.tasks.iter().all(|task| !task.attempts.is_empty()))
+        .await?;
+    let applied = created.elapsed();
+    let done = bench
+        .wait(&name, |run| {
+            run.state() != RunState::Running && run.state() != RunState::Pending
+        })
+        .await?;
+    anyhow::ensure!(
+        done.state() == RunState::Succeeded,
+        "the wide run ended {:?}: {}",
+        done.state(),
+        done.reason
+    );
+    println!(
+        "  wide DAG of {tasks} tasks: every pod applied {:.2} s after CreateRun: {:.0} pods/s; run done in {:.2} s",
+        applied.as_secs_f64(),
+        tasks as f64 / applied.as_secs_f64(),
+        created.elapsed().as_secs_f64()
+    );
+    // Deep: a chain, one task at a time; what is not the tasks' own running time is overhead.
+    let deep: Vec<Task> = (0..tasks)
+        .map(|i| {
+            task(
+                format!("d{i}"),
+                if i == 0 {
+                    Vec::new()
+                } else {
+                    vec![format!("d{}", i - 1)]
+                },
+            )
+        })
+        .collect();
+    let (name, created) = bench.run("deep", deep).await?;
+    let done = bench
+        .wait(&name, |run| {
+            run.state() != RunState::Running && run.state() != RunState::Pending
+        })
+        .await?;
+    let wall = created.elapsed();
+    anyhow::ensure!(
+        done.state() == RunState::Succeeded,
+        "the deep run ended {:?}: {}",
+        done.state(),
+        done.reason
+    );
+    let running = Duration::from_millis(task_ms) * u32::try_from(tasks)?;
+    let overhead = wall.saturating_sub(running);
+    println!(
+        "  deep chain of {tasks} tasks ({task_ms} ms each): {:.2} s in all; overhead {:.1} ms per task (API \
+         server, scheduler binding, fake kubelet, watcher and engine)",
+        wall.as_secs_f64(),
+        overhead.as_secs_f64() * 1000.0 / tasks as f64
+    );
+    Ok(())
+}
+
+async fn list_runs(bench: &Bench, runs: usize, calls: usize) -> anyhow::Result<()> {
+    let db = cube_kit::db::connect::<cube_workflow::model::Migrator>(&bench.workflow.database, false).await?;
+    let started = Instant::now();
+    // One pipeline's runs, one a millisecond apart, written by the database itself.
+    db.execute_unprepared(&format!(
+        "INSERT INTO runs (id, project, pipeline, state, reason, trigger, creator, request_id, snapshot, admitted, \
+         revision, created_ms, started_ms, ended_ms) \
+         SELECT 'r' || lpad(g::text, 9, '0'), 'vision', 'history', 'SUCCEEDED', '', 'MANUAL', 'lena', NULL, '', \
+         false, 1, 1700000000000 + g, 1700000000000 + g, 1700000000000 + g FROM generate_series(1, {runs}) g"
+    ))
+    .await?;
+    db.execute_unprepared("ANALYZE runs").await?;
+    println!("  {runs} runs stored in {:.1} s", started.elapsed().as_secs_f64());
+    let mut client = RunServiceClient::new(bench.channel.clone());
+    let parent = "projects/vision/pipelines/history".to_owned();
+    // The page after the run 500,000 deep from the newest, as a client that paged there holds it.
+    let depth = runs / 2;
+    let position = (
+        1_700_000_000_000_i64 + i64::try_from(runs - depth)?,
+        format!("r{:09}", runs - depth),
+    );
+    let deep_token = cube_kit::page::encode_token(&position);
+    for (what, token) in [
+        ("first page", String::new()),
+        (&*format!("page {depth} deep"), deep_token),
+    ] {
+        let mut samples = Vec::with_capacity(calls);
+        let mut first = String::new();
+        for _ in 0..calls {
+            let started = Instant::now();
+            let page = client
+                .list_runs(authed(
+                    ListRunsRequest {
+                        parent: parent.clone(),
+                        page_size: 50,
+                        page_token: token.clone(),
+                        filter: String::new(),
+                    },
+                    &bench.platform.token,
+                ))
+                .await?
+                .into_inner();
+            samples.push(started.elapsed());
+            anyhow::ensure!(page.runs.len() == 50, "a full page");
+            first.clone_from(&page.runs[0].name);
+        }
+        let (p50, p99) = percentiles(samples);
+        println!("  ListRuns {what} (50 runs, from {first}): p50 {p50:.2} ms, p99 {p99:.2} ms over {calls} calls");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bench = Bench::start(args.task_ms).await?;
+    println!(
+        "workflow-bench: the workflow service on PostgreSQL and Redis, the test kube-apiserver with the fake kubelet"
+    );
+    if args.tasks > 0 {
+        dags(&bench, args.tasks, args.task_ms).await?;
+    }
+    if args.runs > 0 {
+        list_runs(&bench, args.runs, args.calls).await?;
+    }
+    Ok(())
+}
