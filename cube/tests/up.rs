@@ -685,7 +685,11 @@ async fn cube_up_runs_a_pipeline_of_local_processes_through_the_gateway() {
                 pipeline: Some(Pipeline {
                     tasks: vec![
                         task("prepare", "echo \"preparing $KFJ_RUN_ID\"\nsleep 1", &[]),
-                        task("train", "echo \"training in $KFJ_TASK_NAME\"\nsleep 1", &["prepare"]),
+                        task(
+                            "train",
+                            "echo \"training in $KFJ_TASK_NAME as $K8S_POD_NAME\"\nsleep 1",
+                            &["prepare"],
+                        ),
                     ],
                     ..Pipeline::default()
                 }),
@@ -750,7 +754,8 @@ async fn cube_up_runs_a_pipeline_of_local_processes_through_the_gateway() {
     while let Some(chunk) = logs.message().await.expect("a log chunk") {
         text.extend(chunk.data);
     }
-    assert_eq!(String::from_utf8_lossy(&text), "training in train\n");
+    let pod = &finished.tasks[1].attempts[0].pod;
+    assert_eq!(String::from_utf8_lossy(&text), format!("training in train as {pod}\n"));
     let stderr = up.stop().await;
     assert!(!stderr.contains("ERROR"), "{stderr}");
 }

@@ -327,6 +327,15 @@ async fn a_diamond_runs_in_order_on_placed_pods_with_the_kfj_environment(shape: 
         assert!(env["KFJ_TASK_NODE_SELECTOR"].contains("train=true"), "{env:?}");
         assert_eq!(env["TEMPLATE_ENV"], "from-template");
         assert_eq!(env["STAGE"], "test");
+        let from_pod: BTreeMap<String, String> = main
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|var| Some((var.name, var.value_from?.field_ref?.field_path)))
+            .collect();
+        assert_eq!(from_pod["K8S_NODE_NAME"], "spec.nodeName");
+        assert_eq!(from_pod["K8S_POD_NAME"], "metadata.name");
         assert_eq!(
             main.command.as_deref(),
             Some(&["train".to_owned(), "--verbose".to_owned()][..])

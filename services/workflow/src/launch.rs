@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use cube_proto::cube::scheduler::v1::Placement;
 use cube_proto::cube::workflow::v1::{JobTemplate, Pipeline, Task};
-use cube_runtime::{Container, ObjectKey, RestartPolicy, WorkloadSpec, labels};
+use cube_runtime::{Container, ObjectKey, PodField, RestartPolicy, WorkloadSpec, labels};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
@@ -226,6 +226,13 @@ pub(crate) fn workload(context: &RunContext<'_>, task: &Task, number: i32) -> Re
             command,
             args: argv,
             env,
+            // The downward API values cube-studio's job images read.
+            env_from_pod: vec![
+                ("K8S_NODE_NAME".to_owned(), PodField::NodeName),
+                ("K8S_POD_IP".to_owned(), PodField::PodIp),
+                ("K8S_HOST_IP".to_owned(), PodField::HostIp),
+                ("K8S_POD_NAME".to_owned(), PodField::PodName),
+            ],
             working_dir,
             ..Container::default()
         }],

@@ -24,7 +24,7 @@ pub mod volumes;
 pub use error::RuntimeError;
 pub use local::LocalRuntime;
 pub use runtimes::{ClusterRuntime, Runtimes};
-pub use spec::{Container, ObjectKey, Owner, Port, RestartPolicy, WorkloadSpec, labels};
+pub use spec::{Container, ObjectKey, Owner, PodField, Port, RestartPolicy, WorkloadSpec, labels};
 pub use status::{Phase, WorkloadStatus, reasons};
 
 use std::collections::BTreeMap;

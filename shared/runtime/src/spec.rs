@@ -89,6 +89,9 @@ pub struct Container {
     pub args: Vec<String>,
     /// Environment variables, in order.
     pub env: Vec<(String, String)>,
+    /// Environment variables whose values are facts of the running workload (Kubernetes' downward API), after
+    /// `env`.
+    pub env_from_pod: Vec<(String, PodField)>,
     /// The working directory (the image's when `None`; a directory of the workload's own under the data directory
     /// for the local runtime).
     pub working_dir: Option<String>,
@@ -98,6 +101,34 @@ pub struct Container {
     pub requests: BTreeMap<String, String>,
     /// Resource limits as Kubernetes quantities.
     pub limits: BTreeMap<String, String>,
+}
+
+/// A fact of a running workload an environment variable can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodField {
+    /// The node it runs on (`spec.nodeName`; the machine's host name locally).
+    NodeName,
+    /// Its own address (`status.podIP`; `127.0.0.1` locally).
+    PodIp,
+    /// Its node's address (`status.hostIP`; `127.0.0.1` locally).
+    HostIp,
+    /// Its name (`metadata.name`).
+    PodName,
+    /// Its namespace (`metadata.namespace`).
+    PodNamespace,
+}
+
+impl PodField {
+    /// The Kubernetes field path it reads.
+    pub fn field_path(self) -> &'static str {
+        match self {
+            Self::NodeName => "spec.nodeName",
+            Self::PodIp => "status.podIP",
+            Self::HostIp => "status.hostIP",
+            Self::PodName => "metadata.name",
+            Self::PodNamespace => "metadata.namespace",
+        }
+    }
 }
 
 /// A port a container listens on.

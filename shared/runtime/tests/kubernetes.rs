@@ -11,7 +11,9 @@ use cube_runtime::kubernetes::{
     Autoscaling, Destination, KubernetesRuntime, Metadata, VirtualService, autoscaling_version, config_map, deployment,
     image_pull_secret, owner_of, pod_status, secret, service,
 };
-use cube_runtime::{Container, ObjectKey, Phase, Port, RestartPolicy, Runtime, RuntimeError, WorkloadSpec, labels};
+use cube_runtime::{
+    Container, ObjectKey, Phase, PodField, Port, RestartPolicy, Runtime, RuntimeError, WorkloadSpec, labels,
+};
 use cube_testkit::eventually;
 use cube_testkit::kubernetes::{FakeNode, Kubelet, Script, TestNamespace, client, unique_name};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -72,6 +74,7 @@ impl Setup {
                 command: vec!["python".to_owned()],
                 args: vec!["train.py".to_owned()],
                 env: vec![("EPOCHS".to_owned(), "3".to_owned())],
+                env_from_pod: vec![("NODE".to_owned(), PodField::NodeName)],
                 working_dir: Some("/work".to_owned()),
                 ports: vec![Port {
                     name: "http".to_owned(),
@@ -161,6 +164,27 @@ async fn applying_twice_makes_one_pod() {
         .map(|m| (m.mount_path.as_str(), m.sub_path.as_deref()))
         .collect();
     assert_eq!(mounts, [("/mnt/alice", Some("alice")), ("/dev/shm", None)]);
+    let env: Vec<(String, Option<String>, Option<String>)> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|var| {
+            let path = var
+                .value_from
+                .as_ref()
+                .and_then(|from| from.field_ref.as_ref())
+                .map(|field| field.field_path.clone());
+            (var.name.clone(), var.value.clone(), path)
+        })
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("EPOCHS".to_owned(), Some("3".to_owned()), None),
+            ("NODE".to_owned(), None, Some("spec.nodeName".to_owned())),
+        ],
+        "literal values, then the downward API's"
+    );
 
     // A changed spec of the same key changes nothing and does not fail, though a pod's spec is immutable.
     let mut changed = spec.clone();

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use cube_proto::cube::scheduler::v1::{AffinityTerm, Placement};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container as KubeContainer, ContainerPort, EnvVar, LocalObjectReference, Pod, PodAffinity,
-    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, ResourceRequirements, SecurityContext, Toleration,
-    WeightedPodAffinityTerm,
+    Affinity, Container as KubeContainer, ContainerPort, EnvVar, EnvVarSource, LocalObjectReference,
+    ObjectFieldSelector, Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SecurityContext, Toleration, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -152,16 +152,24 @@ fn kube_container(
         image: Some(container.image.clone()),
         command: (!container.command.is_empty()).then(|| container.command.clone()),
         args: (!container.args.is_empty()).then(|| container.args.clone()),
-        env: (!container.env.is_empty()).then(|| {
-            container
-                .env
-                .iter()
-                .map(|(name, value)| EnvVar {
-                    name: name.clone(),
-                    value: Some(value.clone()),
-                    value_from: None,
-                })
-                .collect()
+        env: (!container.env.is_empty() || !container.env_from_pod.is_empty()).then(|| {
+            let literal = container.env.iter().map(|(name, value)| EnvVar {
+                name: name.clone(),
+                value: Some(value.clone()),
+                value_from: None,
+            });
+            let from_pod = container.env_from_pod.iter().map(|(name, field)| EnvVar {
+                name: name.clone(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: field.field_path().to_owned(),
+                        api_version: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+            literal.chain(from_pod).collect()
         }),
         working_dir: container.working_dir.clone(),
         ports: (!container.ports.is_empty()).then(|| {

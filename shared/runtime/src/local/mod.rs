@@ -30,7 +30,7 @@ use tokio::task::AbortHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::RuntimeError;
-use crate::spec::{ObjectKey, RestartPolicy, WorkloadSpec};
+use crate::spec::{ObjectKey, PodField, RestartPolicy, WorkloadSpec};
 use crate::status::{Phase, WorkloadStatus, reasons};
 use crate::{LogStream, Runtime, StatusStream};
 use record::Record;
@@ -337,6 +337,15 @@ impl LocalRuntime {
             }
         }
         let mut env = main.env.clone();
+        for (name, field) in &main.env_from_pod {
+            let value = match field {
+                PodField::NodeName => self.inner.node.clone(),
+                PodField::PodIp | PodField::HostIp => "127.0.0.1".to_owned(),
+                PodField::PodName => spec.key.name.clone(),
+                PodField::PodNamespace => spec.key.namespace.clone(),
+            };
+            env.push((name.clone(), value));
+        }
         let mut ports = BTreeMap::new();
         for (index, port) in main.ports.iter().enumerate() {
             let chosen = process::free_port()?;
