@@ -43,6 +43,11 @@ pub(crate) struct Engine {
     pub(crate) admission: Admission,
 }
 
+/// What applying an attempt's workload came to: done, or the error and whether it is a refusal for good.
+type Applied = Result<(), (String, bool)>;
+
+/// How many workloads of one run are applied at once.
+const APPLYING_AT_ONCE: usize = 32;
 /// The default retry policy's first wait.
 const DEFAULT_BACKOFF_MS: i64 = 10_000;
 /// The default retry policy's longest wait.
@@ -211,23 +216,35 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
         creator: &run.creator,
         snapshot: &snapshot,
     };
-    let mut applied = Vec::new();
-    let mut refused = false;
+    // Attempts are independent once recorded: their workloads are applied side by side.
+    let mut applying = Vec::new();
     for (task_name, number) in &effects.apply {
         let Some(task) = snapshot.task(task_name) else { continue };
-        let result = match launch::workload(&context, task, *number) {
-            Ok(mut spec) => match with_pull_secret(engine, &snapshot, task, &mut spec).await {
-                Ok(()) => engine.runtime.apply(&spec).await.map(drop),
-                Err(error) => Err(error),
-            }
-            .map_err(|error| (error.to_string(), is_refusal(&error))),
-            Err(problem) => Err((problem, true)),
-        };
+        let (context, snapshot, number) = (&context, &snapshot, *number);
+        applying.push(async move {
+            let result = match launch::workload(context, task, number) {
+                Ok(mut spec) => match with_pull_secret(engine, snapshot, task, &mut spec).await {
+                    Ok(()) => engine.runtime.apply(&spec).await.map(drop),
+                    Err(error) => Err(error),
+                }
+                .map_err(|error| (error.to_string(), is_refusal(&error))),
+                Err(problem) => Err((problem, true)),
+            };
+            (task.name.clone(), number, result)
+        });
+    }
+    let outcomes: Vec<(String, i32, Applied)> = futures::stream::iter(applying)
+        .buffer_unordered(APPLYING_AT_ONCE)
+        .collect()
+        .await;
+    let mut applied = Vec::new();
+    let mut refused = false;
+    for (task_name, number, result) in outcomes {
         match result {
-            Ok(()) => applied.push((task_name.clone(), *number)),
+            Ok(()) => applied.push((task_name, number)),
             Err((message, true)) => {
                 refused = true;
-                engine.store.refuse_attempt(id, task_name, *number, &message).await?;
+                engine.store.refuse_attempt(id, &task_name, number, &message).await?;
             }
             Err((message, false)) => tracing::warn!(run = %id, task = %task_name, %message, "applying an attempt"),
         }
