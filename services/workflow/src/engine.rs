@@ -46,6 +46,8 @@ pub(crate) struct Engine {
 /// What applying an attempt's workload came to: done, or the error and whether it is a refusal for good.
 type Applied = Result<(), (String, bool)>;
 
+/// Up to how many live workloads a run's step asks for one by one rather than listing the run's.
+const ASKED_ONE_BY_ONE: usize = 16;
 /// How many workloads of one run are applied at once.
 const APPLYING_AT_ONCE: usize = 32;
 /// The default retry policy's first wait.
@@ -177,7 +179,7 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
     }
     let needs_look = before.state == State::Canceling || before.tasks.iter().any(|task| task.state == State::Running);
     let observed = if needs_look {
-        match observe(&engine.runtime, id, &snapshot).await {
+        match observe(&engine.runtime, id, &snapshot, &before).await {
             Ok(observed) => observed,
             // Without the runtime's answer nothing is decided: a missing workload would look deleted.
             Err(error) => {
@@ -411,19 +413,38 @@ fn key_of(snapshot: &Snapshot, run: &RunProgress, name: &str) -> Option<ObjectKe
     ))
 }
 
-/// The statuses of run `id`'s workloads, by name, from every cluster and namespace its tasks are placed in.
+/// The statuses of run `id`'s live workloads, by name: each asked for by its key when there are few (a step of a
+/// long chain then costs the same at its first task and its thousandth), or every workload of the run listed from
+/// each cluster and namespace its tasks are placed in.
 async fn observe(
     runtime: &Runtimes,
     id: &str,
     snapshot: &Snapshot,
+    run: &RunProgress,
 ) -> Result<HashMap<String, cube_runtime::WorkloadStatus>, RuntimeError> {
+    let live: Vec<ObjectKey> = run
+        .tasks
+        .iter()
+        .filter(|task| task.state == State::Running)
+        .filter_map(|task| task.attempts.last())
+        .filter(|attempt| attempt.state.is_live())
+        .filter_map(|attempt| key_of(snapshot, run, &attempt.workload))
+        .collect();
+    let mut observed = HashMap::new();
+    if live.len() <= ASKED_ONE_BY_ONE {
+        for key in live {
+            if let Some(status) = runtime.status(&key).await? {
+                observed.insert(key.name, status);
+            }
+        }
+        return Ok(observed);
+    }
     let places: BTreeSet<(&str, &str)> = snapshot
         .placements
         .values()
         .map(|placement| (placement.cluster.as_str(), placement.namespace.as_str()))
         .collect();
     let selector = BTreeMap::from([(labels::RUN.to_owned(), id.to_owned())]);
-    let mut observed = HashMap::new();
     for (cluster, namespace) in places {
         for status in runtime.list(cluster, Some(namespace), &selector).await? {
             observed.insert(status.key.name.clone(), status);
