@@ -10,9 +10,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cube_integration_tests::platform::{
-    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform, platform_with_local,
+    Platform, TestNamespace, authed, create_project, kube_client, platform, platform_with_local,
 };
 use cube_integration_tests::shape::Shape;
+use cube_integration_tests::workflow::{training_node, training_project};
 use cube_proto::cube::projects::v1::{Quota, Settings};
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
@@ -257,7 +258,7 @@ async fn a_run_on_kubernetes_survives_three_kills_of_the_workflow_process() {
     let client = kube_client(&kubeconfig).await;
     let group = cube_testkit::kubernetes::unique_name("crash");
     let (node, namespace, mut platform) = tokio::join!(
-        FakeNode::create(&client, json!({"cpu": "true", "train": "true", "org": group}), &[]),
+        training_node(&client, &group, &[]),
         TestNamespace::unique(&client, "crash"),
         platform(Shape::PostgresRedis, &kubeconfig),
     );
@@ -265,17 +266,7 @@ async fn a_run_on_kubernetes_survives_three_kills_of_the_workflow_process() {
         "app.kubernetes.io/managed-by=cube",
         Script::run_for(Duration::from_millis(700)).exit(0),
     );
-    create_project(
-        &platform,
-        "vision",
-        Settings {
-            resource_group: group,
-            pipeline_namespace: namespace.name.clone(),
-            ..Settings::default()
-        },
-        Quota::default(),
-    )
-    .await;
+    training_project(&platform, &group, &namespace.name, Quota::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let clusters = json!({"clusters": [
         {"name": "kube", "default": true, "kubeconfig": kubeconfig},

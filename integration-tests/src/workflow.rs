@@ -9,7 +9,10 @@ use cube_kit::Channel;
 use cube_runtime::{LocalRuntime, Runtimes};
 use cube_workflow::{Options, Peers, Workflow};
 
-use crate::platform::Platform;
+use cube_proto::cube::projects::v1::{Quota, Settings};
+use cube_testkit::kubernetes::FakeNode;
+
+use crate::platform::{Platform, create_project};
 use crate::{Running, start_server};
 
 /// The workflow service, serving.
@@ -91,4 +94,31 @@ pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> Runnin
         _background: workflow.background,
         _local: local,
     }
+}
+
+/// A fake node only the training tasks of resource group `group` fit (`cpu`, `train`, `org=<group>`), with
+/// `extra` allocatable besides the defaults (`("pods", 5000)`).
+pub async fn training_node(client: &kube::Client, group: &str, extra: &[(&str, u32)]) -> FakeNode {
+    FakeNode::create(
+        client,
+        serde_json::json!({"cpu": "true", "train": "true", "org": group}),
+        extra,
+    )
+    .await
+}
+
+/// Creates project `vision` (its owner `platform.token`'s user) whose tasks run on the nodes of `group`, in
+/// `namespace`, under `quota`.
+pub async fn training_project(platform: &Platform, group: &str, namespace: &str, quota: Quota) {
+    create_project(
+        platform,
+        "vision",
+        Settings {
+            resource_group: group.to_owned(),
+            pipeline_namespace: namespace.to_owned(),
+            ..Settings::default()
+        },
+        quota,
+    )
+    .await;
 }

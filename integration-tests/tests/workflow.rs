@@ -9,11 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use cube_integration_tests::platform::{
-    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform,
-};
+use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed, kube_client, platform};
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::workflow::{RunningWorkflow, start_workflow};
+use cube_integration_tests::workflow::{RunningWorkflow, start_workflow, training_node, training_project};
 use cube_integration_tests::{bad_fields, connect};
 use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
 use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
@@ -21,7 +19,7 @@ use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
 use cube_proto::cube::common::v1::ListProjectWorkloadsRequest;
 use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorkloadServiceClient;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
-use cube_proto::cube::projects::v1::{CreateMemberRequest, Member, Quota, Role, Settings, member};
+use cube_proto::cube::projects::v1::{CreateMemberRequest, Member, Quota, Role, member};
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
@@ -35,7 +33,6 @@ use cube_proto::cube::workflow::v1::{
 use cube_testkit::kubernetes::{Kubelet, Script};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams};
-use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -75,22 +72,11 @@ impl Flow {
         let client = kube_client(&kubeconfig).await;
         let group = cube_testkit::kubernetes::unique_name("wf");
         let (node, namespace, mut platform) = tokio::join!(
-            FakeNode::create(&client, json!({"cpu": "true", "train": "true", "org": group}), &[]),
+            training_node(&client, &group, &[]),
             TestNamespace::unique(&client, "wf"),
             platform(shape, &kubeconfig),
         );
-        create_project(
-            &platform,
-            "vision",
-            Settings {
-                resource_group: group,
-                pipeline_namespace: namespace.name.clone(),
-                volume_mounts: String::new(),
-                ..Settings::default()
-            },
-            quota,
-        )
-        .await;
+        training_project(&platform, &group, &namespace.name, quota).await;
         let workflow = start_workflow(&mut platform, &kubeconfig).await;
         let channel = connect(&workflow.server).await;
         let flow = Self {

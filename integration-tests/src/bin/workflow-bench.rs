@@ -16,12 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use cube_integration_tests::connect;
-use cube_integration_tests::platform::{
-    FakeNode, Platform, TestNamespace, authed, create_project, kube_client, platform,
-};
+use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed, kube_client, platform};
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::workflow::{RunningWorkflow, start_workflow};
-use cube_proto::cube::projects::v1::{Quota, Settings};
+use cube_integration_tests::workflow::{RunningWorkflow, start_workflow, training_node, training_project};
+use cube_proto::cube::projects::v1::Quota;
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
@@ -31,7 +29,6 @@ use cube_proto::cube::workflow::v1::{
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
 use sea_orm::ConnectionTrait as _;
-use serde_json::json;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -70,29 +67,14 @@ impl Bench {
         let client = kube_client(&kubeconfig).await;
         let group = cube_testkit::kubernetes::unique_name("bench");
         // Room for every pod of a 1,000-task run at once.
-        let node = FakeNode::create(
-            &client,
-            json!({"cpu": "true", "train": "true", "org": group}),
-            &[("pods", 5000), ("cpu", 1000)],
-        )
-        .await;
+        let node = training_node(&client, &group, &[("pods", 5000), ("cpu", 1000)]).await;
         let namespace = TestNamespace::unique(&client, "bench").await;
         let kubelet = Kubelet::start(&client, [&node]).script(
             "app.kubernetes.io/managed-by=cube",
             Script::run_for(Duration::from_millis(task_ms)).exit(0),
         );
         let mut platform = platform(Shape::PostgresRedis, &kubeconfig).await;
-        create_project(
-            &platform,
-            "vision",
-            Settings {
-                resource_group: group,
-                pipeline_namespace: namespace.name.clone(),
-                ..Settings::default()
-            },
-            Quota::default(),
-        )
-        .await;
+        training_project(&platform, &group, &namespace.name, Quota::default()).await;
         let workflow = start_workflow(&mut platform, &kubeconfig).await;
         let channel = connect(&workflow.server).await;
         JobTemplateServiceClient::new(channel.clone())
