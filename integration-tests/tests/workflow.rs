@@ -1,6 +1,6 @@
 //! The workflow engine across services, on both shapes, against the real kube-apiserver and scheduler with the
 //! fake kubelet: DAG order, parallelism, retries with backoff, `RetryRun` (also after the pods are gone),
-//! `CancelRun`, a manual run replacing the previous one, the placement and `KFJ_*` environment on every pod,
+//! `CancelRun`, a manual run replacing the previous one, `RunTask`, `DebugTask` and `ClearTask`, the placement and `KFJ_*` environment on every pod,
 //! refused input that stores nothing, and who may call what.
 
 // The matrix test's one future holds every row's boxed call: deeper than the compiler's default layout limit.
@@ -24,11 +24,11 @@ use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServ
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
 use cube_proto::cube::workflow::v1::{
-    ArgSpec, ArgType, CancelRunRequest, CopyPipelineRequest, CreateJobTemplateRequest, CreatePipelineRequest,
-    CreateRunRequest, DeleteJobTemplateRequest, DeletePipelineRequest, GetJobTemplateRequest, GetPipelineRequest,
-    GetRunRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest, ListPipelinesRequest, ListRunsRequest,
-    Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, Task, TemplateVersion, UpdateJobTemplateRequest,
-    UpdatePipelineRequest, WatchRunRequest,
+    ArgSpec, ArgType, CancelRunRequest, ClearTaskRequest, CopyPipelineRequest, CreateJobTemplateRequest,
+    CreatePipelineRequest, CreateRunRequest, DebugTaskRequest, DeleteJobTemplateRequest, DeletePipelineRequest,
+    GetJobTemplateRequest, GetPipelineRequest, GetRunRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest,
+    ListPipelinesRequest, ListRunsRequest, Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, RunTaskRequest, Task,
+    TemplateVersion, Trigger, UpdateJobTemplateRequest, UpdatePipelineRequest, WatchRunRequest,
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
 use k8s_openapi::api::core::v1::Pod;
@@ -41,6 +41,7 @@ cube_integration_tests::on_every_shape!(
     parallelism_holds_on_a_wide_fan_out,
     failures_retry_with_backoff_and_retry_run_reruns_only_what_failed,
     cancel_and_a_new_manual_run_end_runs_at_once,
+    run_task_debug_task_and_clear_task_act_on_one_task_alone,
     bad_input_is_refused_field_by_field_and_nothing_is_stored,
     every_rpc_answers_each_role_as_its_rights_say,
     quotas_queue_runs_and_tasks_with_the_reason_until_they_fit,
@@ -540,6 +541,192 @@ async fn cancel_and_a_new_manual_run_end_runs_at_once(shape: Shape) {
     assert_eq!(names, [second.name.as_str(), first.name.as_str()], "newest first");
 }
 
+async fn run_task_debug_task_and_clear_task_act_on_one_task_alone(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    // `train` never ends by itself; `prepare` does.
+    let _kubelet = flow
+        .kubelet()
+        .script("cube.io/task=train", Script::run())
+        .script("app.kubernetes.io/managed-by=cube", Script::run_for(RUNS).exit(0));
+    let pipeline = flow
+        .pipeline("solo", vec![task("prepare", &[]), task("train", &["prepare"])], 0)
+        .await;
+    let running = |name: String, task: &'static str| {
+        let flow = &flow;
+        async move {
+            cube_testkit::eventually("the task running", TIMEOUT, || async {
+                let run = flow.get_run(&name).await;
+                let attempt = run.tasks.iter().find(|one| one.name == task)?.attempts.first()?;
+                (attempt.state() == RunState::Running).then_some(run)
+            })
+            .await
+        }
+    };
+    let manual = flow.start_run(&pipeline.name).await;
+    running(manual.name.clone(), "train").await;
+
+    let run_task = |request_id: &str| {
+        let mut runs = flow.runs();
+        let request = authed(
+            RunTaskRequest {
+                pipeline: pipeline.name.clone(),
+                task: "train".into(),
+                request_id: request_id.into(),
+            },
+            &flow.platform.token,
+        );
+        async move { runs.run_task(request).await }
+    };
+    let first = run_task("first").await.expect("RunTask").into_inner();
+    assert_eq!(first.trigger(), Trigger::Task);
+    assert_eq!(
+        states(&first).into_keys().collect::<Vec<_>>(),
+        ["train"],
+        "only the task"
+    );
+    let snapshot = first.pipeline.clone().expect("the run's pipeline");
+    assert!(snapshot.tasks[0].upstream.is_empty(), "it runs alone: {snapshot:?}");
+    assert_eq!(
+        run_task("first").await.expect("RunTask again").into_inner().name,
+        first.name,
+        "idempotent by request id"
+    );
+    running(first.name.clone(), "train").await;
+    assert_eq!(
+        flow.get_run(&manual.name).await.state(),
+        RunState::Running,
+        "a task's run leaves the pipeline's runs alone"
+    );
+
+    // A second RunTask of the task replaces the first.
+    let second = run_task("second").await.expect("RunTask").into_inner();
+    let replaced = cube_testkit::eventually("the first task run canceled", TIMEOUT, || async {
+        let run = flow.get_run(&first.name).await;
+        (run.state() == RunState::Canceled).then_some(run)
+    })
+    .await;
+    assert_eq!(
+        replaced.reason,
+        format!("replaced by the task run {}", id_of(&second.name))
+    );
+    running(second.name.clone(), "train").await;
+
+    // A debug pod: the task's image, environment and placement, sleeping.
+    let debug = flow
+        .runs()
+        .debug_task(authed(
+            DebugTaskRequest {
+                pipeline: pipeline.name.clone(),
+                task: "train".into(),
+                duration: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+                request_id: String::new(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("DebugTask")
+        .into_inner();
+    assert_eq!(debug.trigger(), Trigger::Debug);
+    let debugging = running(debug.name.clone(), "train").await;
+    let attempt = &debugging.tasks[0].attempts[0];
+    assert_eq!(attempt.namespace, flow.namespace.name);
+    let pods = flow.pods(id_of(&debug.name)).await;
+    assert_eq!(pods.len(), 1, "one debug pod");
+    assert_eq!(pods[0].metadata.name.as_deref(), Some(attempt.pod.as_str()));
+    let spec = pods[0].spec.clone().expect("a spec");
+    assert_eq!(spec.node_name.as_deref(), Some(flow.node.name.as_str()));
+    let main = &spec.containers[0];
+    assert_eq!(main.image.as_deref(), Some("cube.test/worker:1"));
+    assert_eq!(
+        main.command.as_deref(),
+        Some(&["sh".to_owned(), "-c".to_owned(), "sleep 600".to_owned()][..])
+    );
+    let env: BTreeMap<String, String> = main
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|var| (var.name, var.value.unwrap_or_default()))
+        .collect();
+    assert_eq!(env["TEMPLATE_ENV"], "from-template");
+    assert_eq!(env["KFJ_TASK_NAME"], "train");
+    let debug_runs = flow
+        .runs()
+        .list_runs(authed(
+            ListRunsRequest {
+                parent: pipeline.name.clone(),
+                filter: "trigger = DEBUG".into(),
+                ..ListRunsRequest::default()
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("listing debug runs")
+        .into_inner();
+    assert_eq!(
+        debug_runs.runs.iter().map(|run| run.name.as_str()).collect::<Vec<_>>(),
+        [debug.name.as_str()]
+    );
+
+    // ClearTask ends the task's own runs and their pods, not the pipeline's run.
+    let cleared = flow
+        .runs()
+        .clear_task(authed(
+            ClearTaskRequest {
+                pipeline: pipeline.name.clone(),
+                task: "train".into(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("ClearTask")
+        .into_inner();
+    let mut names: Vec<&str> = cleared.runs.iter().map(|run| run.name.as_str()).collect();
+    names.sort_unstable();
+    let mut expected = [second.name.as_str(), debug.name.as_str()];
+    expected.sort_unstable();
+    assert_eq!(names, expected);
+    for run in &cleared.runs {
+        assert_eq!(run.state(), RunState::Canceled, "{run:#?}");
+        assert!(
+            flow.pods(id_of(&run.name)).await.is_empty(),
+            "{}'s pod deleted",
+            run.name
+        );
+    }
+    assert_eq!(flow.get_run(&manual.name).await.state(), RunState::Running);
+    assert!(!flow.pods(id_of(&manual.name)).await.is_empty());
+
+    // Bad input names its field and starts nothing.
+    let status = flow
+        .runs()
+        .run_task(authed(
+            RunTaskRequest {
+                pipeline: pipeline.name.clone(),
+                task: "nope".into(),
+                request_id: String::new(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("an unknown task");
+    assert_eq!(bad_fields(&status), ["task"], "{status:?}");
+    let status = flow
+        .runs()
+        .debug_task(authed(
+            DebugTaskRequest {
+                pipeline: pipeline.name.clone(),
+                task: "train".into(),
+                duration: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+                request_id: String::new(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("too short a debug pod");
+    assert_eq!(bad_fields(&status), ["duration"], "{status:?}");
+}
+
 async fn bad_input_is_refused_field_by_field_and_nothing_is_stored(shape: Shape) {
     let flow = Flow::start(shape).await;
     let create = |id: &str, tasks: Vec<Task>| {
@@ -960,6 +1147,45 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
             [U, H, A, A, A, A],
         ),
         (
+            "RunTask",
+            call!(
+                runs,
+                run_task,
+                RunTaskRequest {
+                    pipeline: pipeline_name.clone(),
+                    task: "no-such-task".into(),
+                    request_id: String::new(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "DebugTask",
+            call!(
+                runs,
+                debug_task,
+                DebugTaskRequest {
+                    pipeline: pipeline_name.clone(),
+                    task: "no-such-task".into(),
+                    duration: None,
+                    request_id: String::new(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "ClearTask",
+            call!(
+                runs,
+                clear_task,
+                ClearTaskRequest {
+                    pipeline: pipeline_name.clone(),
+                    task: "no-such-task".into(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
             "ListProjectWorkloads",
             call!(
                 workloads,
@@ -983,7 +1209,7 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-    assert_eq!(rows.len(), 19, "every workflow RPC has a row");
+    assert_eq!(rows.len(), 22, "every workflow RPC has a row");
 }
 
 async fn quotas_queue_runs_and_tasks_with_the_reason_until_they_fit(shape: Shape) {

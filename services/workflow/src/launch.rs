@@ -38,6 +38,8 @@ pub(crate) struct Snapshot {
     pub(crate) project_volumes: String,
     /// The platform's environment for every task (`KFJ_MODEL_REPO_API_URL`, ...).
     pub(crate) global_env: Vec<(String, String)>,
+    /// For a `DebugTask` run: how long its pod sleeps instead of running the task.
+    pub(crate) debug_seconds: Option<u64>,
 }
 
 /// [`Snapshot`] as stored: protobuf messages in base64 inside JSON.
@@ -48,6 +50,8 @@ struct Stored {
     placements: BTreeMap<String, String>,
     project_volumes: String,
     global_env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    debug_seconds: Option<u64>,
 }
 
 impl Snapshot {
@@ -67,6 +71,7 @@ impl Snapshot {
                 .collect(),
             project_volumes: self.project_volumes.clone(),
             global_env: self.global_env.clone(),
+            debug_seconds: self.debug_seconds,
         };
         serde_json::to_string(&stored).unwrap_or_default()
     }
@@ -95,6 +100,7 @@ impl Snapshot {
                 .collect::<Result<_, String>>()?,
             project_volumes: stored.project_volumes,
             global_env: stored.global_env,
+            debug_seconds: stored.debug_seconds,
         })
     }
 
@@ -184,7 +190,13 @@ pub(crate) fn workload(context: &RunContext<'_>, task: &Task, number: i32) -> Re
     .flatten()
     .find(|dir| !dir.is_empty())
     .cloned();
-    let (command, argv) = if task.command.trim().is_empty() {
+    let (command, argv) = if let Some(seconds) = snapshot.debug_seconds {
+        // A debug pod only waits for a shell; `sh`, since not every image has bash.
+        (
+            vec!["sh".to_owned(), "-c".to_owned(), format!("sleep {seconds}")],
+            Vec::new(),
+        )
+    } else if task.command.trim().is_empty() {
         let entrypoint: Vec<String> = template.entrypoint.split_whitespace().map(str::to_owned).collect();
         (entrypoint, rendered.argv)
     } else {
@@ -413,7 +425,34 @@ mod tests {
             .into(),
             project_volumes: String::new(),
             global_env: vec![("KFJ_ARCHIVE_BASE_PATH".into(), "/archives".into())],
+            debug_seconds: None,
         }
+    }
+
+    #[test]
+    fn a_debug_pod_sleeps_with_the_tasks_image_env_and_placement() {
+        let mut snapshot = snapshot();
+        snapshot.debug_seconds = Some(600);
+        let context = RunContext {
+            project: "vision",
+            pipeline: "daily",
+            run: "r1a2b3c4d5",
+            creator: "omar",
+            snapshot: &snapshot,
+        };
+        let spec = workload(&context, &snapshot.pipeline.tasks[0], 1).expect("a workload");
+        let main = &spec.containers[0];
+        assert_eq!(main.command, ["sh", "-c", "sleep 600"]);
+        assert!(main.args.is_empty());
+        assert!(
+            main.env
+                .iter()
+                .any(|(key, value)| key == "KFJ_RUN_ID" && value == "r1a2b3c4d5")
+        );
+        assert_eq!(
+            spec.placement.as_ref().map(|placement| placement.namespace.as_str()),
+            Some("pipeline")
+        );
     }
 
     #[test]
@@ -426,7 +465,9 @@ mod tests {
 
     #[test]
     fn a_snapshot_survives_storage() {
-        let snapshot = snapshot();
+        let mut snapshot = snapshot();
+        assert_eq!(Snapshot::decode(&snapshot.encode()), Ok(snapshot.clone()));
+        snapshot.debug_seconds = Some(60);
         assert_eq!(Snapshot::decode(&snapshot.encode()), Ok(snapshot));
     }
 

@@ -12,8 +12,9 @@ use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::scheduler::v1::{PlaceRequest, WorkloadKind};
 use cube_proto::cube::workflow::v1::run_service_server::RunService;
 use cube_proto::cube::workflow::v1::{
-    CancelRunRequest, CreateRunRequest, GetRunRequest, GetTaskLogsRequest, ListRunsRequest, ListRunsResponse,
-    RetryRunRequest, Run, RunState, TaskAttempt, TaskLogChunk, TaskRun, Trigger, WatchRunRequest,
+    CancelRunRequest, ClearTaskRequest, ClearTaskResponse, CreateRunRequest, DebugTaskRequest, GetRunRequest,
+    GetTaskLogsRequest, ListRunsRequest, ListRunsResponse, RetryRunRequest, Run, RunState, RunTaskRequest, TaskAttempt,
+    TaskLogChunk, TaskRun, Trigger, WatchRunRequest,
 };
 use cube_proto::google::rpc::Status as RpcStatus;
 use cube_runtime::{ObjectKey, Runtime as _, RuntimeError};
@@ -86,10 +87,11 @@ fn summary(row: &run::Model) -> Run {
         name: format!("projects/{}/pipelines/{}/runs/{}", row.project, row.pipeline, row.id),
         state: state_of(&row.state) as i32,
         reason: row.reason.clone(),
-        trigger: if row.trigger == "SCHEDULED" {
-            Trigger::Scheduled
-        } else {
-            Trigger::Manual
+        trigger: match row.trigger.as_str() {
+            "SCHEDULED" => Trigger::Scheduled,
+            "TASK" => Trigger::Task,
+            "DEBUG" => Trigger::Debug,
+            _ => Trigger::Manual,
         } as i32,
         creator: format!("users/{}", row.creator),
         pipeline: None,
@@ -177,6 +179,33 @@ fn new_run_id() -> Result<String, ApiError> {
         .collect())
 }
 
+/// What a new run runs.
+#[derive(Debug, Clone, Copy)]
+enum Scope<'a> {
+    /// The whole pipeline (`CreateRun`).
+    Pipeline,
+    /// One task alone (`RunTask`).
+    Task(&'a str),
+    /// One task's pod, sleeping this long for a shell (`DebugTask`).
+    Debug(&'a str, Duration),
+}
+
+impl Scope<'_> {
+    /// The trigger its runs are stored with.
+    fn trigger(self) -> &'static str {
+        match self {
+            Self::Pipeline => "MANUAL",
+            Self::Task(_) => "TASK",
+            Self::Debug(..) => "DEBUG",
+        }
+    }
+}
+
+/// How long a debug pod lives when the caller does not say.
+const DEBUG_DEFAULT: Duration = Duration::from_secs(2 * 3600);
+/// The shortest and longest life of a debug pod.
+const DEBUG_RANGE: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(24 * 3600));
+
 /// What the scheduler's refusal to place task `index` means to the caller.
 fn placement_error(index: usize, status: Status) -> ApiError {
     match status.code() {
@@ -212,26 +241,50 @@ impl Runs {
         }
     }
 
-    async fn create(&self, request: Request<CreateRunRequest>) -> Result<Run, ApiError> {
-        let body = request.get_ref();
-        if body.request_id.chars().count() > 64 {
+    /// Starts a run of the pipeline named in `field` (`parent`) of what `scope` says, for the caller of
+    /// `request`, idempotent by `request_id`.
+    async fn start<T>(
+        &self,
+        request: &Request<T>,
+        (field, parent): (&str, &str),
+        request_id: &str,
+        scope: Scope<'_>,
+    ) -> Result<Run, ApiError> {
+        if request_id.chars().count() > 64 {
             return Err(ApiError::invalid("request_id", "is longer than 64 characters"));
         }
         let (caller, row) = self
             .pipelines
-            .find(&request, "parent", &body.parent, Need::Write, "runs.create")
+            .find(request, field, parent, Need::Write, "runs.create")
             .await?;
         let store = &self.engine.store;
-        if !body.request_id.is_empty()
-            && let Some(existing) = store.run_by_request(&row.project, &row.id, &body.request_id).await?
+        if !request_id.is_empty()
+            && let Some(existing) = store.run_by_request(&row.project, &row.id, request_id).await?
         {
             return self.current(&existing.id).await;
         }
-        let pipeline = crate::pipelines::message(&row);
+        let mut pipeline = crate::pipelines::message(&row);
         if pipeline.tasks.is_empty() {
             return Err(ApiError::FailedPrecondition {
-                message: format!("{} has no tasks to run", body.parent),
+                message: format!("{parent} has no tasks to run"),
             });
+        }
+        if let Scope::Task(name) | Scope::Debug(name, _) = scope {
+            let Some(mut task) = pipeline.tasks.iter().find(|task| task.name == name).cloned() else {
+                return Err(ApiError::invalid("task", format!("{parent} has no task {name:?}")));
+            };
+            // The task runs alone, even when the pipeline skips it.
+            task.upstream.clear();
+            task.skip = false;
+            if let Scope::Debug(_, duration) = scope {
+                // The pod ends by itself; the timeout only catches one that does not.
+                task.retry = None;
+                task.timeout = Some(prost_types::Duration {
+                    seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX) + 60,
+                    nanos: 0,
+                });
+            }
+            pipeline.tasks = vec![task];
         }
         // The templates as they are now: the run keeps them, so later edits change later runs only.
         let ids: Vec<String> = pipeline
@@ -246,6 +299,10 @@ impl Runs {
                 .map(|row| (row.id.clone(), templates::message(row)))
                 .collect(),
             global_env: self.global_env.clone(),
+            debug_seconds: match scope {
+                Scope::Debug(_, duration) => Some(duration.as_secs()),
+                Scope::Pipeline | Scope::Task(_) => None,
+            },
             ..Snapshot::default()
         };
         for (index, task) in pipeline.tasks.iter().enumerate() {
@@ -255,7 +312,7 @@ impl Runs {
                 });
             }
         }
-        let project = self.access.project(&request, &row.project).await?;
+        let project = self.access.project(request, &row.project).await?;
         let id = new_run_id()?;
         snapshot.project_volumes = project
             .settings
@@ -325,9 +382,9 @@ impl Runs {
             pipeline: row.id.clone(),
             state: State::Pending.as_str().to_owned(),
             reason: String::new(),
-            trigger: "MANUAL".to_owned(),
+            trigger: scope.trigger().to_owned(),
             creator: caller.username.clone(),
-            request_id: (!body.request_id.is_empty()).then(|| body.request_id.clone()),
+            request_id: (!request_id.is_empty()).then(|| request_id.to_owned()),
             snapshot: snapshot.encode(),
             admitted: false,
             revision: 1,
@@ -337,12 +394,46 @@ impl Runs {
         };
         if !store.insert_run(run, tasks).await? {
             // A concurrent call with the same request id won: answer with its run.
-            if let Some(existing) = store.run_by_request(&row.project, &row.id, &body.request_id).await? {
+            if let Some(existing) = store.run_by_request(&row.project, &row.id, request_id).await? {
                 return self.current(&existing.id).await;
             }
         }
         self.engine.wake.notify_one();
         self.current(&id).await
+    }
+
+    /// Cancels the live `TASK` and `DEBUG` runs of a pipeline's task and waits (a while) for them to end.
+    async fn clear(&self, request: Request<ClearTaskRequest>) -> Result<ClearTaskResponse, ApiError> {
+        let body = request.get_ref();
+        let (_, row) = self
+            .pipelines
+            .find(&request, "pipeline", &body.pipeline, Need::Write, "runs.cancel")
+            .await?;
+        if !crate::pipelines::message(&row)
+            .tasks
+            .iter()
+            .any(|task| task.name == body.task)
+        {
+            return Err(ApiError::invalid(
+                "task",
+                format!("{} has no task {:?}", body.pipeline, body.task),
+            ));
+        }
+        let mut changes = self.engine.changes.subscribe();
+        let ids = self.engine.store.clear_task(&row.project, &row.id, &body.task).await?;
+        self.engine.wake.notify_one();
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        loop {
+            let mut runs = Vec::with_capacity(ids.len());
+            for id in &ids {
+                runs.push(self.current(id).await?);
+            }
+            if runs.iter().all(|run| run.state != RunState::Canceling as i32) || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(ClearTaskResponse { runs });
+            }
+            let _ = tokio::time::timeout(WATCH_POLL / 4, changes.recv()).await;
+        }
     }
 
     /// Run `id` as stored now.
@@ -395,8 +486,11 @@ impl Runs {
                 },
                 "creator" => query.creator = Some(value.strip_prefix("users/").unwrap_or(&value).to_owned()),
                 "trigger" => match value.to_uppercase().as_str() {
-                    trigger @ ("MANUAL" | "SCHEDULED") => query.trigger = Some(trigger.to_owned()),
-                    _ => found.push(FieldViolation::new("filter", "trigger is MANUAL or SCHEDULED")),
+                    trigger @ ("MANUAL" | "SCHEDULED" | "TASK" | "DEBUG") => query.trigger = Some(trigger.to_owned()),
+                    _ => found.push(FieldViolation::new(
+                        "filter",
+                        "trigger is MANUAL, SCHEDULED, TASK or DEBUG",
+                    )),
                 },
                 field => match chrono::DateTime::parse_from_rfc3339(&value) {
                     Ok(time) if field == "created_after" => query.created_from = Some(time.timestamp_millis()),
@@ -613,7 +707,50 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<TaskLogChunk, Status>> + Send>
 #[tonic::async_trait]
 impl RunService for Runs {
     async fn create_run(&self, request: Request<CreateRunRequest>) -> Result<Response<Run>, Status> {
-        self.create(request).await.map(Response::new).map_err(status)
+        let body = request.get_ref();
+        self.start(&request, ("parent", &body.parent), &body.request_id, Scope::Pipeline)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn run_task(&self, request: Request<RunTaskRequest>) -> Result<Response<Run>, Status> {
+        let body = request.get_ref();
+        self.start(
+            &request,
+            ("pipeline", &body.pipeline),
+            &body.request_id,
+            Scope::Task(&body.task),
+        )
+        .await
+        .map(Response::new)
+        .map_err(status)
+    }
+
+    async fn debug_task(&self, request: Request<DebugTaskRequest>) -> Result<Response<Run>, Status> {
+        let body = request.get_ref();
+        let duration = match &body.duration {
+            None => Ok(DEBUG_DEFAULT),
+            Some(duration) => u64::try_from(duration.seconds)
+                .ok()
+                .map(Duration::from_secs)
+                .filter(|duration| (DEBUG_RANGE.0..=DEBUG_RANGE.1).contains(duration))
+                .ok_or_else(|| ApiError::invalid("duration", "is from 1 minute (60s) to 24 hours (86400s)")),
+        }
+        .map_err(status)?;
+        self.start(
+            &request,
+            ("pipeline", &body.pipeline),
+            &body.request_id,
+            Scope::Debug(&body.task, duration),
+        )
+        .await
+        .map(Response::new)
+        .map_err(status)
+    }
+
+    async fn clear_task(&self, request: Request<ClearTaskRequest>) -> Result<Response<ClearTaskResponse>, Status> {
+        self.clear(request).await.map(Response::new).map_err(status)
     }
 
     async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {

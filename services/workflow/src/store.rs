@@ -340,22 +340,27 @@ impl Store {
             .map_err(db_error)
     }
 
-    /// Stores a new run and its tasks; a manual run first marks the pipeline's earlier live manual runs for
-    /// canceling. Returns `false` when a run with its request id exists (a concurrent call won).
+    /// Stores a new run and its tasks. A run first marks for canceling the live runs it replaces: a manual run
+    /// the pipeline's earlier manual runs; a `TASK` or `DEBUG` run the earlier ones of its trigger for its task.
+    /// Returns `false` when a run with its request id exists (a concurrent call won).
     pub(crate) async fn insert_run(&self, row: run::Model, tasks: Vec<task::Model>) -> Result<bool, ApiError> {
         let txn = self.db.begin().await.map_err(db_error)?;
-        if row.trigger == "MANUAL" {
+        let replaced = match row.trigger.as_str() {
+            "MANUAL" => Some(Condition::all()),
+            "TASK" | "DEBUG" => tasks.first().map(|task| run_of_task(&task.name)),
+            _ => None,
+        };
+        if let Some(condition) = replaced {
+            let reason = format!("replaced by the {} run {}", row.trigger.to_lowercase(), row.id);
             run::Entity::update_many()
                 .col_expr(run::Column::State, Expr::value(State::Canceling.as_str()))
-                .col_expr(
-                    run::Column::Reason,
-                    Expr::value(format!("replaced by the manual run {}", row.id)),
-                )
+                .col_expr(run::Column::Reason, Expr::value(reason))
                 .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
                 .filter(run::Column::Project.eq(row.project.clone()))
                 .filter(run::Column::Pipeline.eq(row.pipeline.clone()))
-                .filter(run::Column::Trigger.eq("MANUAL"))
+                .filter(run::Column::Trigger.eq(row.trigger.clone()))
                 .filter(run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)))
+                .filter(condition)
                 .exec(&txn)
                 .await
                 .map_err(db_error)?;
@@ -507,6 +512,41 @@ impl Store {
             return Err(changed("run", id));
         }
         Ok(())
+    }
+
+    /// Marks for canceling the live `TASK` and `DEBUG` runs of `project`'s `pipeline` that run `task`, returning
+    /// their ids.
+    pub(crate) async fn clear_task(&self, project: &str, pipeline: &str, task: &str) -> Result<Vec<String>, ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let ids: Vec<String> = run::Entity::find()
+            .select_only()
+            .column(run::Column::Id)
+            .filter(run::Column::Project.eq(project))
+            .filter(run::Column::Pipeline.eq(pipeline))
+            .filter(run::Column::Trigger.is_in(["TASK", "DEBUG"]))
+            .filter(run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)))
+            .filter(run_of_task(task))
+            .order_by_asc(run::Column::Id)
+            .into_tuple()
+            .all(&txn)
+            .await
+            .map_err(db_error)?;
+        if !ids.is_empty() {
+            run::Entity::update_many()
+                .col_expr(run::Column::State, Expr::value(State::Canceling.as_str()))
+                .col_expr(
+                    run::Column::Reason,
+                    Expr::value(format!("cleared by ClearTask of {task}")),
+                )
+                .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
+                .filter(run::Column::Id.is_in(ids.clone()))
+                .filter(run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)))
+                .exec(&txn)
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(ids)
     }
 
     /// Sets the tasks `again` of a finished run read at `revision` pending again (their retries reset, their
@@ -685,6 +725,19 @@ async fn save_attempt(
 }
 
 /// At most `limit` characters of `text`.
+/// Runs that have a task named `name`.
+fn run_of_task(name: &str) -> Condition {
+    Condition::all().add(
+        run::Column::Id.in_subquery(
+            sea_orm::sea_query::Query::select()
+                .column(task::Column::Run)
+                .from(task::Entity)
+                .and_where(task::Column::Name.eq(name))
+                .to_owned(),
+        ),
+    )
+}
+
 fn truncate(text: &str, limit: usize) -> String {
     text.chars().take(limit).collect()
 }
