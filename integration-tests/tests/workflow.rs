@@ -19,7 +19,9 @@ use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
 use cube_proto::cube::common::v1::ListProjectWorkloadsRequest;
 use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorkloadServiceClient;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
-use cube_proto::cube::projects::v1::{CreateMemberRequest, Member, Quota, Role, member};
+use cube_proto::cube::projects::v1::{
+    CreateMemberRequest, CreateProjectRequest, Member, Project, ProjectType, Quota, Role, member,
+};
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
@@ -823,6 +825,49 @@ async fn bad_input_is_refused_field_by_field_and_nothing_is_stored(shape: Shape)
         bad_fields(&schema),
         ["job_template.image", "job_template.args[0].choices"]
     );
+
+    // A category is a template-category project the caller can see.
+    ProjectServiceClient::new(connect(&flow.platform.projects).await)
+        .create_project(authed(
+            CreateProjectRequest {
+                project: Some(Project {
+                    r#type: ProjectType::TemplateCategory as i32,
+                    ..Project::default()
+                }),
+                project_id: "tools".into(),
+            },
+            &flow.platform.admin,
+        ))
+        .await
+        .expect("creating a template category");
+    let categorized = |category: &str, token: &str| {
+        let mut templates = JobTemplateServiceClient::new(flow.channel.clone());
+        let request = authed(
+            CreateJobTemplateRequest {
+                job_template_id: "categorized".into(),
+                job_template: Some(JobTemplate {
+                    category: category.into(),
+                    ..worker_template()
+                }),
+            },
+            token,
+        );
+        async move { templates.create_job_template(request).await }
+    };
+    let org = categorized("projects/vision", &flow.platform.token)
+        .await
+        .expect_err("an ORG project is no category");
+    assert_eq!(bad_fields(&org), ["job_template.category"]);
+    assert!(org.message().contains("ORG"), "{}", org.message());
+    let unseen = categorized("projects/tools", &flow.platform.token)
+        .await
+        .expect_err("lena is no member of tools");
+    assert_eq!(bad_fields(&unseen), ["job_template.category"]);
+    let made = categorized("projects/tools", &flow.platform.admin)
+        .await
+        .expect("an admin sees every category")
+        .into_inner();
+    assert_eq!(made.category, "projects/tools");
 }
 
 /// What a call's answer says of the caller's rights.

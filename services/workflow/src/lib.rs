@@ -235,6 +235,7 @@ impl Workflow {
             .add_service(JobTemplateServiceServer::new(templates::Templates {
                 store: store.clone(),
                 key,
+                access: access.clone(),
             }))
             .add_service(PipelineServiceServer::new(pipelines.clone()))
             .add_service(RunServiceServer::new(runs::Runs {

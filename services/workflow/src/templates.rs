@@ -7,6 +7,7 @@ use cube_kit::identity::Principal;
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::time::{now_ms, timestamp};
 use cube_kit::{ApiError, FieldViolation};
+use cube_proto::cube::projects::v1::ProjectType;
 use cube_proto::cube::workflow::v1::job_template_service_server::JobTemplateService;
 use cube_proto::cube::workflow::v1::{
     CreateJobTemplateRequest, DeleteJobTemplateRequest, GetJobTemplateRequest, JobTemplate, ListJobTemplatesRequest,
@@ -15,6 +16,7 @@ use cube_proto::cube::workflow::v1::{
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
+use crate::access::Access;
 use crate::dag::is_label;
 use crate::model::template;
 use crate::secrets::SecretKey;
@@ -29,6 +31,8 @@ const MAX_ID: usize = 50;
 pub(crate) struct Templates {
     pub(crate) store: Store,
     pub(crate) key: Option<Arc<SecretKey>>,
+    /// Reads template categories (projects) with the caller's token.
+    pub(crate) access: Access,
 }
 
 /// The etag of revision `revision`.
@@ -146,8 +150,39 @@ impl Templates {
         key.seal(password.as_bytes())
     }
 
+    /// Why `category` (a well-formed `projects/{project}`, or empty) cannot be a template's category: it is no
+    /// template-category project the caller can see.
+    async fn category_violation<T>(
+        &self,
+        request: &Request<T>,
+        category: &str,
+    ) -> Result<Option<FieldViolation>, ApiError> {
+        let Some(id) = category.strip_prefix("projects/").filter(|id| is_label(id, 63)) else {
+            return Ok(None);
+        };
+        let violation = |message: String| Ok(Some(FieldViolation::new("job_template.category", message)));
+        match self.access.project(request, id).await {
+            Ok(project) if project.r#type() == ProjectType::TemplateCategory => Ok(None),
+            Ok(project) => violation(format!(
+                "{category} is a {} project, not a template category",
+                project.r#type().as_str_name().trim_start_matches("PROJECT_TYPE_")
+            )),
+            Err(ApiError::NotFound { .. }) => violation(format!(
+                "there is no template category {category} that you can see (ask an admin to make you a member)"
+            )),
+            Err(error) => Err(error),
+        }
+    }
+
     async fn create(&self, request: Request<CreateJobTemplateRequest>) -> Result<JobTemplate, ApiError> {
         let caller = Principal::of(&request)?;
+        let category = request
+            .get_ref()
+            .job_template
+            .as_ref()
+            .map(|template| template.category.clone())
+            .unwrap_or_default();
+        let category_violation = self.category_violation(&request, &category).await?;
         let body = request.into_inner();
         let mut template = body.job_template.unwrap_or_default();
         let mut found = Vec::new();
@@ -162,6 +197,7 @@ impl Templates {
             ));
         }
         found.extend(violations(&caller, &template));
+        found.extend(category_violation);
         if !found.is_empty() {
             return Err(ApiError::InvalidArgument(found));
         }
@@ -261,6 +297,8 @@ impl Templates {
 
     async fn update(&self, request: Request<UpdateJobTemplateRequest>) -> Result<JobTemplate, ApiError> {
         let caller = Principal::of(&request)?;
+        // The caller's credentials, to read a new category with.
+        let from = Request::from_parts(request.metadata().clone(), tonic::Extensions::default(), ());
         let body = request.into_inner();
         let given = body.job_template.unwrap_or_default();
         let paths = body.update_mask.map(|mask| mask.paths).unwrap_or_default();
@@ -331,6 +369,10 @@ impl Templates {
             }
         }
         found.extend(violations(&caller, &template));
+        // A category is checked when it changes: a template keeps one whose project went away.
+        if template.category != row.category {
+            found.extend(self.category_violation(&from, &template.category).await?);
+        }
         if !found.is_empty() {
             return Err(ApiError::InvalidArgument(found));
         }
