@@ -1,4 +1,4 @@
-//! Fuzzing every RPC of auth, projects and the scheduler through the gateway, as `cube up` runs them (one
+//! Fuzzing every RPC of auth, projects, the scheduler and the workflow service through the gateway, as `cube up` runs them (one
 //! process, the services in-process behind the gateway; the scheduler over the test environment's API server):
 //! random bytes and random messages shaped by the descriptors, with an admin's token and with a plain user's, over
 //! grpc-web on HTTP/1.1 and HTTP/2. No answer may be INTERNAL, UNKNOWN or UNAVAILABLE (a client's bad input is
@@ -24,9 +24,12 @@ use cube_kit::Channel;
 use cube_kit::config::DatabaseArgs;
 use cube_projects::Projects;
 use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
+use cube_proto::cube::auth::v1::service_account_service_client::ServiceAccountServiceClient;
 use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
-use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
+use cube_proto::cube::auth::v1::{CreateServiceAccountRequest, CreateUserRequest, LoginRequest, User};
+use cube_runtime::{LocalRuntime, Runtimes};
 use cube_scheduler::Scheduler;
+use cube_workflow::Workflow;
 use prost::Message;
 use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::{DescriptorProto, FileDescriptorSet};
@@ -34,7 +37,12 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 /// The packages fuzzed, each routed by the gateway to its service.
-const PACKAGES: [&str; 3] = ["cube.auth.v1", "cube.projects.v1", "cube.scheduler.v1"];
+const PACKAGES: [&str; 4] = [
+    "cube.auth.v1",
+    "cube.projects.v1",
+    "cube.scheduler.v1",
+    "cube.workflow.v1",
+];
 /// Random messages per method and token.
 const SHAPED_PER_METHOD: usize = 24;
 /// Random byte strings per method and token.
@@ -292,7 +300,7 @@ struct Failure {
 struct Platform {
     gateway: Running,
     tokens: Mutex<HashMap<&'static str, String>>,
-    _keep: Mutex<Box<dyn std::any::Any + Send>>,
+    keep: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
     _data: tempfile::TempDir,
 }
 
@@ -311,7 +319,7 @@ impl Platform {
         let auth_background = auth.background;
         let auth_channel = Channel::in_process(auth.server.into_routes().expect("auth routes"));
         let registry =
-            ClusterRegistry::new(vec![ClusterConfig::new("kube", Some(kubeconfig.into()))]).expect("registry");
+            ClusterRegistry::new(vec![ClusterConfig::new("kube", Some(kubeconfig.clone().into()))]).expect("registry");
         let (projects_for_scheduler, projects_late) = Channel::late();
         let scheduler = Scheduler::start(
             registry,
@@ -339,7 +347,7 @@ impl Platform {
                 scheduler: scheduler_channel.clone(),
                 workloads: Vec::new(),
             },
-            bus,
+            bus.clone(),
             Duration::from_secs(2),
         )
         .await
@@ -347,19 +355,68 @@ impl Platform {
         let projects_background = projects.background;
         let projects_routes = projects.server.into_routes().expect("projects routes");
         projects_late.bind(Channel::in_process(projects_routes.clone()));
+        let projects_channel = Channel::in_process(projects_routes);
+        // The workflow service starts once the admin can make its service account.
+        let (workflow_channel, workflow_late) = Channel::late();
         let gateway = Gateway::new(4 * 1024 * 1024)
-            .route("cube.auth.v1", auth_channel)
-            .route("cube.scheduler.v1", scheduler_channel)
-            .route("cube.projects.v1", Channel::in_process(projects_routes));
+            .route("cube.auth.v1", auth_channel.clone())
+            .route("cube.scheduler.v1", scheduler_channel.clone())
+            .route("cube.projects.v1", projects_channel.clone())
+            .route("cube.workflow.v1", workflow_channel);
         let gateway = start_gateway(gateway).await;
 
+        let workloads = data.path().join("workloads");
+        let workflow_db = sqlite("workflow.db");
         let platform = Self {
             gateway,
             tokens: Mutex::new(HashMap::new()),
-            _keep: Mutex::new(Box::new((auth_background, scheduler_keep, projects_background))),
+            keep: Mutex::new(vec![Box::new((auth_background, scheduler_keep, projects_background))]),
             _data: data,
         };
         let admin = platform.login("admin", ADMIN_PASSWORD).await.expect("admin logs in");
+        let service_token = ServiceAccountServiceClient::new(connect(&platform.gateway).await)
+            .create_service_account(authed(
+                CreateServiceAccountRequest {
+                    service_account_id: "workflow".into(),
+                    service_account: None,
+                },
+                &admin,
+            ))
+            .await
+            .expect("the workflow service account")
+            .into_inner()
+            .token;
+        cube_kit::db::private_directory(&workloads).expect("the local runtime's directory");
+        let (local, _statuses) = LocalRuntime::open(&workloads).await.expect("the local runtime");
+        let local = Arc::new(local);
+        let workflow = Workflow::start(
+            Runtimes::new(
+                ClusterRegistry::new(vec![
+                    ClusterConfig::new("kube", Some(kubeconfig.into())),
+                    ClusterConfig::new("local", None),
+                ])
+                .expect("registry"),
+                local.clone(),
+            ),
+            cube_kit::db::connect::<cube_workflow::model::Migrator>(&workflow_db, true)
+                .await
+                .expect("the workflow database"),
+            bus,
+            cube_workflow::Peers {
+                auth: auth_channel,
+                projects: projects_channel,
+                scheduler: scheduler_channel,
+            },
+            cube_workflow::Options::new("fuzz".into(), service_token),
+        )
+        .await
+        .expect("workflow");
+        workflow_late.bind(Channel::in_process(
+            workflow.server.into_routes().expect("workflow routes"),
+        ));
+        if let Ok(mut keep) = platform.keep.lock() {
+            keep.push(Box::new((workflow.background, local)));
+        }
         UserServiceClient::new(connect(&platform.gateway).await)
             .create_user(authed(
                 CreateUserRequest {
@@ -580,6 +637,14 @@ async fn every_rpc_survives_random_input_through_the_gateway() {
     let messages = Messages::new(&set);
     let methods = methods();
     assert!(methods.len() >= 50, "only {} methods found", methods.len());
+    for package in PACKAGES {
+        assert!(
+            methods
+                .iter()
+                .any(|method| method.path.starts_with(&format!("/{package}."))),
+            "no method of {package} is fuzzed"
+        );
+    }
     let mut rng = Rng(seed);
     let queue = Arc::new(Mutex::new(cases(&methods, &messages, &mut rng)));
     let total = queue.lock().map(|queue| queue.len()).unwrap_or(0);
