@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::{AsyncReadExt as _, StreamExt as _};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -249,16 +249,24 @@ impl Runtime for KubernetesRuntime {
         let pods = self.pods(&spec.key)?;
         let pod = pod(spec)?;
         let key = &spec.key;
-        if let Some(existing) = pods.get_opt(&key.name).await.map_err(|error| api_error(error, key))? {
-            debug!(%key, "pod exists");
-            return Ok(pod_status(&self.cluster, &existing));
+        // A pod is never changed once made: one create (far cheaper for the API server than a server-side
+        // apply), and the pod already there when its name is taken.
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        match pods.create(&params, &pod).await {
+            Ok(created) => {
+                info!(%key, "pod created");
+                Ok(pod_status(&self.cluster, &created))
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = pods.get(&key.name).await.map_err(|error| api_error(error, key))?;
+                debug!(%key, "pod exists");
+                Ok(pod_status(&self.cluster, &existing))
+            }
+            Err(error) => Err(api_error(error, key)),
         }
-        let applied = pods
-            .patch(&key.name, &apply_params(), &Patch::Apply(&pod))
-            .await
-            .map_err(|error| api_error(error, key))?;
-        info!(%key, "pod applied");
-        Ok(pod_status(&self.cluster, &applied))
     }
 
     async fn delete(&self, key: &ObjectKey, grace: Duration) -> Result<bool, RuntimeError> {
