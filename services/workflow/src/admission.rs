@@ -135,6 +135,15 @@ impl Admission {
         Ok(verdicts)
     }
 
+    /// Releases what each of `workloads` holds, one after the other (they give back to the same project's
+    /// usage, which concurrent releases would only fight over).
+    pub(crate) async fn release_each(&self, user: &str, workloads: Vec<String>) -> Result<(), ApiError> {
+        for workload in workloads {
+            self.release(user, &workload).await?;
+        }
+        Ok(())
+    }
+
     /// Releases what `workload` holds; one that holds nothing is released already.
     pub(crate) async fn release(&self, user: &str, workload: &str) -> Result<(), ApiError> {
         let request = self.acting(

@@ -191,13 +191,24 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
         HashMap::new()
     };
     let now = cube_kit::time::now_ms();
-    let quota = if before.state == State::Canceling {
+    let mut after = before.clone();
+    let mut effects = progress::observe_run(&mut after, &observed, now);
+    // What ended gives back what it held at once (its pod is over), so that what comes next can use it.
+    let ended: Vec<String> = before
+        .tasks
+        .iter()
+        .zip(&after.tasks)
+        .filter(|(old, new)| new.state.is_final() && !old.state.is_final())
+        .map(|(_, new)| task_workload(&run.project, &run.pipeline, id, &new.name))
+        .collect();
+    engine.admission.release_each(&run.creator, ended).await?;
+    // Readiness is judged on what was just observed: a task starts in the step its upstream ends.
+    let quota = if after.state == State::Canceling || after.state.is_final() {
         Quota::default()
     } else {
-        admit_ready(engine, &record, &snapshot, &before, now).await?
+        admit_ready(engine, &record, &snapshot, &after, now).await?
     };
-    let mut after = before.clone();
-    let effects = progress::step(&mut after, &observed, now, &quota);
+    progress::start_ready(&mut after, now, &quota, &mut effects);
     for name in &effects.delete {
         if let Some(key) = key_of(&snapshot, &after, name) {
             match engine.runtime.delete(&key, Duration::ZERO).await {
@@ -254,13 +265,7 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
     if !applied.is_empty() {
         engine.store.mark_applied(id, &applied).await?;
     }
-    // What ended gives back what it held: a task's resources now, everything once the run is over.
-    for (old, new) in before.tasks.iter().zip(&after.tasks) {
-        if new.state.is_final() && !old.state.is_final() {
-            let workload = task_workload(&run.project, &run.pipeline, id, &new.name);
-            engine.admission.release(&run.creator, &workload).await?;
-        }
-    }
+    // An ended run gives back everything, its own admission too.
     if after.state.is_final() {
         release_all(engine, &record).await?;
     }
@@ -322,10 +327,12 @@ async fn admit_ready(
 /// Releases everything an ended run holds (its tasks' admissions and its own) and records it.
 async fn release_all(engine: &Engine, record: &RunRecord) -> Result<(), ApiError> {
     let run = &record.run;
-    for task in &record.tasks {
-        let workload = task_workload(&run.project, &run.pipeline, &run.id, &task.name);
-        engine.admission.release(&run.creator, &workload).await?;
-    }
+    let tasks = record
+        .tasks
+        .iter()
+        .map(|task| task_workload(&run.project, &run.pipeline, &run.id, &task.name))
+        .collect();
+    engine.admission.release_each(&run.creator, tasks).await?;
     let workload = run_workload(&run.project, &run.pipeline, &run.id);
     engine.admission.release(&run.creator, &workload).await?;
     engine.store.released(&run.id).await

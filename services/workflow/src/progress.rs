@@ -234,13 +234,24 @@ const ERRORS: [&str; 5] = [
 ];
 
 /// Moves `run` on, given the statuses of its workloads by name (those the runtime listed) at `now` (ms) and
-/// what admission decided for the tasks [`ready`] named: only granted tasks start.
+/// what admission decided for the tasks [`ready`] named: only granted tasks start. The engine takes the two
+/// halves apart ([`observe_run`], then [`start_ready`]) to ask admission about what is ready once the statuses
+/// are taken in, so that a task starts in the same step its upstream ends.
+#[cfg(test)]
 pub(crate) fn step(
     run: &mut RunProgress,
     observed: &HashMap<String, WorkloadStatus>,
     now: i64,
     quota: &Quota,
 ) -> Effects {
+    let mut effects = observe_run(run, observed, now);
+    start_ready(run, now, quota, &mut effects);
+    effects
+}
+
+/// The first half of a step: takes in the statuses of `run`'s workloads by name (those the runtime listed) at
+/// `now` (ms), or carries a cancel out.
+pub(crate) fn observe_run(run: &mut RunProgress, observed: &HashMap<String, WorkloadStatus>, now: i64) -> Effects {
     let mut effects = Effects::default();
     if run.state.is_final() {
         return effects;
@@ -251,6 +262,15 @@ pub(crate) fn step(
     }
     for task in &mut run.tasks {
         observe(task, observed, now, &mut effects);
+    }
+    effects
+}
+
+/// The second half of a step: starts the ready tasks admission granted (those it holds wait `QUEUED` with its
+/// reason), within the parallelism, and sets the run's state from its tasks'.
+pub(crate) fn start_ready(run: &mut RunProgress, now: i64, quota: &Quota, effects: &mut Effects) {
+    if run.state.is_final() || run.state == State::Canceling {
+        return;
     }
     let finished: HashMap<String, State> = run.tasks.iter().map(|task| (task.name.clone(), task.state)).collect();
     let mut running = run.tasks.iter().filter(|task| task.state == State::Running).count();
@@ -322,7 +342,6 @@ pub(crate) fn step(
     }
     // Skipped tasks may have unblocked others: the next step starts them.
     settle(run, now);
-    effects
 }
 
 /// Whether a task can still run: pending with no failed or canceled task upstream (directly or further up).
