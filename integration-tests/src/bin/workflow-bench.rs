@@ -2,15 +2,22 @@
 //!
 //! 1. a 1,000-task DAG on the test kube-apiserver and scheduler with the fake kubelet, in two shapes: wide (every
 //!    task at once) and deep (a chain). For the wide DAG, pods created per second: the pods the API server holds
-//!    over the time from `CreateRun` until it holds one per task. For the deep chain, the engine's
+//!    over the time from `CreateRun` until it holds one per task, first with the fake kubelet idle (the engine's
+//!    own rate; the run is then canceled), then with it playing every pod on the same API server and cores. For the deep chain, the engine's
 //!    overhead per task: the run's wall time less the time the tasks themselves ran, per task (it includes the
-//!    API server, the scheduler's binding, the fake kubelet's reports and the watcher's transitions);
+//!    API server, the scheduler's binding, the fake kubelet's reports and the watcher's transitions), and that
+//!    overhead taken apart from what the bench sees of each step: a pod's life beyond its run (the API server,
+//!    the scheduler's binding and the fake kubelet's three status reports), the watcher (the pod seen ended →
+//!    its transition on the bus) and the engine (the transition on the bus → the next task's pod seen created,
+//!    which includes the pod's create in the API server);
 //! 2. `ListRuns` on PostgreSQL with 1,000,000 runs of one pipeline: p50 and p99 of the first page and of a page
 //!    500,000 runs deep, each call through the workflow service's gRPC API (membership check included).
 //!
 //! Run: `cargo run --release -p cube-integration-tests --bin workflow-bench -- [--tasks 1000] [--deep false]
 //! [--runs 1000000] [--calls 200]` with the test environment up (`scripts/test-env.sh up`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,14 +27,17 @@ use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed
 use cube_integration_tests::shape::Shape;
 use cube_integration_tests::workflow::{RunningWorkflow, start_workflow, training_node, training_project};
 use cube_proto::cube::projects::v1::Quota;
+use cube_proto::cube::watcher::v1::{WorkloadState, WorkloadTransition};
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
 use cube_proto::cube::workflow::v1::{
-    CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, GetRunRequest, JobTemplate, ListRunsRequest,
-    Pipeline, Run, RunState, Task, TemplateVersion,
+    CancelRunRequest, CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, GetRunRequest, JobTemplate,
+    ListRunsRequest, Pipeline, Run, RunState, Task, TemplateVersion,
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
+use futures::StreamExt as _;
+use prost::Message as _;
 use sea_orm::ConnectionTrait as _;
 use tonic::transport::Channel;
 
@@ -56,23 +66,19 @@ struct Bench {
     platform: Platform,
     workflow: RunningWorkflow,
     channel: Channel,
-    _node: FakeNode,
+    client: kube::Client,
+    node: FakeNode,
     namespace: TestNamespace,
-    _kubelet: Kubelet,
 }
 
 impl Bench {
-    async fn start(task_ms: u64) -> anyhow::Result<Self> {
+    async fn start() -> anyhow::Result<Self> {
         let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
         let client = kube_client(&kubeconfig).await;
         let group = cube_testkit::kubernetes::unique_name("bench");
         // Room for every pod of a 1,000-task run at once.
         let node = training_node(&client, &group, &[("pods", 5000), ("cpu", 1000)]).await;
         let namespace = TestNamespace::unique(&client, "bench").await;
-        let kubelet = Kubelet::start(&client, [&node]).script(
-            "app.kubernetes.io/managed-by=cube",
-            Script::run_for(Duration::from_millis(task_ms)).exit(0),
-        );
         let mut platform = platform(Shape::PostgresRedis, &kubeconfig).await;
         training_project(&platform, &group, &namespace.name, Quota::default()).await;
         let workflow = start_workflow(&mut platform, &kubeconfig).await;
@@ -96,9 +102,9 @@ impl Bench {
             platform,
             workflow,
             channel,
-            _node: node,
+            node,
             namespace,
-            _kubelet: kubelet,
+            client,
         })
     }
 
@@ -189,13 +195,16 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
-async fn dags(bench: &Bench, tasks: usize, task_ms: u64, deep: bool) -> anyhow::Result<()> {
-    // Wide: every task is ready at once; the engine records and applies them all.
+/// Runs a wide DAG of `tasks` as pipeline `id`: when CreateRun answered and when the API server held a pod for
+/// every task, both from the CreateRun call; and the run.
+async fn wide_run(bench: &Bench, id: &str, tasks: usize) -> anyhow::Result<(String, Instant, Duration, Duration)> {
     let wide: Vec<Task> = (0..tasks).map(|i| task(format!("w{i}"), Vec::new())).collect();
-    let (name, created) = bench.run("wide", wide).await?;
+    let (name, created) = bench.run(id, wide).await?;
+    // CreateRun places every task before it answers.
+    let answered = created.elapsed();
     // Every attempt is recorded before its pod is applied: count the pods the API server holds.
-    let id = name.rsplit('/').next().unwrap_or_default().to_owned();
-    let selector = kube::api::ListParams::default().labels(&format!("cube.io/run={id}"));
+    let run = name.rsplit('/').next().unwrap_or_default().to_owned();
+    let selector = kube::api::ListParams::default().labels(&format!("cube.io/run={run}"));
     loop {
         let pods = bench.namespace.pods().list_metadata(&selector).await?.items.len();
         if pods >= tasks {
@@ -207,7 +216,31 @@ async fn dags(bench: &Bench, tasks: usize, task_ms: u64, deep: bool) -> anyhow::
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let applied = created.elapsed();
+    Ok((name, created, answered, created.elapsed()))
+}
+
+async fn dags(bench: &Bench, tasks: usize, task_ms: u64, deep: bool) -> anyhow::Result<()> {
+    // Wide, with no kubelet playing the pods: what the engine makes when the API server does nothing else than
+    // take them (and the scheduler bind them). The run is then canceled.
+    let (name, _, answered, applied) = wide_run(bench, "idle", tasks).await?;
+    println!(
+        "  wide DAG of {tasks} tasks, the fake kubelet idle: CreateRun (placing every task) answered in {:.2} s; every \
+         pod in the API server {:.2} s after CreateRun: {:.0} pods/s",
+        answered.as_secs_f64(),
+        applied.as_secs_f64(),
+        tasks as f64 / applied.as_secs_f64(),
+    );
+    RunServiceClient::new(bench.channel.clone())
+        .cancel_run(authed(CancelRunRequest { name: name.clone() }, &bench.platform.token))
+        .await?;
+    bench.wait(&name, |run| run.state() == RunState::Canceled).await?;
+
+    let _kubelet = Kubelet::start(&bench.client, [&bench.node]).script(
+        "app.kubernetes.io/managed-by=cube",
+        Script::run_for(Duration::from_millis(task_ms)).exit(0),
+    );
+    // Wide, the fake kubelet reporting each pod's start and end to the same API server on the same cores.
+    let (name, created, _, applied) = wide_run(bench, "wide", tasks).await?;
     let done = bench
         .wait(&name, |run| {
             run.state() != RunState::Running && run.state() != RunState::Pending
@@ -220,7 +253,8 @@ async fn dags(bench: &Bench, tasks: usize, task_ms: u64, deep: bool) -> anyhow::
         done.reason
     );
     println!(
-        "  wide DAG of {tasks} tasks: every pod in the API server {:.2} s after CreateRun: {:.0} pods/s; run done in {:.2} s",
+        "  wide DAG of {tasks} tasks, the fake kubelet playing them: every pod in the API server {:.2} s after \
+         CreateRun: {:.0} pods/s; run done in {:.2} s",
         applied.as_secs_f64(),
         tasks as f64 / applied.as_secs_f64(),
         created.elapsed().as_secs_f64()
@@ -241,6 +275,8 @@ async fn dags(bench: &Bench, tasks: usize, task_ms: u64, deep: bool) -> anyhow::
             )
         })
         .collect();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let _following = follow(bench, seen.clone()).await?;
     let (name, created) = bench.run("deep", deep).await?;
     let done = bench
         .wait(&name, |run| {
@@ -262,7 +298,101 @@ async fn dags(bench: &Bench, tasks: usize, task_ms: u64, deep: bool) -> anyhow::
         wall.as_secs_f64(),
         overhead.as_secs_f64() * 1000.0 / tasks as f64
     );
+    let id = name.rsplit('/').next().unwrap_or_default();
+    let pod = |index: usize| format!("d{index}-{id}-1");
+    let seen = seen.lock().map_err(|_| anyhow::anyhow!("the timeline's lock"))?;
+    let (mut life, mut watcher, mut engine) = (Vec::new(), Vec::new(), Vec::new());
+    for index in 0..tasks.saturating_sub(1) {
+        let (this, next) = (pod(index), pod(index + 1));
+        let (Some(made), Some(ended), Some(published), Some(next_made)) = (
+            seen.created.get(&this),
+            seen.ended.get(&this),
+            seen.published.get(&this),
+            seen.created.get(&next),
+        ) else {
+            continue;
+        };
+        life.push(
+            ended
+                .saturating_duration_since(*made)
+                .saturating_sub(Duration::from_millis(task_ms)),
+        );
+        watcher.push(published.saturating_duration_since(*ended));
+        engine.push(next_made.saturating_duration_since(*published));
+    }
+    anyhow::ensure!(!engine.is_empty(), "the bench saw none of the chain's steps");
+    let steps = engine.len();
+    let mean = |samples: &[Duration]| samples.iter().sum::<Duration>().as_secs_f64() * 1000.0 / samples.len() as f64;
+    let (life_mean, watcher_mean, engine_mean) = (mean(&life), mean(&watcher), mean(&engine));
+    let ((life_p50, _), (watcher_p50, _), (engine_p50, engine_p99)) =
+        (percentiles(life), percentiles(watcher), percentiles(engine));
+    println!(
+        "    per step, over {steps} steps (mean / p50 ms): pod beyond its run (API server, binding, fake kubelet) \
+         {life_mean:.1} / {life_p50:.1}; watcher (pod ended → transition) {watcher_mean:.1} / {watcher_p50:.1}; \
+         engine (transition → next pod created) {engine_mean:.1} / {engine_p50:.1} (p99 {engine_p99:.1})"
+    );
     Ok(())
+}
+
+/// When the bench saw what happen to each pod, by name.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The pod first seen.
+    created: HashMap<String, Instant>,
+    /// The pod first seen `Succeeded`.
+    ended: HashMap<String, Instant>,
+    /// Its transition to `SUCCEEDED` first seen on the bus.
+    published: HashMap<String, Instant>,
+}
+
+/// Follows the bench namespace's pods and the bus's workload transitions into `seen`, until dropped.
+async fn follow(bench: &Bench, seen: Arc<Mutex<Seen>>) -> anyhow::Result<(AbortOnDrop, AbortOnDrop)> {
+    let pods = bench.namespace.pods();
+    let pod_seen = seen.clone();
+    let watching = tokio::spawn(async move {
+        let config = kube::runtime::watcher::Config::default().labels("app.kubernetes.io/managed-by=cube");
+        let mut events = kube::runtime::watcher(pods, config).boxed();
+        while let Some(event) = events.next().await {
+            let Ok(kube::runtime::watcher::Event::Apply(pod)) = event else {
+                continue;
+            };
+            let now = Instant::now();
+            let (Some(name), Ok(mut seen)) = (pod.metadata.name.clone(), pod_seen.lock()) else {
+                continue;
+            };
+            seen.created.entry(name.clone()).or_insert(now);
+            if pod.status.and_then(|status| status.phase).as_deref() == Some("Succeeded") {
+                seen.ended.entry(name).or_insert(now);
+            }
+        }
+    });
+    let mut deliveries = bench
+        .platform
+        .bus
+        .subscribe(cube_runtime::transition::TOPIC, "workflow-bench", "bench")
+        .await?;
+    let reading = tokio::spawn(async move {
+        while let Some(delivery) = deliveries.next().await {
+            let Ok(delivery) = delivery else { continue };
+            if let Ok(event) = WorkloadTransition::decode(delivery.payload.clone())
+                && event.to_state() == WorkloadState::Succeeded
+                && let Ok(mut seen) = seen.lock()
+            {
+                seen.published.entry(event.name).or_insert_with(Instant::now);
+            }
+            let _ = delivery.ack().await;
+        }
+    });
+    Ok((AbortOnDrop(watching), AbortOnDrop(reading)))
+}
+
+/// A spawned task, aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn list_runs(bench: &Bench, runs: usize, calls: usize) -> anyhow::Result<()> {
@@ -320,7 +450,7 @@ async fn list_runs(bench: &Bench, runs: usize, calls: usize) -> anyhow::Result<(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bench = Bench::start(args.task_ms).await?;
+    let bench = Bench::start().await?;
     println!(
         "workflow-bench: the workflow service on PostgreSQL and Redis, the test kube-apiserver with the fake kubelet"
     );

@@ -49,7 +49,7 @@ type Applied = Result<(), (String, bool)>;
 /// Up to how many live workloads a run's step asks for one by one rather than listing the run's.
 const ASKED_ONE_BY_ONE: usize = 16;
 /// How many workloads of one run are applied at once.
-const APPLYING_AT_ONCE: usize = 32;
+const APPLYING_AT_ONCE: usize = 64;
 /// The default retry policy's first wait.
 const DEFAULT_BACKOFF_MS: i64 = 10_000;
 /// The default retry policy's longest wait.
