@@ -1,6 +1,7 @@
 //! The workflow engine across services, on both shapes, against the real kube-apiserver and scheduler with the
 //! fake kubelet: DAG order, parallelism, retries with backoff, `RetryRun` (also after the pods are gone),
-//! `CancelRun`, a manual run replacing the previous one, `RunTask`, `DebugTask` and `ClearTask`, the placement and `KFJ_*` environment on every pod,
+//! `CancelRun`, a manual run replacing the previous one, `RunTask`, `DebugTask` and `ClearTask`, schedules (their
+//! validation and next fire time), the placement and `KFJ_*` environment on every pod,
 //! refused input that stores nothing, and who may call what.
 
 // The matrix test's one future holds every row's boxed call: deeper than the compiler's default layout limit.
@@ -25,12 +26,15 @@ use cube_proto::cube::projects::v1::{
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
+use cube_proto::cube::workflow::v1::schedule_service_client::ScheduleServiceClient;
 use cube_proto::cube::workflow::v1::{
     ArgSpec, ArgType, CancelRunRequest, ClearTaskRequest, CopyPipelineRequest, CreateJobTemplateRequest,
-    CreatePipelineRequest, CreateRunRequest, DebugTaskRequest, DeleteJobTemplateRequest, DeletePipelineRequest,
-    GetJobTemplateRequest, GetPipelineRequest, GetRunRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest,
-    ListPipelinesRequest, ListRunsRequest, Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, RunTaskRequest, Task,
-    TemplateVersion, Trigger, UpdateJobTemplateRequest, UpdatePipelineRequest, WatchRunRequest,
+    CreatePipelineRequest, CreateRunRequest, CreateScheduleRequest, DebugTaskRequest, DeleteJobTemplateRequest,
+    DeletePipelineRequest, DeleteScheduleRequest, GetJobTemplateRequest, GetPipelineRequest, GetRunRequest,
+    GetScheduleRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest, ListPipelinesRequest,
+    ListRunsRequest, ListSchedulesRequest, Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, RunTaskRequest,
+    Schedule, Task, TemplateVersion, Trigger, UpdateJobTemplateRequest, UpdatePipelineRequest, UpdateScheduleRequest,
+    WatchRunRequest,
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
 use k8s_openapi::api::core::v1::Pod;
@@ -44,6 +48,8 @@ cube_integration_tests::on_every_shape!(
     failures_retry_with_backoff_and_retry_run_reruns_only_what_failed,
     cancel_and_a_new_manual_run_end_runs_at_once,
     run_task_debug_task_and_clear_task_act_on_one_task_alone,
+    schedules_are_validated_whole_and_show_their_next_fire,
+    updates_change_what_the_mask_names_and_keep_the_rest,
     bad_input_is_refused_field_by_field_and_nothing_is_stored,
     every_rpc_answers_each_role_as_its_rights_say,
     quotas_queue_runs_and_tasks_with_the_reason_until_they_fit,
@@ -136,6 +142,22 @@ impl Flow {
             .into_inner()
     }
 
+    /// Creates schedule `id` of `pipeline` as lena.
+    async fn schedule(&self, pipeline: &str, id: &str, schedule: Schedule) -> Schedule {
+        ScheduleServiceClient::new(self.channel.clone())
+            .create_schedule(authed(
+                CreateScheduleRequest {
+                    parent: pipeline.into(),
+                    schedule_id: id.into(),
+                    schedule: Some(schedule),
+                },
+                &self.platform.token,
+            ))
+            .await
+            .expect("creating a schedule")
+            .into_inner()
+    }
+
     /// Runs `pipeline` as lena, asking again while the scheduler's inventory has not seen the node yet.
     async fn start_run(&self, pipeline: &str) -> Run {
         cube_testkit::eventually("a run placed on the test node", Duration::from_secs(20), || async {
@@ -219,6 +241,16 @@ fn worker_template() -> JobTemplate {
             },
         ],
         ..JobTemplate::default()
+    }
+}
+
+/// An enabled schedule at 02:30 every night in Berlin.
+fn nightly() -> Schedule {
+    Schedule {
+        cron: "30 2 * * *".into(),
+        time_zone: "Europe/Berlin".into(),
+        enabled: true,
+        ..Schedule::default()
     }
 }
 
@@ -729,6 +761,223 @@ async fn run_task_debug_task_and_clear_task_act_on_one_task_alone(shape: Shape) 
     assert_eq!(bad_fields(&status), ["duration"], "{status:?}");
 }
 
+async fn schedules_are_validated_whole_and_show_their_next_fire(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    let pipeline = flow.pipeline("nightly", vec![task("a", &[])], 0).await;
+    let mut schedules = ScheduleServiceClient::new(flow.channel.clone());
+    let at = |seconds: i64| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let refused = |schedule: Schedule| {
+        let mut schedules = schedules.clone();
+        let request = authed(
+            CreateScheduleRequest {
+                parent: pipeline.name.clone(),
+                schedule_id: "bad".into(),
+                schedule: Some(schedule),
+            },
+            &flow.platform.token,
+        );
+        async move { schedules.create_schedule(request).await.expect_err("refused") }
+    };
+    for (schedule, field) in [
+        (
+            Schedule {
+                cron: "61 * * * *".into(),
+                ..nightly()
+            },
+            "schedule.cron",
+        ),
+        (
+            Schedule {
+                cron: "0 0 * * * *".into(),
+                ..nightly()
+            },
+            "schedule.cron",
+        ),
+        (
+            Schedule {
+                time_zone: "Mars/Olympus".into(),
+                ..nightly()
+            },
+            "schedule.time_zone",
+        ),
+        (
+            Schedule {
+                start_time: at(1_900_000_000),
+                end_time: at(1_800_000_000),
+                ..nightly()
+            },
+            "schedule.end_time",
+        ),
+    ] {
+        let status = refused(schedule).await;
+        assert_eq!(bad_fields(&status), [field], "{status:?}");
+    }
+    let listed = schedules
+        .list_schedules(authed(
+            ListSchedulesRequest {
+                parent: pipeline.name.clone(),
+                ..ListSchedulesRequest::default()
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("listing schedules")
+        .into_inner();
+    assert!(listed.schedules.is_empty(), "nothing was stored: {listed:?}");
+
+    // 2027-03-28 in Berlin: 02:00 becomes 03:00, so 02:30 fires once, at the shifted instant 03:30 (01:30Z).
+    let created = flow
+        .schedule(
+            &pipeline.name,
+            "spring",
+            Schedule {
+                start_time: at(1_806_192_000), // 2027-03-28T00:00:00Z
+                ..nightly()
+            },
+        )
+        .await;
+    assert_eq!(created.name, format!("{}/schedules/spring", pipeline.name));
+    assert_eq!(created.creator, "users/lena");
+    assert_eq!(created.next_fire_time, at(1_806_197_400), "2027-03-28T01:30:00Z");
+    let got = schedules
+        .get_schedule(authed(
+            GetScheduleRequest {
+                name: created.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("getting the schedule")
+        .into_inner();
+    assert_eq!(got, created);
+
+    let update = |etag: String, enabled: bool| {
+        let mut schedules = schedules.clone();
+        let request = authed(
+            UpdateScheduleRequest {
+                schedule: Some(Schedule {
+                    name: created.name.clone(),
+                    etag,
+                    enabled,
+                    ..Schedule::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            },
+            &flow.platform.token,
+        );
+        async move { schedules.update_schedule(request).await }
+    };
+    let disabled = update(created.etag.clone(), false)
+        .await
+        .expect("disabling")
+        .into_inner();
+    assert!(!disabled.enabled);
+    assert_eq!(disabled.next_fire_time, None, "a disabled schedule does not fire");
+    assert_eq!(disabled.cron, "30 2 * * *", "the fields outside the mask are kept");
+    let stale = update(created.etag.clone(), true).await.expect_err("a stale etag");
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+
+    schedules
+        .delete_schedule(authed(
+            DeleteScheduleRequest {
+                name: created.name.clone(),
+                etag: disabled.etag.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("deleting");
+    let gone = schedules
+        .get_schedule(authed(
+            GetScheduleRequest {
+                name: created.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("deleted");
+    assert_eq!(gone.code(), Code::NotFound);
+}
+
+async fn updates_change_what_the_mask_names_and_keep_the_rest(shape: Shape) {
+    let flow = Flow::start(shape).await;
+    let mut templates = JobTemplateServiceClient::new(flow.channel.clone());
+    let template = templates
+        .get_job_template(authed(
+            GetJobTemplateRequest {
+                name: "jobTemplates/worker".into(),
+            },
+            &flow.platform.admin,
+        ))
+        .await
+        .expect("getting the template")
+        .into_inner();
+    let updated = templates
+        .update_job_template(authed(
+            UpdateJobTemplateRequest {
+                job_template: Some(JobTemplate {
+                    name: template.name.clone(),
+                    etag: template.etag.clone(),
+                    entrypoint: "train --quiet".into(),
+                    image: "ignored:1".into(),
+                    ..JobTemplate::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["entrypoint".into()],
+                }),
+            },
+            &flow.platform.admin,
+        ))
+        .await
+        .expect("updating the template")
+        .into_inner();
+    assert_eq!(updated.entrypoint, "train --quiet");
+    assert_eq!(updated.image, template.image, "outside the mask");
+    assert_ne!(updated.etag, template.etag);
+
+    let pipeline = flow.pipeline("edited", vec![task("a", &[])], 0).await;
+    let mut pipelines = flow.pipelines();
+    let update = |etag: String| {
+        let mut pipelines = pipelines.clone();
+        let request = authed(
+            UpdatePipelineRequest {
+                pipeline: Some(Pipeline {
+                    name: pipeline.name.clone(),
+                    etag,
+                    description: "nightly training".into(),
+                    ..Pipeline::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["description".into()],
+                }),
+            },
+            &flow.platform.token,
+        );
+        async move { pipelines.update_pipeline(request).await }
+    };
+    let changed = update(pipeline.etag.clone())
+        .await
+        .expect("updating the pipeline")
+        .into_inner();
+    assert_eq!(changed.description, "nightly training");
+    assert_eq!(changed.tasks.len(), 1, "outside the mask");
+    let stale = update(pipeline.etag.clone()).await.expect_err("a stale etag");
+    assert_eq!(stale.code(), Code::Aborted);
+    let read = pipelines
+        .get_pipeline(authed(
+            GetPipelineRequest {
+                name: pipeline.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("reading it back")
+        .into_inner();
+    assert_eq!(read, changed);
+}
+
 async fn bad_input_is_refused_field_by_field_and_nothing_is_stored(shape: Shape) {
     let flow = Flow::start(shape).await;
     let create = |id: &str, tasks: Vec<Task>| {
@@ -970,6 +1219,7 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
     let stale = "\"v0\"".to_owned();
     let run_name = run.name.clone();
     let pipeline_name = pipeline.name.clone();
+    let schedule_name = flow.schedule(&pipeline_name, "nightly", nightly()).await.name;
     // Each RPC, and what each caller above gets; calls that are allowed fail after the check (a stale etag, an
     // invalid id) or change nothing, so that every row sees the same state.
     type Call<'a> = Box<dyn Fn(String) -> futures::future::BoxFuture<'a, Outcome> + 'a>;
@@ -977,6 +1227,7 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
     let pipelines = flow.pipelines();
     let runs = flow.runs();
     let workloads = ProjectWorkloadServiceClient::new(flow.channel.clone());
+    let schedules = ScheduleServiceClient::new(flow.channel.clone());
     macro_rules! call {
         ($client:ident, $method:ident, $message:expr) => {{
             let client = $client.clone();
@@ -1231,6 +1482,72 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
             [U, H, F, A, A, A],
         ),
         (
+            "CreateSchedule",
+            call!(
+                schedules,
+                create_schedule,
+                CreateScheduleRequest {
+                    parent: pipeline_name.clone(),
+                    schedule_id: "Invalid Id".into(),
+                    schedule: Some(nightly()),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "GetSchedule",
+            call!(
+                schedules,
+                get_schedule,
+                GetScheduleRequest {
+                    name: schedule_name.clone()
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "ListSchedules",
+            call!(
+                schedules,
+                list_schedules,
+                ListSchedulesRequest {
+                    parent: "projects/vision/pipelines/-".into(),
+                    ..ListSchedulesRequest::default()
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
+            "UpdateSchedule",
+            call!(
+                schedules,
+                update_schedule,
+                UpdateScheduleRequest {
+                    schedule: Some(Schedule {
+                        name: schedule_name.clone(),
+                        etag: stale.clone(),
+                        ..nightly()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["cron".into()]
+                    }),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
+            "DeleteSchedule",
+            call!(
+                schedules,
+                delete_schedule,
+                DeleteScheduleRequest {
+                    name: schedule_name.clone(),
+                    etag: stale.clone(),
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
             "ListProjectWorkloads",
             call!(
                 workloads,
@@ -1254,7 +1571,7 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-    assert_eq!(rows.len(), 22, "every workflow RPC has a row");
+    assert_eq!(rows.len(), 27, "every workflow RPC has a row");
 }
 
 async fn quotas_queue_runs_and_tasks_with_the_reason_until_they_fit(shape: Shape) {

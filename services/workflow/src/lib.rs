@@ -9,6 +9,7 @@
 mod access;
 mod admission;
 mod args;
+mod cron;
 mod dag;
 mod engine;
 mod launch;
@@ -16,6 +17,7 @@ pub mod model;
 mod pipelines;
 mod progress;
 mod runs;
+mod schedules;
 mod secrets;
 mod store;
 mod templates;
@@ -35,6 +37,7 @@ use cube_proto::cube::common::v1::project_workload_service_server::ProjectWorklo
 use cube_proto::cube::workflow::v1::job_template_service_server::JobTemplateServiceServer;
 use cube_proto::cube::workflow::v1::pipeline_service_server::PipelineServiceServer;
 use cube_proto::cube::workflow::v1::run_service_server::RunServiceServer;
+use cube_proto::cube::workflow::v1::schedule_service_server::ScheduleServiceServer;
 use cube_runtime::{LocalRuntime, Runtimes};
 use sea_orm::DatabaseConnection;
 use tokio::sync::{Notify, broadcast};
@@ -238,6 +241,9 @@ impl Workflow {
                 access: access.clone(),
             }))
             .add_service(PipelineServiceServer::new(pipelines.clone()))
+            .add_service(ScheduleServiceServer::new(schedules::Schedules {
+                pipelines: pipelines.clone(),
+            }))
             .add_service(RunServiceServer::new(runs::Runs {
                 engine,
                 pipelines,

@@ -120,6 +120,10 @@ pub mod run {
         pub started_ms: Option<i64>,
         /// Finished.
         pub ended_ms: Option<i64>,
+        /// For a scheduled run: the fire time it runs for (`execution_date`).
+        pub fire_ms: Option<i64>,
+        /// For a scheduled run: the id of its schedule (of the same pipeline).
+        pub schedule: Option<String>,
     }
 
     /// No relations are navigated.
@@ -210,6 +214,87 @@ pub mod attempt {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// Cron schedules of pipelines.
+pub mod schedule {
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `schedules`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "schedules")]
+    pub struct Model {
+        /// The project id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project: String,
+        /// The pipeline id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub pipeline: String,
+        /// The schedule id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// Its creator's username (its runs run for them).
+        pub creator: String,
+        /// Whether it fires.
+        pub enabled: bool,
+        /// The `Schedule`, protobuf-encoded, without its output fields.
+        pub spec: Vec<u8>,
+        /// The fire time the next tick looks after: the last fire made or passed over, or, before any, when the
+        /// schedule was created or enabled.
+        pub since_ms: i64,
+        /// The latest fire made.
+        pub last_fire_ms: Option<i64>,
+        /// What holds its fires back, empty when nothing does.
+        #[sea_orm(column_type = "Text")]
+        pub blocked_reason: String,
+        /// Bumped by every change: the etag.
+        pub revision: i64,
+        /// Created.
+        pub created_ms: i64,
+        /// Last changed.
+        pub updated_ms: i64,
+    }
+
+    /// No relations are navigated.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The fire ledger: one row per fire of a schedule, whatever the replicas, restarts or clock steps.
+pub mod fire {
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `schedule_fires`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "schedule_fires")]
+    pub struct Model {
+        /// The project id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project: String,
+        /// The pipeline id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub pipeline: String,
+        /// The schedule id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub schedule: String,
+        /// The fire time.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub fire_ms: i64,
+        /// The run it made.
+        pub run: String,
+        /// Whether a backfill made it.
+        pub backfill: bool,
+        /// When it was made.
+        pub created_ms: i64,
+    }
+
+    /// No relations are navigated.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// The workflow service's migrations.
 pub struct Migrator;
 
@@ -220,6 +305,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateTables),
             cube_kit::outbox::migration(),
             cube_kit::lease::migration(),
+            Box::new(CreateSchedules),
         ]
     }
 }
@@ -296,5 +382,55 @@ impl MigrationTrait for CreateTables {
             manager.create_index(statement).await?;
         }
         Ok(())
+    }
+}
+
+struct CreateSchedules;
+
+impl MigrationName for CreateSchedules {
+    fn name(&self) -> &str {
+        "m20261205_000001_create_schedules"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateSchedules {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        create(manager, schedule::Entity, &[]).await?;
+        create(manager, fire::Entity, &[]).await?;
+        // Runs carry the fire time of the schedule that made them: a database made before has `runs` without
+        // the columns (a fresh one has them from the entity). One column per statement: SQLite alters one thing
+        // at a time.
+        for (name, column) in [
+            (
+                "fire_ms",
+                ColumnDef::new(Alias::new("fire_ms")).big_integer().null().to_owned(),
+            ),
+            (
+                "schedule",
+                ColumnDef::new(Alias::new("schedule")).string().null().to_owned(),
+            ),
+        ] {
+            if manager.has_column("runs", name).await? {
+                continue;
+            }
+            manager
+                .alter_table(Table::alter().table(Alias::new("runs")).add_column(column).to_owned())
+                .await?;
+        }
+        // The firer's list of enabled schedules.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_schedules_enabled")
+                    .table(Alias::new("schedules"))
+                    .col(Alias::new("enabled"))
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -391,6 +391,8 @@ impl Runs {
             created_ms: now_ms(),
             started_ms: None,
             ended_ms: None,
+            fire_ms: None,
+            schedule: None,
         };
         if !store.insert_run(run, tasks).await? {
             // A concurrent call with the same request id won: answer with its run.

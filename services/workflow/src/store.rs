@@ -9,11 +9,11 @@ use cube_kit::lease::{self, Epoch};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
 use sea_orm::{
-    ColumnTrait as _, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait as _,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+    ActiveModelTrait as _, ColumnTrait as _, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
 };
 
-use crate::model::{attempt, pipeline, run, task, template};
+use crate::model::{attempt, pipeline, run, schedule, task, template};
 use crate::progress::{Attempt, RunProgress, State};
 
 /// The lease whose holder drives runs.
@@ -174,7 +174,8 @@ impl Store {
                 id: NotSet,
                 creator: NotSet,
                 created_ms: NotSet,
-                ..template::ActiveModel::from(row)
+                // Every other column is written (`from` alone marks them unchanged, and nothing would be).
+                ..template::ActiveModel::from(row).reset_all()
             })
             .filter(template::Column::Id.eq(id.clone()))
             .filter(template::Column::Revision.eq(revision))
@@ -276,7 +277,8 @@ impl Store {
                 id: NotSet,
                 creator: NotSet,
                 created_ms: NotSet,
-                ..pipeline::ActiveModel::from(row)
+                // Every other column is written (`from` alone marks them unchanged, and nothing would be).
+                ..pipeline::ActiveModel::from(row).reset_all()
             })
             .filter(pipeline::Column::Project.eq(project))
             .filter(pipeline::Column::Id.eq(id))
@@ -319,7 +321,136 @@ impl Store {
         if result.rows_affected == 0 {
             return Err(changed("pipeline", &name));
         }
+        // Its schedules go with it.
+        schedule::Entity::delete_many()
+            .filter(schedule::Column::Project.eq(project))
+            .filter(schedule::Column::Pipeline.eq(id))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
         txn.commit().await.map_err(db_error)
+    }
+
+    // Schedules.
+
+    /// Stores a new schedule; `AlreadyExists` when its id is taken in its pipeline.
+    pub(crate) async fn insert_schedule(&self, row: schedule::Model) -> Result<(), ApiError> {
+        let name = format!(
+            "projects/{}/pipelines/{}/schedules/{}",
+            row.project, row.pipeline, row.id
+        );
+        let result = schedule::Entity::insert(schedule::ActiveModel::from(row))
+            .on_conflict(
+                OnConflict::columns([
+                    schedule::Column::Project,
+                    schedule::Column::Pipeline,
+                    schedule::Column::Id,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result == 0 {
+            return Err(ApiError::AlreadyExists { kind: "schedule", name });
+        }
+        Ok(())
+    }
+
+    /// Schedule `id` of `project`'s `pipeline`.
+    pub(crate) async fn schedule(
+        &self,
+        project: &str,
+        pipeline: &str,
+        id: &str,
+    ) -> Result<Option<schedule::Model>, ApiError> {
+        schedule::Entity::find_by_id((project.to_owned(), pipeline.to_owned(), id.to_owned()))
+            .one(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// A page of `project`'s schedules (of `pipeline`, or of every pipeline), after `after` (pipeline, id).
+    pub(crate) async fn list_schedules(
+        &self,
+        project: &str,
+        pipeline: Option<&str>,
+        after: Option<(String, String)>,
+        limit: u64,
+    ) -> Result<Vec<schedule::Model>, ApiError> {
+        let mut query = schedule::Entity::find().filter(schedule::Column::Project.eq(project));
+        if let Some(pipeline) = pipeline {
+            query = query.filter(schedule::Column::Pipeline.eq(pipeline));
+        }
+        if let Some((pipeline, id)) = after {
+            query = query.filter(
+                Condition::any()
+                    .add(schedule::Column::Pipeline.gt(pipeline.clone()))
+                    .add(
+                        Condition::all()
+                            .add(schedule::Column::Pipeline.eq(pipeline))
+                            .add(schedule::Column::Id.gt(id)),
+                    ),
+            );
+        }
+        query
+            .order_by_asc(schedule::Column::Pipeline)
+            .order_by_asc(schedule::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Replaces a schedule read at `revision`; `Aborted` when it changed since.
+    pub(crate) async fn update_schedule(&self, row: schedule::Model, revision: i64) -> Result<(), ApiError> {
+        let name = format!(
+            "projects/{}/pipelines/{}/schedules/{}",
+            row.project, row.pipeline, row.id
+        );
+        let (project, pipeline, id) = (row.project.clone(), row.pipeline.clone(), row.id.clone());
+        let result = schedule::Entity::update_many()
+            .set(schedule::ActiveModel {
+                project: NotSet,
+                pipeline: NotSet,
+                id: NotSet,
+                creator: NotSet,
+                created_ms: NotSet,
+                // Every other column is written (`from` alone marks them unchanged, and nothing would be).
+                ..schedule::ActiveModel::from(row).reset_all()
+            })
+            .filter(schedule::Column::Project.eq(project))
+            .filter(schedule::Column::Pipeline.eq(pipeline))
+            .filter(schedule::Column::Id.eq(id))
+            .filter(schedule::Column::Revision.eq(revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("schedule", &name));
+        }
+        Ok(())
+    }
+
+    /// Deletes a schedule read at `revision`; `Aborted` when it changed since.
+    pub(crate) async fn delete_schedule(&self, row: &schedule::Model) -> Result<(), ApiError> {
+        let name = format!(
+            "projects/{}/pipelines/{}/schedules/{}",
+            row.project, row.pipeline, row.id
+        );
+        let result = schedule::Entity::delete_many()
+            .filter(schedule::Column::Project.eq(row.project.clone()))
+            .filter(schedule::Column::Pipeline.eq(row.pipeline.clone()))
+            .filter(schedule::Column::Id.eq(row.id.clone()))
+            .filter(schedule::Column::Revision.eq(row.revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("schedule", &name));
+        }
+        Ok(())
     }
 
     // Runs.
@@ -793,7 +924,50 @@ mod tests {
             created_ms: 1,
             started_ms: None,
             ended_ms: None,
+            fire_ms: None,
+            schedule: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_schedule_changes_only_from_the_revision_it_was_read_at() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("workflow.db").display());
+        let store = Store::new(
+            cube_kit::db::connect::<crate::model::Migrator>(&url, true)
+                .await
+                .expect("database"),
+        );
+        let row = schedule::Model {
+            project: "vision".to_owned(),
+            pipeline: "daily".to_owned(),
+            id: "nightly".to_owned(),
+            creator: "lena".to_owned(),
+            enabled: true,
+            spec: Vec::new(),
+            since_ms: 1,
+            last_fire_ms: None,
+            blocked_reason: String::new(),
+            revision: 1,
+            created_ms: 1,
+            updated_ms: 1,
+        };
+        store.insert_schedule(row.clone()).await.expect("inserting");
+        let changed = schedule::Model {
+            enabled: false,
+            revision: 2,
+            ..row.clone()
+        };
+        store
+            .update_schedule(changed.clone(), 1)
+            .await
+            .expect("updating at revision 1");
+        assert!(matches!(
+            store.update_schedule(changed, 1).await,
+            Err(ApiError::Aborted { .. })
+        ));
+        let read = store.schedule("vision", "daily", "nightly").await.expect("reading");
+        assert_eq!(read.map(|row| (row.enabled, row.revision)), Some((false, 2)));
     }
 
     #[tokio::test]
