@@ -20,7 +20,7 @@ use crate::dag::{self, is_label};
 use crate::launch::template_id;
 use crate::model::pipeline;
 use crate::store::Store;
-use crate::templates::{etag, visible};
+use crate::templates::{check_etag, etag, visible};
 use crate::{args, status};
 
 /// The longest pipeline id (cube-studio's).
@@ -59,6 +59,36 @@ pub(crate) fn project_name<'a>(field: &str, name: &'a str) -> Result<&'a str, Ap
             field,
             format!("{name:?} is not a project name, projects/{{project}}"),
         )),
+    }
+}
+
+/// What a list's `parent` names: one pipeline, `projects/{project}/pipelines/{pipeline}`, or every pipeline of a
+/// project, `projects/{project}/pipelines/-`.
+pub(crate) struct ListParent<'a> {
+    /// The project id.
+    pub(crate) project: &'a str,
+    /// The pipeline id, when one is named.
+    pub(crate) pipeline: Option<&'a str>,
+    /// What a non-member is told does not exist: its kind and name.
+    pub(crate) hidden: (&'static str, &'a str),
+}
+
+/// The [`ListParent`] of `parent`.
+pub(crate) fn list_parent(parent: &str) -> Result<ListParent<'_>, ApiError> {
+    match parent.strip_suffix("/pipelines/-") {
+        Some(project_part) => Ok(ListParent {
+            project: project_name("parent", project_part)?,
+            pipeline: None,
+            hidden: ("project", project_part),
+        }),
+        None => {
+            let (project, pipeline) = pipeline_name("parent", parent)?;
+            Ok(ListParent {
+                project,
+                pipeline: Some(pipeline),
+                hidden: ("pipeline", parent),
+            })
+        }
     }
 }
 
@@ -347,11 +377,7 @@ impl Pipelines {
         let (caller, row) = self
             .find(&request, "pipeline.name", &given.name, Need::Write, "pipelines.update")
             .await?;
-        if !given.etag.is_empty() && given.etag != etag(row.revision) {
-            return Err(ApiError::Aborted {
-                message: format!("{} changed since etag {}: read it again", given.name, given.etag),
-            });
-        }
+        check_etag(&given.name, &given.etag, row.revision)?;
         let mut pipeline = Pipeline::decode(row.spec.as_slice()).map_err(ApiError::internal)?;
         const FIELDS: [&str; 6] = ["display_name", "description", "tasks", "parallelism", "global_env", "*"];
         let mut found = Vec::new();
@@ -399,11 +425,7 @@ impl Pipelines {
         let (_, row) = self
             .find(&request, "name", &body.name, Need::Write, "pipelines.delete")
             .await?;
-        if !body.etag.is_empty() && body.etag != etag(row.revision) {
-            return Err(ApiError::Aborted {
-                message: format!("{} changed since etag {}: read it again", body.name, body.etag),
-            });
-        }
+        check_etag(&body.name, &body.etag, row.revision)?;
         self.store.delete_pipeline(&row.project, &row.id, row.revision).await
     }
 

@@ -460,17 +460,15 @@ impl Runs {
 
     async fn list(&self, request: Request<ListRunsRequest>) -> Result<ListRunsResponse, ApiError> {
         let body = request.get_ref();
-        let (project, pipeline) = match body.parent.strip_suffix("/pipelines/-") {
-            Some(project) => (crate::pipelines::project_name("parent", project)?, None),
-            None => {
-                let (project, pipeline) = pipeline_name("parent", &body.parent)?;
-                (project, Some(pipeline.to_owned()))
-            }
-        };
+        let crate::pipelines::ListParent {
+            project,
+            pipeline,
+            hidden,
+        } = crate::pipelines::list_parent(&body.parent)?;
         let size = page_size(body.page_size)?;
         let mut query = RunQuery {
             project: project.to_owned(),
-            pipeline,
+            pipeline: pipeline.map(str::to_owned),
             after: decode_token(&body.page_token)?,
             limit: size + 1,
             ..RunQuery::default()
@@ -507,11 +505,6 @@ impl Runs {
         if !found.is_empty() {
             return Err(ApiError::InvalidArgument(found));
         }
-        let hidden = if query.pipeline.is_some() {
-            ("pipeline", body.parent.as_str())
-        } else {
-            ("project", body.parent.trim_end_matches("/pipelines/-"))
-        };
         self.access
             .check(&request, project, Need::Read, hidden, "runs.list")
             .await?;

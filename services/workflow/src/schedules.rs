@@ -17,9 +17,9 @@ use crate::access::Need;
 use crate::cron::{CronProblem, CronSchedule};
 use crate::dag::is_label;
 use crate::model::schedule;
-use crate::pipelines::{Pipelines, pipeline_name, project_name};
+use crate::pipelines::{ListParent, Pipelines, list_parent, pipeline_name};
 use crate::status;
-use crate::templates::etag;
+use crate::templates::{check_etag, etag};
 
 /// How far ahead the next fire time is looked for.
 const HORIZON: chrono::TimeDelta = chrono::TimeDelta::days(40 * 366);
@@ -222,20 +222,13 @@ impl Schedules {
 
     async fn list(&self, request: Request<ListSchedulesRequest>) -> Result<ListSchedulesResponse, ApiError> {
         let body = request.get_ref();
-        let (project, pipeline) = match body.parent.strip_suffix("/pipelines/-") {
-            Some(project) => (project_name("parent", project)?, None),
-            None => {
-                let (project, pipeline) = pipeline_name("parent", &body.parent)?;
-                (project, Some(pipeline))
-            }
-        };
+        let ListParent {
+            project,
+            pipeline,
+            hidden,
+        } = list_parent(&body.parent)?;
         let size = page_size(body.page_size)?;
         let after = decode_token(&body.page_token)?;
-        let hidden = if pipeline.is_some() {
-            ("pipeline", body.parent.as_str())
-        } else {
-            ("project", body.parent.trim_end_matches("/pipelines/-"))
-        };
         self.pipelines
             .access
             .check(&request, project, Need::Read, hidden, "schedules.list")
@@ -265,11 +258,7 @@ impl Schedules {
         let (_, row) = self
             .find(&request, "schedule.name", &given.name, Need::Write, "schedules.update")
             .await?;
-        if !given.etag.is_empty() && given.etag != etag(row.revision) {
-            return Err(ApiError::Aborted {
-                message: format!("{} changed since etag {}: read it again", given.name, given.etag),
-            });
-        }
+        check_etag(&given.name, &given.etag, row.revision)?;
         const FIELDS: [&str; 14] = [
             "display_name",
             "cron",
@@ -347,11 +336,7 @@ impl Schedules {
         let (_, row) = self
             .find(&request, "name", &body.name, Need::Write, "schedules.delete")
             .await?;
-        if !body.etag.is_empty() && body.etag != etag(row.revision) {
-            return Err(ApiError::Aborted {
-                message: format!("{} changed since etag {}: read it again", body.name, body.etag),
-            });
-        }
+        check_etag(&body.name, &body.etag, row.revision)?;
         self.pipelines.store.delete_schedule(&row).await
     }
 }

@@ -40,6 +40,16 @@ pub(crate) fn etag(revision: i64) -> String {
     format!("\"v{revision}\"")
 }
 
+/// Refuses with ABORTED a change of `name`, now at `revision`, asked with an `etag` (when given) it no longer has.
+pub(crate) fn check_etag(name: &str, given: &str, revision: i64) -> Result<(), ApiError> {
+    if given.is_empty() || given == etag(revision) {
+        return Ok(());
+    }
+    Err(ApiError::Aborted {
+        message: format!("{name} changed since etag {given}: read it again"),
+    })
+}
+
 /// The id of `jobTemplates/{id}` in `field`.
 pub(crate) fn template_id<'a>(field: &str, name: &'a str) -> Result<&'a str, ApiError> {
     match name.strip_prefix("jobTemplates/") {
@@ -247,11 +257,7 @@ impl Templates {
                 permission: "jobTemplates.update (its creator and admins)".to_owned(),
             });
         }
-        if !etag_given.is_empty() && etag_given != etag(row.revision) {
-            return Err(ApiError::Aborted {
-                message: format!("{name} changed since etag {etag_given}: read it again"),
-            });
-        }
+        check_etag(name, etag_given, row.revision)?;
         Ok(row)
     }
 
