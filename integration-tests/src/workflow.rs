@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cube_clusters::{ClusterConfig, ClusterRegistry};
 use cube_kit::Channel;
+use cube_kit::time::Clock;
 use cube_runtime::{LocalRuntime, Runtimes};
 use cube_workflow::{Options, Peers, Workflow};
 
@@ -51,6 +52,11 @@ pub async fn service_token(platform: &Platform) -> String {
 /// Starts the workflow service of `platform` on a fresh database of its shape, running tasks on the cluster
 /// `kubeconfig` reaches (as `kube`) and locally (as `local`).
 pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> RunningWorkflow {
+    start_workflow_at(platform, kubeconfig, Clock::System).await
+}
+
+/// [`start_workflow`], with schedules firing by `clock`.
+pub async fn start_workflow_at(platform: &mut Platform, kubeconfig: &str, clock: Clock) -> RunningWorkflow {
     let database = platform.database("workflow").await;
     let local_dir = platform.dir().join("workloads");
     cube_kit::db::private_directory(&local_dir)
@@ -80,6 +86,7 @@ pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> Runnin
         Options {
             reconcile_interval: TEST_RECONCILE,
             lease_duration: Duration::from_secs(5),
+            clock,
             ..Options::new(
                 format!("workflow-test-{}", uuid::Uuid::new_v4().simple()),
                 service_token(platform).await,

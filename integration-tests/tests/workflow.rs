@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed, kube_client, platform};
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::workflow::{RunningWorkflow, start_workflow, training_node, training_project};
+use cube_integration_tests::workflow::{RunningWorkflow, start_workflow_at, training_node, training_project};
 use cube_integration_tests::{bad_fields, connect};
+use cube_kit::time::Clock;
 use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
 use cube_proto::cube::auth::v1::user_service_client::UserServiceClient;
 use cube_proto::cube::auth::v1::{CreateUserRequest, LoginRequest, User};
@@ -21,20 +22,20 @@ use cube_proto::cube::common::v1::ListProjectWorkloadsRequest;
 use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorkloadServiceClient;
 use cube_proto::cube::projects::v1::project_service_client::ProjectServiceClient;
 use cube_proto::cube::projects::v1::{
-    CreateMemberRequest, CreateProjectRequest, Member, Project, ProjectType, Quota, Role, member,
+    CreateMemberRequest, CreateProjectRequest, DeleteProjectRequest, Member, Project, ProjectType, Quota, Role, member,
 };
 use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
 use cube_proto::cube::workflow::v1::schedule_service_client::ScheduleServiceClient;
 use cube_proto::cube::workflow::v1::{
-    ArgSpec, ArgType, CancelRunRequest, ClearTaskRequest, CopyPipelineRequest, CreateJobTemplateRequest,
-    CreatePipelineRequest, CreateRunRequest, CreateScheduleRequest, DebugTaskRequest, DeleteJobTemplateRequest,
-    DeletePipelineRequest, DeleteScheduleRequest, GetJobTemplateRequest, GetPipelineRequest, GetRunRequest,
-    GetScheduleRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest, ListPipelinesRequest,
+    ArgSpec, ArgType, BackfillScheduleRequest, CancelRunRequest, CatchUp, ClearTaskRequest, CopyPipelineRequest,
+    CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, CreateScheduleRequest, DebugTaskRequest,
+    DeleteJobTemplateRequest, DeletePipelineRequest, DeleteScheduleRequest, GetJobTemplateRequest, GetPipelineRequest,
+    GetRunRequest, GetScheduleRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest, ListPipelinesRequest,
     ListRunsRequest, ListSchedulesRequest, Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, RunTaskRequest,
-    Schedule, Task, TemplateVersion, Trigger, UpdateJobTemplateRequest, UpdatePipelineRequest, UpdateScheduleRequest,
-    WatchRunRequest,
+    Schedule, SkipRunRequest, Task, TemplateVersion, Trigger, UpdateJobTemplateRequest, UpdatePipelineRequest,
+    UpdateScheduleRequest, WatchRunRequest,
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
 use k8s_openapi::api::core::v1::Pod;
@@ -53,6 +54,10 @@ cube_integration_tests::on_every_shape!(
     bad_input_is_refused_field_by_field_and_nothing_is_stored,
     every_rpc_answers_each_role_as_its_rights_say,
     quotas_queue_runs_and_tasks_with_the_reason_until_they_fit,
+    schedules_fire_by_the_clock_under_max_concurrent_runs_and_keep_newest,
+    depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped,
+    missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_stops_them,
+    backfill_makes_each_fire_of_a_week_once_within_max_concurrent_runs,
 );
 
 /// Longest wait for a run to finish.
@@ -77,6 +82,15 @@ impl Flow {
     }
 
     async fn with_quota(shape: Shape, quota: Quota) -> Self {
+        Self::with(shape, quota, Clock::System).await
+    }
+
+    /// A flow whose schedules fire by `clock`.
+    async fn at(shape: Shape, clock: Clock) -> Self {
+        Self::with(shape, Quota::default(), clock).await
+    }
+
+    async fn with(shape: Shape, quota: Quota, clock: Clock) -> Self {
         let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
         let client = kube_client(&kubeconfig).await;
         let group = cube_testkit::kubernetes::unique_name("wf");
@@ -86,7 +100,7 @@ impl Flow {
             platform(shape, &kubeconfig),
         );
         training_project(&platform, &group, &namespace.name, quota).await;
-        let workflow = start_workflow(&mut platform, &kubeconfig).await;
+        let workflow = start_workflow_at(&mut platform, &kubeconfig, clock).await;
         let channel = connect(&workflow.server).await;
         let flow = Self {
             platform,
@@ -1424,6 +1438,11 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
             [U, H, F, A, A, A],
         ),
         (
+            "SkipRun",
+            call!(runs, skip_run, SkipRunRequest { name: run_name.clone() }),
+            [U, H, F, A, A, A],
+        ),
+        (
             "WatchRun",
             call!(runs, watch_run, WatchRunRequest { name: run_name.clone() }),
             [U, H, A, A, A, A],
@@ -1548,6 +1567,19 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
             [U, H, F, A, A, A],
         ),
         (
+            "BackfillSchedule",
+            call!(
+                schedules,
+                backfill_schedule,
+                BackfillScheduleRequest {
+                    name: schedule_name.clone(),
+                    start_time: None,
+                    end_time: None,
+                }
+            ),
+            [U, H, F, A, A, A],
+        ),
+        (
             "ListProjectWorkloads",
             call!(
                 workloads,
@@ -1571,7 +1603,7 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-    assert_eq!(rows.len(), 27, "every workflow RPC has a row");
+    assert_eq!(rows.len(), 29, "every workflow RPC has a row");
 }
 
 async fn quotas_queue_runs_and_tasks_with_the_reason_until_they_fit(shape: Shape) {
@@ -1640,4 +1672,606 @@ async fn quotas_queue_runs_and_tasks_with_the_reason_until_they_fit(shape: Shape
         "{}",
         waited.reason
     );
+}
+
+/// Unix milliseconds of an RFC 3339 time.
+fn ms(text: &str) -> i64 {
+    let time: prost_types::Timestamp = text.parse().unwrap_or_else(|error| panic!("{text}: {error}"));
+    time.seconds * 1000 + i64::from(time.nanos / 1_000_000)
+}
+
+/// A timestamp of an RFC 3339 time.
+fn ts(text: &str) -> Option<prost_types::Timestamp> {
+    Some(text.parse().unwrap_or_else(|error| panic!("{text}: {error}")))
+}
+
+/// The fire times of `runs` as `HH:MM` (UTC).
+fn fires(runs: &[&Run]) -> Vec<String> {
+    runs.iter()
+        .map(|run| {
+            let seconds = run.fire_time.map_or(0, |time| time.seconds).rem_euclid(86_400);
+            format!("{:02}:{:02}", seconds / 3600, seconds % 3600 / 60)
+        })
+        .collect()
+}
+
+/// The runs of schedule `schedule` (its last part) among `runs`.
+fn of<'a>(runs: &'a [Run], schedule: &str) -> Vec<&'a Run> {
+    runs.iter()
+        .filter(|run| run.schedule.ends_with(&format!("/schedules/{schedule}")))
+        .collect()
+}
+
+/// Every pod the kubelet plays: ends well soon.
+const MANAGED: &str = "app.kubernetes.io/managed-by=cube";
+
+impl Flow {
+    /// The scheduled runs of `pipeline`, oldest fire first, as `token`'s user sees them.
+    async fn scheduled_as(&self, pipeline: &str, token: &str) -> Vec<Run> {
+        let mut runs = self
+            .runs()
+            .list_runs(authed(
+                ListRunsRequest {
+                    parent: pipeline.into(),
+                    page_size: 1000,
+                    filter: "trigger = SCHEDULED".into(),
+                    ..ListRunsRequest::default()
+                },
+                token,
+            ))
+            .await
+            .expect("listing scheduled runs")
+            .into_inner()
+            .runs;
+        runs.sort_by_key(|run| run.fire_time.map(|time| time.seconds));
+        runs
+    }
+
+    /// Waits until the scheduled runs of `pipeline` are as `check` wants, and returns them.
+    async fn scheduled_until(&self, pipeline: &str, what: &str, check: impl Fn(&[Run]) -> bool) -> Vec<Run> {
+        let mut last = Vec::new();
+        let found = tokio::time::timeout(TIMEOUT, async {
+            loop {
+                last = self.scheduled_as(pipeline, &self.platform.token).await;
+                if check(&last) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        if found.is_err() {
+            let seen: Vec<_> = last
+                .iter()
+                .map(|run| (fires(&[run]), run.state(), run.reason.clone()))
+                .collect();
+            panic!("{what}: not seen; the scheduled runs: {seen:#?}");
+        }
+        last
+    }
+
+    /// Waits until run `name` is as `check` wants, and returns it.
+    async fn run_until(&self, name: &str, what: &str, check: impl Fn(&Run) -> bool) -> Run {
+        cube_testkit::eventually(what, TIMEOUT, || async {
+            let run = self.get_run(name).await;
+            check(&run).then_some(run)
+        })
+        .await
+    }
+
+    /// Schedule `name` as `token`'s user sees it.
+    async fn get_schedule_as(&self, name: &str, token: &str) -> Schedule {
+        ScheduleServiceClient::new(self.channel.clone())
+            .get_schedule(authed(GetScheduleRequest { name: name.into() }, token))
+            .await
+            .expect("getting the schedule")
+            .into_inner()
+    }
+
+    /// Changes the fields of `paths` of schedule `given.name` as lena.
+    async fn update_schedule(&self, given: Schedule, paths: &[&str]) -> Schedule {
+        ScheduleServiceClient::new(self.channel.clone())
+            .update_schedule(authed(
+                UpdateScheduleRequest {
+                    schedule: Some(given),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: paths.iter().map(|path| (*path).to_owned()).collect(),
+                    }),
+                },
+                &self.platform.token,
+            ))
+            .await
+            .expect("updating the schedule")
+            .into_inner()
+    }
+
+    /// Runs `pipeline` once to its end: the scheduler's inventory then has the test's node, so fires can be placed.
+    async fn warm_up(&self, pipeline: &str) {
+        let run = self.start_run(pipeline).await;
+        self.watch_to_end(&run.name).await;
+    }
+}
+
+/// Every ten minutes, UTC, enabled.
+fn every_ten_minutes() -> Schedule {
+    Schedule {
+        cron: "*/10 * * * *".into(),
+        time_zone: "UTC".into(),
+        enabled: true,
+        ..Schedule::default()
+    }
+}
+
+async fn schedules_fire_by_the_clock_under_max_concurrent_runs_and_keep_newest(shape: Shape) {
+    let clock = Clock::manual(ms("2027-01-04T10:00:30Z"));
+    let flow = Flow::at(shape, clock.clone()).await;
+    // Every pod runs until deleted.
+    let _kubelet = flow.kubelet();
+    let pipeline = flow.pipeline("tens", vec![task("a", &[])], 0).await;
+    let first = flow.start_run(&pipeline.name).await;
+    flow.run_until(&first.name, "the manual run running", |run| {
+        run.state() == RunState::Running
+    })
+    .await;
+    let schedule = flow
+        .schedule(
+            &pipeline.name,
+            "tens",
+            Schedule {
+                max_concurrent_runs: 2,
+                ..every_ten_minutes()
+            },
+        )
+        .await;
+    assert_eq!(schedule.next_fire_time, ts("2027-01-04T10:10:00Z"));
+
+    clock.set_ms(ms("2027-01-04T10:10:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:10 fire running", |runs| {
+            runs.len() == 1 && runs[0].state() == RunState::Running
+        })
+        .await;
+    let ten = runs[0].clone();
+    assert_eq!(ten.schedule, schedule.name);
+    assert_eq!(ten.fire_time, ts("2027-01-04T10:10:00Z"));
+    assert_eq!(
+        (ten.creator.as_str(), ten.trigger()),
+        ("users/lena", Trigger::Scheduled)
+    );
+
+    // The manual run and the 10:10 fire fill the two slots: the 10:20 fire waits, saying why.
+    clock.set_ms(ms("2027-01-04T10:20:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:20 fire waiting", |runs| {
+            runs.len() == 2 && runs[1].state() == RunState::Queued && !runs[1].reason.is_empty()
+        })
+        .await;
+    let twenty = runs[1].clone();
+    assert!(
+        twenty.reason.contains("waiting for a slot") && twenty.reason.contains("2 runs"),
+        "{}",
+        twenty.reason
+    );
+    let shown = flow.get_schedule_as(&schedule.name, &flow.platform.token).await;
+    assert_eq!(shown.blocked_reason, twenty.reason);
+    assert_eq!(shown.last_fire_time, ts("2027-01-04T10:20:00Z"));
+    assert_eq!(shown.next_fire_time, ts("2027-01-04T10:30:00Z"));
+
+    // A new manual run replaces the earlier manual run, never a scheduled one.
+    let second = flow.start_run(&pipeline.name).await;
+    flow.run_until(&first.name, "the first manual run canceled", |run| {
+        run.state() == RunState::Canceled
+    })
+    .await;
+    assert_eq!(flow.get_run(&ten.name).await.state(), RunState::Running);
+    assert_eq!(
+        flow.get_run(&twenty.name).await.state(),
+        RunState::Queued,
+        "the new manual run and the 10:10 fire hold the two slots"
+    );
+    // A slot frees: the waiting fire starts, its pod carrying its fire time.
+    flow.runs()
+        .cancel_run(authed(
+            CancelRunRequest {
+                name: second.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("canceling the manual run");
+    flow.run_until(&twenty.name, "the 10:20 fire running", |run| {
+        run.state() == RunState::Running
+    })
+    .await;
+    let pods = flow.pods(id_of(&twenty.name)).await;
+    let pod = pods.first().expect("the 10:20 fire's pod");
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations["cube.dev/execution-date"], "2027-01-04 10:20:00");
+    let env: HashMap<String, String> = pod.spec.as_ref().expect("a spec").containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|var| (var.name.clone(), var.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(env["execution_date"], "2027-01-04 10:20:00");
+    assert_eq!(env["STAGE"], "test", "the pipeline's own environment stays");
+
+    // Keeping the newest one, the next fire cancels the older scheduled runs still going.
+    flow.update_schedule(
+        Schedule {
+            name: schedule.name.clone(),
+            keep_newest: 1,
+            ..Schedule::default()
+        },
+        &["keep_newest"],
+    )
+    .await;
+    clock.set_ms(ms("2027-01-04T10:30:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:30 fire, the older ones canceled", |runs| {
+            runs.len() == 3 && runs[..2].iter().all(|run| run.state() == RunState::Canceled)
+        })
+        .await;
+    for old in &runs[..2] {
+        assert!(old.reason.contains("keeps its newest 1"), "{}", old.reason);
+    }
+    let all: Vec<&Run> = runs.iter().collect();
+    assert_eq!(fires(&all), ["10:10", "10:20", "10:30"], "one run per fire");
+}
+
+async fn depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped(shape: Shape) {
+    let clock = Clock::manual(ms("2027-01-04T10:00:30Z"));
+    let flow = Flow::at(shape, clock.clone()).await;
+    let failing = |time: &str| format!("cube.dev/execution-date=2027-01-04 {time}:00");
+    let done = || Script::run_for(RUNS).exit(0);
+    let kubelet = flow
+        .kubelet()
+        .script(&failing("10:20"), Script::run_for(RUNS).exit(1))
+        .script(MANAGED, done());
+    let pipeline = flow.pipeline("chain", vec![task("a", &[])], 0).await;
+    flow.warm_up(&pipeline.name).await;
+    let schedule = flow
+        .schedule(
+            &pipeline.name,
+            "chain",
+            Schedule {
+                depends_on_past: true,
+                ..every_ten_minutes()
+            },
+        )
+        .await;
+    let state_of = |runs: &[Run], index: usize, state: RunState| runs.len() > index && runs[index].state() == state;
+    clock.set_ms(ms("2027-01-04T10:10:05Z"));
+    flow.scheduled_until(&pipeline.name, "the 10:10 fire succeeded", |runs| {
+        state_of(runs, 0, RunState::Succeeded)
+    })
+    .await;
+    clock.set_ms(ms("2027-01-04T10:20:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:20 fire failed", |runs| {
+            state_of(runs, 1, RunState::Failed)
+        })
+        .await;
+    let failed = runs[1].clone();
+    // The failure blocks the next fire, visibly, and the one after waits for it.
+    clock.set_ms(ms("2027-01-04T10:30:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:30 fire blocked", |runs| {
+            state_of(runs, 2, RunState::Queued) && runs[2].reason.starts_with("blocked")
+        })
+        .await;
+    let blocked = runs[2].clone();
+    assert!(
+        blocked.reason.contains(&failed.name) && blocked.reason.contains("FAILED"),
+        "{}",
+        blocked.reason
+    );
+    assert_eq!(
+        flow.get_schedule_as(&schedule.name, &flow.platform.token)
+            .await
+            .blocked_reason,
+        blocked.reason
+    );
+    clock.set_ms(ms("2027-01-04T10:40:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:40 fire waiting", |runs| {
+            state_of(runs, 3, RunState::Queued) && runs[3].reason.contains("waiting for the previous run")
+        })
+        .await;
+    assert!(runs[3].reason.contains(&blocked.name), "{}", runs[3].reason);
+
+    // Retried to success, the failed run lets the chain go on, in fire order.
+    drop(kubelet);
+    let _kubelet = flow
+        .kubelet()
+        .script(&failing("10:50"), Script::run_for(RUNS).exit(1))
+        .script(MANAGED, done());
+    flow.runs()
+        .retry_run(authed(
+            RetryRunRequest {
+                name: failed.name.clone(),
+                from_task: String::new(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("retrying the failed run");
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the chain run through", |runs| {
+            runs.len() == 4 && runs.iter().all(|run| run.state() == RunState::Succeeded)
+        })
+        .await;
+    for pair in runs[1..].windows(2) {
+        let (earlier, later) = (&pair[0], &pair[1]);
+        assert!(
+            later
+                .start_time
+                .map(|time| time.seconds * 1000 + i64::from(time.nanos / 1_000_000))
+                >= earlier
+                    .end_time
+                    .map(|time| time.seconds * 1000 + i64::from(time.nanos / 1_000_000)),
+            "{} started before {} ended",
+            later.name,
+            earlier.name
+        );
+    }
+
+    // Skipped, a failed run lets the chain go on too.
+    clock.set_ms(ms("2027-01-04T10:50:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 10:50 fire failed", |runs| {
+            state_of(runs, 4, RunState::Failed)
+        })
+        .await;
+    let failed = runs[4].clone();
+    clock.set_ms(ms("2027-01-04T11:00:05Z"));
+    flow.scheduled_until(&pipeline.name, "the 11:00 fire blocked", |runs| {
+        state_of(runs, 5, RunState::Queued) && runs[5].reason.starts_with("blocked")
+    })
+    .await;
+    let skipped = flow
+        .runs()
+        .skip_run(authed(
+            SkipRunRequest {
+                name: failed.name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("skipping the failed run")
+        .into_inner();
+    assert_eq!(skipped.state(), RunState::Skipped);
+    assert!(
+        skipped.reason.starts_with("skipped by users/lena"),
+        "{}",
+        skipped.reason
+    );
+    flow.scheduled_until(&pipeline.name, "the 11:00 fire succeeded", |runs| {
+        state_of(runs, 5, RunState::Succeeded)
+    })
+    .await;
+    assert_eq!(
+        flow.get_schedule_as(&schedule.name, &flow.platform.token)
+            .await
+            .blocked_reason,
+        ""
+    );
+    // Only a run that failed or was canceled can be skipped.
+    let refused = flow
+        .runs()
+        .skip_run(authed(
+            SkipRunRequest {
+                name: runs[0].name.clone(),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("a succeeded run is not skipped");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+}
+
+async fn missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_stops_them(shape: Shape) {
+    let clock = Clock::manual(ms("2027-01-04T10:30:00Z"));
+    let flow = Flow::at(shape, clock.clone()).await;
+    let _kubelet = flow.kubelet().script(MANAGED, Script::run_for(RUNS).exit(0));
+    let pipeline = flow.pipeline("hourly", vec![task("a", &[])], 0).await;
+    flow.warm_up(&pipeline.name).await;
+    let hourly = |catch_up: CatchUp, max_catch_up: i32, enabled: bool| Schedule {
+        cron: "0 * * * *".into(),
+        enabled,
+        catch_up: catch_up as i32,
+        max_catch_up,
+        ..Schedule::default()
+    };
+    for (id, schedule) in [
+        ("all", hourly(CatchUp::All, 0, true)),
+        ("all2", hourly(CatchUp::All, 2, true)),
+        ("latest", hourly(CatchUp::Latest, 0, true)),
+        ("off", hourly(CatchUp::All, 0, false)),
+        ("skip", hourly(CatchUp::Skip, 0, true)),
+    ] {
+        flow.schedule(&pipeline.name, id, schedule).await;
+    }
+    let skip = format!("{}/schedules/skip", pipeline.name);
+    assert_eq!(
+        flow.get_schedule_as(&skip, &flow.platform.token).await.next_fire_time,
+        ts("2027-01-04T11:00:00Z")
+    );
+    // Three hours pass with no firer looking: 11:00, 12:00 and 13:00 are missed.
+    clock.set_ms(ms("2027-01-04T13:30:00Z"));
+    flow.scheduled_until(&pipeline.name, "the catch-up of every schedule", |runs| {
+        of(runs, "all").len() == 3 && of(runs, "all2").len() == 2 && of(runs, "latest").len() == 1
+    })
+    .await;
+    cube_testkit::eventually("the skipping schedule passed over", TIMEOUT, || async {
+        let shown = flow.get_schedule_as(&skip, &flow.platform.token).await;
+        (shown.next_fire_time == ts("2027-01-04T14:00:00Z")).then_some(())
+    })
+    .await;
+    let runs = flow.scheduled_as(&pipeline.name, &flow.platform.token).await;
+    assert_eq!(fires(&of(&runs, "all")), ["11:00", "12:00", "13:00"]);
+    assert_eq!(fires(&of(&runs, "all2")), ["12:00", "13:00"]);
+    assert_eq!(fires(&of(&runs, "latest")), ["13:00"]);
+    assert_eq!(fires(&of(&runs, "skip")), Vec::<String>::new());
+    assert_eq!(fires(&of(&runs, "off")), Vec::<String>::new());
+    assert_eq!(runs.len(), 6);
+
+    // Enabled again, a disabled schedule catches nothing up: its first fire is the next one.
+    let enabled = flow
+        .update_schedule(
+            Schedule {
+                name: format!("{}/schedules/off", pipeline.name),
+                enabled: true,
+                ..Schedule::default()
+            },
+            &["enabled"],
+        )
+        .await;
+    assert_eq!(enabled.next_fire_time, ts("2027-01-04T14:00:00Z"));
+    clock.set_ms(ms("2027-01-04T14:00:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the 14:00 fires, ended", |runs| {
+            runs.len() == 11 && runs.iter().all(|run| run.end_time.is_some())
+        })
+        .await;
+    assert_eq!(fires(&of(&runs, "off")), ["14:00"]);
+    assert_eq!(fires(&of(&runs, "skip")), ["14:00"]);
+
+    // A deleted project stops its schedules: no fire is made, and each schedule says why.
+    ProjectServiceClient::new(connect(&flow.platform.projects).await)
+        .delete_project(authed(
+            DeleteProjectRequest {
+                name: "projects/vision".into(),
+                etag: String::new(),
+            },
+            &flow.platform.admin,
+        ))
+        .await
+        .expect("deleting the project");
+    clock.set_ms(ms("2027-01-04T15:00:05Z"));
+    let stopped = cube_testkit::eventually("the schedules stopped", TIMEOUT, || async {
+        let shown = flow.get_schedule_as(&skip, &flow.platform.admin).await;
+        (!shown.blocked_reason.is_empty()).then_some(shown)
+    })
+    .await;
+    assert!(
+        stopped.blocked_reason.contains("2027-01-04T15:00:00") && stopped.blocked_reason.contains("not made"),
+        "{}",
+        stopped.blocked_reason
+    );
+    let runs = flow.scheduled_as(&pipeline.name, &flow.platform.admin).await;
+    assert_eq!(
+        runs.len(),
+        11,
+        "no fire after the deletion: {:?}",
+        fires(&runs.iter().collect::<Vec<_>>())
+    );
+}
+
+async fn backfill_makes_each_fire_of_a_week_once_within_max_concurrent_runs(shape: Shape) {
+    let clock = Clock::manual(ms("2027-01-12T00:00:30Z"));
+    let flow = Flow::at(shape, clock.clone()).await;
+    let _kubelet = flow
+        .kubelet()
+        .script(MANAGED, Script::run_for(Duration::from_millis(50)).exit(0));
+    let pipeline = flow.pipeline("week", vec![task("a", &[])], 0).await;
+    flow.warm_up(&pipeline.name).await;
+    // Disabled: only the backfill makes fires.
+    let schedule = flow
+        .schedule(
+            &pipeline.name,
+            "hours",
+            Schedule {
+                cron: "0 * * * *".into(),
+                max_concurrent_runs: 3,
+                ..Schedule::default()
+            },
+        )
+        .await;
+    let mut schedules = ScheduleServiceClient::new(flow.channel.clone());
+    let backfill = |start: Option<&str>, end: Option<&str>| {
+        authed(
+            BackfillScheduleRequest {
+                name: schedule.name.clone(),
+                start_time: start.and_then(ts),
+                end_time: end.and_then(ts),
+            },
+            &flow.platform.token,
+        )
+    };
+    for (start, end, field) in [
+        (Some("2027-01-04T00:00:00Z"), None, "end_time"),
+        (None, Some("2027-01-10T23:00:00Z"), "start_time"),
+        (Some("2027-01-04T00:00:00Z"), Some("2027-01-13T00:00:00Z"), "end_time"),
+        (Some("2027-01-10T00:00:00Z"), Some("2027-01-04T00:00:00Z"), "end_time"),
+        (Some("2025-01-01T00:00:00Z"), Some("2027-01-10T00:00:00Z"), "start_time"),
+    ] {
+        let status = schedules
+            .backfill_schedule(backfill(start, end))
+            .await
+            .expect_err("refused");
+        assert_eq!(bad_fields(&status), [field], "{start:?}..{end:?}: {status:?}");
+    }
+    let shown = flow.get_schedule_as(&schedule.name, &flow.platform.token).await;
+    assert_eq!(shown.backfill, None, "nothing was stored");
+
+    let started = schedules
+        .backfill_schedule(backfill(Some("2027-01-04T00:00:00Z"), Some("2027-01-10T23:00:00Z")))
+        .await
+        .expect("backfilling a week")
+        .into_inner();
+    assert_eq!(started.backfill.as_ref().map(|backfill| backfill.fires), Some(168));
+    let done = cube_testkit::eventually("the week's runs ended", Duration::from_secs(400), || async {
+        let shown = flow.get_schedule_as(&schedule.name, &flow.platform.token).await;
+        shown
+            .backfill
+            .filter(|backfill| backfill.runs == 168 && backfill.ended == 168)
+    })
+    .await;
+    assert_eq!(done.failed, 0);
+    let runs = flow.scheduled_as(&pipeline.name, &flow.platform.token).await;
+    assert_eq!(runs.len(), 168, "one run per fire");
+    assert!(runs.iter().all(|run| run.state() == RunState::Succeeded));
+    let hours: Vec<i64> = runs
+        .iter()
+        .filter_map(|run| run.fire_time.map(|time| time.seconds))
+        .collect();
+    let expected: Vec<i64> = (0..168)
+        .map(|hour| ms("2027-01-04T00:00:00Z") / 1000 + hour * 3600)
+        .collect();
+    assert_eq!(hours, expected);
+    // At no time were more than three runs going.
+    let millis = |time: Option<prost_types::Timestamp>| {
+        time.map_or(0, |time| time.seconds * 1000 + i64::from(time.nanos / 1_000_000))
+    };
+    let mut edges: Vec<(i64, i32)> = runs
+        .iter()
+        .flat_map(|run| [(millis(run.start_time), 1), (millis(run.end_time), -1)])
+        .collect();
+    // An end and a start at the same millisecond: the end first.
+    edges.sort_unstable();
+    let (mut going, mut most) = (0, 0);
+    for (_, change) in edges {
+        going += change;
+        most = most.max(going);
+    }
+    assert!(
+        (2..=3).contains(&most),
+        "at most 3 runs at once, and more than one: {most}"
+    );
+
+    // Again, and over a window one hour wider: only the missing fire is made.
+    schedules
+        .backfill_schedule(backfill(Some("2027-01-04T00:00:00Z"), Some("2027-01-10T23:00:00Z")))
+        .await
+        .expect("backfilling the week again");
+    schedules
+        .backfill_schedule(backfill(Some("2027-01-03T23:00:00Z"), Some("2027-01-10T23:00:00Z")))
+        .await
+        .expect("backfilling a wider window");
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the one missing fire", |runs| runs.len() >= 169)
+        .await;
+    assert_eq!(runs.len(), 169);
+    assert_eq!(runs[0].fire_time, ts("2027-01-03T23:00:00Z"));
 }

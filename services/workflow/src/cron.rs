@@ -122,6 +122,36 @@ impl CronSchedule {
         fires
     }
 
+    /// The instants it fires at in `(after_ms, until_ms]` (Unix milliseconds), oldest first, at most `limit`.
+    pub(crate) fn fires_ms(&self, after_ms: i64, until_ms: i64, limit: usize) -> Vec<i64> {
+        let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        self.fires(time(after_ms), time(until_ms), limit)
+            .iter()
+            .map(DateTime::timestamp_millis)
+            .collect()
+    }
+
+    /// The newest `count` instants it fires at in `(after_ms, until_ms]`, oldest first, found by looking back
+    /// from `until_ms` in doubling spans (a long window is never walked whole).
+    pub(crate) fn newest_ms(&self, after_ms: i64, until_ms: i64, count: usize) -> Vec<i64> {
+        let mut span: i64 = 3_600_000;
+        loop {
+            let from = until_ms.saturating_sub(span).max(after_ms);
+            let fires = self.fires_ms(from, until_ms, usize::MAX);
+            if fires.len() >= count || from == after_ms {
+                return fires[fires.len().saturating_sub(count)..].to_vec();
+            }
+            span = span.saturating_mul(2);
+        }
+    }
+
+    /// Instant `ms` as wall-clock time in the zone, `YYYY-MM-DD HH:MM:SS` (cube-studio's `execution_date`).
+    pub(crate) fn local_time(&self, ms: i64) -> String {
+        DateTime::from_timestamp_millis(ms)
+            .map(|at| at.with_timezone(&self.zone).format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default()
+    }
+
     /// The instant of wall-clock time `wall` in the zone, by the rule of the module's comment.
     fn instant(&self, wall: NaiveDateTime) -> DateTime<Utc> {
         match self.zone.from_local_datetime(&wall) {
@@ -140,15 +170,17 @@ impl CronSchedule {
     }
 }
 
+/// The instant an RFC 3339 text names (tests).
+#[cfg(test)]
+pub(crate) fn utc(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&Utc))
+        .unwrap_or_else(|error| panic!("{text}: {error}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn utc(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .map(|time| time.with_timezone(&Utc))
-            .unwrap_or_else(|error| panic!("{text}: {error}"))
-    }
 
     fn fires(expression: &str, zone: &str, after: &str, until: &str) -> Vec<String> {
         CronSchedule::parse(expression, zone)

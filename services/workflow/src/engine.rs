@@ -19,6 +19,7 @@ use prost::Message as _;
 use tokio::sync::{Notify, broadcast};
 
 use crate::admission::{Admission, TaskAsk, Verdict, run_workload, task_workload};
+use crate::firing;
 use crate::launch::{self, RunContext, Snapshot};
 use crate::model::attempt;
 use crate::progress::{self, Attempt, Quota, Retry, RetryOn, RunProgress, State, TaskProgress};
@@ -159,6 +160,13 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
         return Ok(false);
     }
     if matches!(before.state, State::Pending | State::Queued) && !run.admitted {
+        // A scheduled run first waits for what its schedule's policy says.
+        if let Some(reason) = held_by_schedule(engine, run).await? {
+            if before.state == State::Queued && before.reason == reason {
+                return Ok(false);
+            }
+            return engine.store.hold_run(id, run.revision, &reason).await;
+        }
         let workload = run_workload(&run.project, &run.pipeline, id);
         let verdict = engine
             .admission
@@ -270,6 +278,26 @@ async fn advance(engine: &Engine, epoch: Epoch, id: &str) -> Result<bool, ApiErr
         release_all(engine, &record).await?;
     }
     Ok(after != before || refused)
+}
+
+/// Why scheduled run `run` may not start yet under its schedule's policy (`None`: it may, or it has no schedule
+/// any more).
+async fn held_by_schedule(engine: &Engine, run: &crate::model::run::Model) -> Result<Option<String>, ApiError> {
+    let Some(id) = &run.schedule else {
+        return Ok(None);
+    };
+    let Some(schedule) = engine.store.schedule(&run.project, &run.pipeline, id).await? else {
+        return Ok(None);
+    };
+    let policy = crate::schedules::policy_of(&schedule);
+    if policy == firing::Policy::default() {
+        return Ok(None);
+    }
+    let around = engine.store.surroundings(run).await?;
+    Ok(match firing::verdict(policy, &around) {
+        firing::Verdict::Start => None,
+        firing::Verdict::Wait(reason) | firing::Verdict::Blocked(reason) => Some(reason),
+    })
 }
 
 /// Admits the tasks of `run` that would start now; what admission granted and what it holds back.

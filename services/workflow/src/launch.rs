@@ -24,6 +24,12 @@ pub(crate) const DEFAULT_CPU: &str = "1";
 /// A task's memory when the pipeline gives none.
 pub(crate) const DEFAULT_MEMORY: &str = "2G";
 
+/// The environment variable holding the time a run is for: a scheduled run's fire time, another run's creation
+/// (cube-studio's `execution_date`).
+pub(crate) const EXECUTION_DATE: &str = "execution_date";
+/// The pod annotation holding the same.
+pub(crate) const EXECUTION_DATE_ANNOTATION: &str = "cube.dev/execution-date";
+
 /// What a run runs, as it was when it was created: the pipeline, the templates its tasks use, where each task
 /// is placed, and the project's mounts.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -228,10 +234,16 @@ pub(crate) fn workload(context: &RunContext<'_>, task: &Task, number: i32) -> Re
         labels.insert(key.to_owned(), value.to_owned());
     }
     let env = environment(context, task, template, &placement, &image);
+    // The fire time a pod runs for, findable without reading its environment.
+    let annotations = env
+        .iter()
+        .filter(|(key, _)| key == EXECUTION_DATE)
+        .map(|(_, value)| (EXECUTION_DATE_ANNOTATION.to_owned(), value.clone()))
+        .collect();
     Ok(WorkloadSpec {
         key: ObjectKey::new(placement.cluster.clone(), placement.namespace.clone(), name),
         labels,
-        annotations: BTreeMap::new(),
+        annotations,
         containers: vec![Container {
             name: "main".to_owned(),
             image,

@@ -12,6 +12,8 @@ mod args;
 mod cron;
 mod dag;
 mod engine;
+mod firer;
+mod firing;
 mod launch;
 pub mod model;
 mod pipelines;
@@ -45,7 +47,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::access::Access;
 use crate::engine::Engine;
 use crate::secrets::SecretKey;
-use crate::store::{ENGINE_LEASE, Store};
+use crate::store::{ENGINE_LEASE, SCHEDULES_LEASE, Store};
 
 /// The `ErrorInfo` domain of the workflow service's errors.
 pub(crate) const DOMAIN: &str = "workflow.cube.dev";
@@ -146,6 +148,8 @@ pub struct Options {
     pub secret_key_file: Option<PathBuf>,
     /// The token of the workflow service's account.
     pub service_token: String,
+    /// The time schedules fire by (the system's, or a test's).
+    pub clock: cube_kit::time::Clock,
 }
 
 impl Options {
@@ -162,6 +166,7 @@ impl Options {
                 .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
                 .collect(),
             secret_key_file: None,
+            clock: cube_kit::time::Clock::System,
         }
     }
 }
@@ -219,7 +224,25 @@ impl Workflow {
             key: key.clone(),
             admission: admission::Admission::new(peers.scheduler.clone(), options.service_token.clone()),
         });
-        let keeper = Lease::new(ENGINE_LEASE, options.holder.clone(), options.lease_duration).keep(db);
+        let keeper = Lease::new(ENGINE_LEASE, options.holder.clone(), options.lease_duration).keep(db.clone());
+        let access = Access::new(peers.projects, peers.scheduler);
+        let pipelines = pipelines::Pipelines {
+            store: store.clone(),
+            access: access.clone(),
+        };
+        let runs = runs::Runs {
+            engine: engine.clone(),
+            pipelines: pipelines.clone(),
+            access: access.clone(),
+            global_env: options.task_env,
+        };
+        let firer = Arc::new(firer::Firer {
+            runs: runs.clone(),
+            clock: options.clock.clone(),
+            wake: Arc::new(Notify::new()),
+            token: options.service_token,
+        });
+        let fires = Lease::new(SCHEDULES_LEASE, options.holder.clone(), options.lease_duration).keep(db);
         let tasks = vec![
             cube_kit::task::Background::spawn(engine::run(engine.clone(), keeper)),
             cube_kit::task::Background::spawn(engine::follow_transitions(
@@ -227,12 +250,8 @@ impl Workflow {
                 options.holder.clone(),
                 engine.wake.clone(),
             )),
+            cube_kit::task::Background::spawn(firer::run(firer.clone(), fires)),
         ];
-        let access = Access::new(peers.projects, peers.scheduler);
-        let pipelines = pipelines::Pipelines {
-            store: store.clone(),
-            access: access.clone(),
-        };
         let server = server()
             .authenticate(gate)
             .add_service(JobTemplateServiceServer::new(templates::Templates {
@@ -242,14 +261,11 @@ impl Workflow {
             }))
             .add_service(PipelineServiceServer::new(pipelines.clone()))
             .add_service(ScheduleServiceServer::new(schedules::Schedules {
-                pipelines: pipelines.clone(),
-            }))
-            .add_service(RunServiceServer::new(runs::Runs {
-                engine,
                 pipelines,
-                access: access.clone(),
-                global_env: options.task_env,
+                clock: options.clock,
+                firer: firer.wake.clone(),
             }))
+            .add_service(RunServiceServer::new(runs))
             .add_service(ProjectWorkloadServiceServer::new(workloads::Workloads {
                 store,
                 access,

@@ -242,9 +242,16 @@ pub mod schedule {
         pub since_ms: i64,
         /// The latest fire made.
         pub last_fire_ms: Option<i64>,
-        /// What holds its fires back, empty when nothing does.
+        /// Why the firer could not make its latest fire (the project deleted, its creator no longer allowed),
+        /// empty when it could.
         #[sea_orm(column_type = "Text")]
         pub blocked_reason: String,
+        /// The latest backfill's window start (inclusive).
+        pub backfill_start_ms: Option<i64>,
+        /// The latest backfill's window end (inclusive).
+        pub backfill_end_ms: Option<i64>,
+        /// Whether fires of the backfill's window may still lack runs.
+        pub backfill_pending: bool,
         /// Bumped by every change: the etag.
         pub revision: i64,
         /// Created.
@@ -306,6 +313,7 @@ impl MigratorTrait for Migrator {
             cube_kit::outbox::migration(),
             cube_kit::lease::migration(),
             Box::new(CreateSchedules),
+            Box::new(AddBackfills),
         ]
     }
 }
@@ -432,5 +440,61 @@ impl MigrationTrait for CreateSchedules {
                     .to_owned(),
             )
             .await
+    }
+}
+
+struct AddBackfills;
+
+impl MigrationName for AddBackfills {
+    fn name(&self) -> &str {
+        "m20261206_000001_add_schedule_backfills"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for AddBackfills {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // A database made before has `schedules` without them (a fresh one has them from the entity).
+        for (name, column) in [
+            (
+                "backfill_start_ms",
+                ColumnDef::new(Alias::new("backfill_start_ms"))
+                    .big_integer()
+                    .null()
+                    .to_owned(),
+            ),
+            (
+                "backfill_end_ms",
+                ColumnDef::new(Alias::new("backfill_end_ms"))
+                    .big_integer()
+                    .null()
+                    .to_owned(),
+            ),
+            (
+                "backfill_pending",
+                ColumnDef::new(Alias::new("backfill_pending"))
+                    .boolean()
+                    .not_null()
+                    .default(false)
+                    .to_owned(),
+            ),
+        ] {
+            if manager.has_column("schedules", name).await? {
+                continue;
+            }
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Alias::new("schedules"))
+                        .add_column(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -13,8 +13,8 @@ use cube_proto::cube::scheduler::v1::{PlaceRequest, WorkloadKind};
 use cube_proto::cube::workflow::v1::run_service_server::RunService;
 use cube_proto::cube::workflow::v1::{
     CancelRunRequest, ClearTaskRequest, ClearTaskResponse, CreateRunRequest, DebugTaskRequest, GetRunRequest,
-    GetTaskLogsRequest, ListRunsRequest, ListRunsResponse, RetryRunRequest, Run, RunState, RunTaskRequest, TaskAttempt,
-    TaskLogChunk, TaskRun, Trigger, WatchRunRequest,
+    GetTaskLogsRequest, ListRunsRequest, ListRunsResponse, RetryRunRequest, Run, RunState, RunTaskRequest,
+    SkipRunRequest, TaskAttempt, TaskLogChunk, TaskRun, Trigger, WatchRunRequest,
 };
 use cube_proto::google::rpc::Status as RpcStatus;
 use cube_runtime::{ObjectKey, Runtime as _, RuntimeError};
@@ -100,6 +100,12 @@ fn summary(row: &run::Model) -> Run {
         start_time: row.started_ms.map(timestamp),
         end_time: row.ended_ms.map(timestamp),
         request_id: row.request_id.clone().unwrap_or_default(),
+        schedule: row
+            .schedule
+            .as_ref()
+            .map(|id| format!("projects/{}/pipelines/{}/schedules/{id}", row.project, row.pipeline))
+            .unwrap_or_default(),
+        fire_time: row.fire_ms.map(timestamp),
     }
 }
 
@@ -181,7 +187,7 @@ fn new_run_id() -> Result<String, ApiError> {
 
 /// What a new run runs.
 #[derive(Debug, Clone, Copy)]
-enum Scope<'a> {
+pub(crate) enum Scope<'a> {
     /// The whole pipeline (`CreateRun`).
     Pipeline,
     /// One task alone (`RunTask`).
@@ -199,6 +205,28 @@ impl Scope<'_> {
             Self::Debug(..) => "DEBUG",
         }
     }
+}
+
+/// The fire a scheduled run is made for.
+#[derive(Debug, Clone)]
+pub(crate) struct Fire {
+    /// The schedule's id.
+    pub(crate) schedule: String,
+    /// The fire time.
+    pub(crate) fire_ms: i64,
+    /// The fire time as its tasks see it, `execution_date`.
+    pub(crate) execution_date: String,
+    /// The schedule's `KEY=value` lines, added to the pipeline's global environment.
+    pub(crate) env: String,
+}
+
+/// Who a new run is made by and for.
+pub(crate) struct Maker<'a> {
+    /// The user it runs for.
+    pub(crate) creator: &'a str,
+    /// Carries the credentials its project is read and its tasks placed with: the caller's own, or the service
+    /// account's acting for `creator`.
+    pub(crate) credentials: &'a Request<()>,
 }
 
 /// How long a debug pod lives when the caller does not say.
@@ -263,7 +291,37 @@ impl Runs {
         {
             return self.current(&existing.id).await;
         }
-        let mut pipeline = crate::pipelines::message(&row);
+        let credentials = Request::from_parts(request.metadata().clone(), tonic::Extensions::default(), ());
+        let maker = Maker {
+            creator: &caller.username,
+            credentials: &credentials,
+        };
+        let (mut run, tasks) = self.prepare(&maker, &row, scope, None).await?;
+        run.request_id = (!request_id.is_empty()).then(|| request_id.to_owned());
+        let id = run.id.clone();
+        if !store.insert_run(run, tasks).await? {
+            // A concurrent call with the same request id won: answer with its run.
+            if let Some(existing) = store.run_by_request(&row.project, &row.id, request_id).await? {
+                return self.current(&existing.id).await;
+            }
+        }
+        self.engine.wake.notify_one();
+        self.current(&id).await
+    }
+
+    /// A new run of pipeline `row` of what `scope` says (for `fire`, when a schedule makes it), made by `maker`:
+    /// the pipeline, its templates and the project's settings as they are now, and each task placed by the
+    /// scheduler. Nothing is stored.
+    pub(crate) async fn prepare(
+        &self,
+        maker: &Maker<'_>,
+        row: &crate::model::pipeline::Model,
+        scope: Scope<'_>,
+        fire: Option<&Fire>,
+    ) -> Result<(run::Model, Vec<task::Model>), ApiError> {
+        let store = &self.engine.store;
+        let parent = format!("projects/{}/pipelines/{}", row.project, row.id);
+        let mut pipeline = crate::pipelines::message(row);
         if pipeline.tasks.is_empty() {
             return Err(ApiError::FailedPrecondition {
                 message: format!("{parent} has no tasks to run"),
@@ -286,6 +344,20 @@ impl Runs {
             }
             pipeline.tasks = vec![task];
         }
+        // What the tasks see of the fire (cube-studio's `execution_date`), after the pipeline's own environment.
+        let created_ms = now_ms();
+        let execution_date = match fire {
+            Some(fire) => {
+                pipeline.global_env = format!("{}\n{}", pipeline.global_env, fire.env);
+                fire.execution_date.clone()
+            }
+            None => chrono::DateTime::from_timestamp_millis(created_ms)
+                .map(|at| at.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+        };
+        pipeline.global_env = format!("{}\n{}={execution_date}", pipeline.global_env, launch::EXECUTION_DATE)
+            .trim_start()
+            .to_owned();
         // The templates as they are now: the run keeps them, so later edits change later runs only.
         let ids: Vec<String> = pipeline
             .tasks
@@ -312,7 +384,7 @@ impl Runs {
                 });
             }
         }
-        let project = self.access.project(request, &row.project).await?;
+        let project = self.access.project(maker.credentials, &row.project).await?;
         let id = new_run_id()?;
         snapshot.project_volumes = project
             .settings
@@ -334,8 +406,8 @@ impl Runs {
                     workload: task_workload(&row.project, &row.id, &id, &task.name),
                     ..PlaceRequest::default()
                 };
-                // Each placement is asked with the caller's credentials.
-                let from = Request::from_parts(request.metadata().clone(), tonic::Extensions::default(), ());
+                // Each placement is asked with the maker's credentials.
+                let from = Request::from_parts(maker.credentials.metadata().clone(), tonic::Extensions::default(), ());
                 let (access, name, selector) = (self.access.clone(), task.name.clone(), task.node_selector.clone());
                 async move {
                     let mut placement = access
@@ -377,31 +449,24 @@ impl Runs {
             })
             .collect();
         let run = run::Model {
-            id: id.clone(),
+            id,
             project: row.project.clone(),
             pipeline: row.id.clone(),
             state: State::Pending.as_str().to_owned(),
             reason: String::new(),
-            trigger: scope.trigger().to_owned(),
-            creator: caller.username.clone(),
-            request_id: (!request_id.is_empty()).then(|| request_id.to_owned()),
+            trigger: if fire.is_some() { "SCHEDULED" } else { scope.trigger() }.to_owned(),
+            creator: maker.creator.to_owned(),
+            request_id: None,
             snapshot: snapshot.encode(),
             admitted: false,
             revision: 1,
-            created_ms: now_ms(),
+            created_ms,
             started_ms: None,
             ended_ms: None,
-            fire_ms: None,
-            schedule: None,
+            fire_ms: fire.map(|fire| fire.fire_ms),
+            schedule: fire.map(|fire| fire.schedule.clone()),
         };
-        if !store.insert_run(run, tasks).await? {
-            // A concurrent call with the same request id won: answer with its run.
-            if let Some(existing) = store.run_by_request(&row.project, &row.id, request_id).await? {
-                return self.current(&existing.id).await;
-            }
-        }
-        self.engine.wake.notify_one();
-        self.current(&id).await
+        Ok((run, tasks))
     }
 
     /// Cancels the live `TASK` and `DEBUG` runs of a pipeline's task and waits (a while) for them to end.
@@ -613,6 +678,33 @@ impl Runs {
         self.current(&record.run.id).await
     }
 
+    async fn skip(&self, request: Request<SkipRunRequest>) -> Result<Run, ApiError> {
+        let name = request.get_ref().name.clone();
+        let (caller, record) = self.find(&request, "name", &name, Need::Write, "runs.skip").await?;
+        let state = State::parse(&record.run.state).unwrap_or(State::Pending);
+        if !matches!(state, State::Failed | State::Canceled) {
+            return Err(ApiError::FailedPrecondition {
+                message: format!(
+                    "{name} is {}; only a run that failed or was canceled can be skipped",
+                    state.as_str()
+                ),
+            });
+        }
+        let reason = format!(
+            "skipped by users/{}; it was {}: {}",
+            caller.username,
+            state.as_str(),
+            record.run.reason
+        );
+        self.engine
+            .store
+            .skip_run(&record.run.id, record.run.revision, &reason)
+            .await?;
+        // Runs waiting for it (depends_on_past) may start.
+        self.engine.wake.notify_one();
+        self.current(&record.run.id).await
+    }
+
     async fn watch(&self, request: Request<WatchRunRequest>) -> Result<ReceiverStream<Result<Run, Status>>, ApiError> {
         let name = request.get_ref().name.clone();
         let (_, record) = self.find(&request, "name", &name, Need::Read, "runs.get").await?;
@@ -758,6 +850,10 @@ impl RunService for Runs {
 
     async fn cancel_run(&self, request: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
         self.cancel(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn skip_run(&self, request: Request<SkipRunRequest>) -> Result<Response<Run>, Status> {
+        self.skip(request).await.map(Response::new).map_err(status)
     }
 
     async fn retry_run(&self, request: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {

@@ -3,19 +3,23 @@
 
 use cube_kit::identity::Principal;
 use cube_kit::page::{decode_token, finish_page, page_size};
-use cube_kit::time::{now_ms, timestamp};
+use std::sync::Arc;
+
+use cube_kit::time::{Clock, timestamp, timestamp_ms};
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::workflow::v1::schedule_service_server::ScheduleService;
 use cube_proto::cube::workflow::v1::{
-    CreateScheduleRequest, DeleteScheduleRequest, GetScheduleRequest, ListSchedulesRequest, ListSchedulesResponse,
-    Schedule, UpdateScheduleRequest,
+    Backfill, BackfillScheduleRequest, CatchUp as CatchUpField, CreateScheduleRequest, DeleteScheduleRequest,
+    GetScheduleRequest, ListSchedulesRequest, ListSchedulesResponse, Schedule, UpdateScheduleRequest,
 };
 use prost::Message as _;
+use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::access::Need;
 use crate::cron::{CronProblem, CronSchedule};
 use crate::dag::is_label;
+use crate::firing::{CatchUp, DEFAULT_MAX_CATCH_UP, Policy};
 use crate::model::schedule;
 use crate::pipelines::{ListParent, Pipelines, list_parent, pipeline_name};
 use crate::status;
@@ -23,11 +27,45 @@ use crate::templates::{check_etag, etag};
 
 /// How far ahead the next fire time is looked for.
 const HORIZON: chrono::TimeDelta = chrono::TimeDelta::days(40 * 366);
+/// The most fires one backfill makes.
+const MAX_BACKFILL: usize = 10_000;
 
 /// Serves `ScheduleService`.
 #[derive(Clone)]
 pub(crate) struct Schedules {
     pub(crate) pipelines: Pipelines,
+    /// The time schedules are read at.
+    pub(crate) clock: Clock,
+    /// Wakes the firer (a backfill to make, a schedule changed).
+    pub(crate) firer: Arc<Notify>,
+}
+
+/// The stored schedule of a row (its output fields unset).
+pub(crate) fn spec(row: &schedule::Model) -> Schedule {
+    Schedule::decode(row.spec.as_slice()).unwrap_or_default()
+}
+
+/// The policy a schedule's runs start under.
+pub(crate) fn policy_of(row: &schedule::Model) -> Policy {
+    let spec = spec(row);
+    Policy {
+        max_concurrent_runs: usize::try_from(spec.max_concurrent_runs).unwrap_or(0),
+        depends_on_past: spec.depends_on_past,
+    }
+}
+
+/// What a schedule makes of missed fires.
+pub(crate) fn catch_up_of(spec: &Schedule) -> CatchUp {
+    match spec.catch_up() {
+        CatchUpField::Skip => CatchUp::Skip,
+        CatchUpField::All => CatchUp::All {
+            max: usize::try_from(spec.max_catch_up)
+                .ok()
+                .filter(|max| *max > 0)
+                .unwrap_or(DEFAULT_MAX_CATCH_UP),
+        },
+        CatchUpField::Unspecified | CatchUpField::Latest => CatchUp::Latest,
+    }
 }
 
 /// The parts of `projects/{project}/pipelines/{pipeline}/schedules/{schedule}` in `field`.
@@ -49,8 +87,8 @@ fn schedule_name<'a>(field: &str, name: &'a str) -> Result<(&'a str, &'a str, &'
 }
 
 /// Milliseconds of a timestamp.
-fn ms(time: Option<&prost_types::Timestamp>) -> Option<i64> {
-    time.map(|time| time.seconds.saturating_mul(1000) + i64::from(time.nanos / 1_000_000))
+pub(crate) fn ms(time: Option<&prost_types::Timestamp>) -> Option<i64> {
+    time.map(timestamp_ms)
 }
 
 /// The problems of a schedule's fields (under `schedule.`), and its cron schedule when it has none.
@@ -71,6 +109,12 @@ fn validate(given: &Schedule) -> Result<CronSchedule, ApiError> {
         && end < start
     {
         found.push(FieldViolation::new("schedule.end_time", "is before start_time"));
+    }
+    if given.keep_newest > 0 && given.depends_on_past {
+        found.push(FieldViolation::new(
+            "schedule.keep_newest",
+            "cannot be set with depends_on_past: a fire would cancel the run the next one waits for",
+        ));
     }
     for (field, value) in [
         ("schedule.max_concurrent_runs", given.max_concurrent_runs),
@@ -114,7 +158,7 @@ fn spec_of(given: &Schedule) -> Vec<u8> {
 
 /// The schedule a row holds, with its next fire time.
 fn message(row: &schedule::Model) -> Schedule {
-    let mut schedule = Schedule::decode(row.spec.as_slice()).unwrap_or_default();
+    let mut schedule = spec(row);
     schedule.name = format!(
         "projects/{}/pipelines/{}/schedules/{}",
         row.project, row.pipeline, row.id
@@ -126,6 +170,13 @@ fn message(row: &schedule::Model) -> Schedule {
     schedule.etag = etag(row.revision);
     schedule.last_fire_time = row.last_fire_ms.map(timestamp);
     schedule.blocked_reason.clone_from(&row.blocked_reason);
+    if let (Some(start), Some(end)) = (row.backfill_start_ms, row.backfill_end_ms) {
+        schedule.backfill = Some(Backfill {
+            start_time: Some(timestamp(start)),
+            end_time: Some(timestamp(end)),
+            ..Backfill::default()
+        });
+    }
     if row.enabled
         && let Ok(cron) = CronSchedule::parse(&schedule.cron, &schedule.time_zone)
     {
@@ -150,6 +201,32 @@ fn message(row: &schedule::Model) -> Schedule {
 }
 
 impl Schedules {
+    /// The schedule a row holds, with its next fire time, what holds it back, and its backfill's progress.
+    async fn shown(&self, row: &schedule::Model) -> Result<Schedule, ApiError> {
+        let store = &self.pipelines.store;
+        let mut schedule = message(row);
+        if schedule.blocked_reason.is_empty() {
+            schedule.blocked_reason = store.waiting_reason(row).await?.unwrap_or_default();
+        }
+        if let (Some(backfill), Some(start), Some(end)) =
+            (schedule.backfill.as_mut(), row.backfill_start_ms, row.backfill_end_ms)
+        {
+            let cron = CronSchedule::parse(&schedule.cron, &schedule.time_zone).map_err(|problem| {
+                ApiError::internal(format!(
+                    "the stored schedule {} does not parse: {problem:?}",
+                    schedule.name
+                ))
+            })?;
+            let count = store.backfill_count(row, start, end).await?;
+            let fires = cron.fires_ms(start.saturating_sub(1), end, MAX_BACKFILL + 1).len();
+            backfill.fires = i32::try_from(fires).unwrap_or(i32::MAX);
+            backfill.runs = i32::try_from(count.runs).unwrap_or(i32::MAX);
+            backfill.ended = i32::try_from(count.ended).unwrap_or(i32::MAX);
+            backfill.failed = i32::try_from(count.failed).unwrap_or(i32::MAX);
+        }
+        Ok(schedule)
+    }
+
     /// Schedule `name` (in `field`), if the caller may do what `need` says with it.
     async fn find<T>(
         &self,
@@ -195,7 +272,7 @@ impl Schedules {
         }
         let given = body.schedule.clone().unwrap_or_default();
         validate(&given)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let row = schedule::Model {
             project: pipeline.project.clone(),
             pipeline: pipeline.id.clone(),
@@ -206,18 +283,22 @@ impl Schedules {
             since_ms: now,
             last_fire_ms: None,
             blocked_reason: String::new(),
+            backfill_start_ms: None,
+            backfill_end_ms: None,
+            backfill_pending: false,
             revision: 1,
             created_ms: now,
             updated_ms: now,
         };
         self.pipelines.store.insert_schedule(row.clone()).await?;
-        Ok(message(&row))
+        self.firer.notify_one();
+        self.shown(&row).await
     }
 
     async fn get(&self, request: Request<GetScheduleRequest>) -> Result<Schedule, ApiError> {
         let name = request.get_ref().name.clone();
         let (_, row) = self.find(&request, "name", &name, Need::Read, "schedules.get").await?;
-        Ok(message(&row))
+        self.shown(&row).await
     }
 
     async fn list(&self, request: Request<ListSchedulesRequest>) -> Result<ListSchedulesResponse, ApiError> {
@@ -239,8 +320,12 @@ impl Schedules {
             .list_schedules(project, pipeline, after, size + 1)
             .await?;
         let next_page_token = finish_page(&mut rows, size, |row| (row.pipeline.clone(), row.id.clone()));
+        let mut schedules = Vec::with_capacity(rows.len());
+        for row in &rows {
+            schedules.push(self.shown(row).await?);
+        }
         Ok(ListSchedulesResponse {
-            schedules: rows.iter().map(message).collect(),
+            schedules,
             next_page_token,
         })
     }
@@ -310,7 +395,7 @@ impl Schedules {
             max_catch_up
         );
         validate(&schedule)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let updated = schedule::Model {
             enabled: schedule.enabled,
             spec: spec_of(&schedule),
@@ -328,7 +413,72 @@ impl Schedules {
             .store
             .update_schedule(updated.clone(), row.revision)
             .await?;
-        Ok(message(&updated))
+        self.firer.notify_one();
+        let row = self
+            .pipelines
+            .store
+            .schedule(&row.project, &row.pipeline, &row.id)
+            .await?
+            .unwrap_or(updated);
+        self.shown(&row).await
+    }
+
+    async fn backfill(&self, request: Request<BackfillScheduleRequest>) -> Result<Schedule, ApiError> {
+        let body = request.get_ref();
+        let (_, row) = self
+            .find(&request, "name", &body.name, Need::Write, "schedules.backfill")
+            .await?;
+        let now = self.clock.now_ms();
+        let mut found = Vec::new();
+        let start = body.start_time.as_ref().map(timestamp_ms);
+        let end = body.end_time.as_ref().map(timestamp_ms);
+        if start.is_none() {
+            found.push(FieldViolation::new(
+                "start_time",
+                "is required: a backfill covers a bounded window",
+            ));
+        }
+        match (start, end) {
+            (_, None) => found.push(FieldViolation::new(
+                "end_time",
+                "is required: a backfill covers a bounded window",
+            )),
+            (_, Some(end)) if end > now => found.push(FieldViolation::new(
+                "end_time",
+                "is in the future; fires to come are the schedule's own",
+            )),
+            (Some(start), Some(end)) if end < start => {
+                found.push(FieldViolation::new("end_time", "is before start_time"));
+            }
+            _ => {}
+        }
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(ApiError::InvalidArgument(found));
+        };
+        if !found.is_empty() {
+            return Err(ApiError::InvalidArgument(found));
+        }
+        let given = spec(&row);
+        let cron = CronSchedule::parse(&given.cron, &given.time_zone).map_err(|problem| {
+            ApiError::internal(format!("the stored schedule {} does not parse: {problem:?}", body.name))
+        })?;
+        if cron.fires_ms(start.saturating_sub(1), end, MAX_BACKFILL + 1).len() > MAX_BACKFILL {
+            return Err(ApiError::invalid(
+                "start_time",
+                format!("the window holds more than {MAX_BACKFILL} fires; backfill it in parts"),
+            ));
+        }
+        let store = &self.pipelines.store;
+        store.start_backfill(&row, start, end).await?;
+        self.firer.notify_one();
+        let row = store
+            .schedule(&row.project, &row.pipeline, &row.id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound {
+                kind: "schedule",
+                name: body.name.clone(),
+            })?;
+        self.shown(&row).await
     }
 
     async fn delete(&self, request: Request<DeleteScheduleRequest>) -> Result<(), ApiError> {
@@ -360,6 +510,10 @@ impl ScheduleService for Schedules {
 
     async fn update_schedule(&self, request: Request<UpdateScheduleRequest>) -> Result<Response<Schedule>, Status> {
         self.update(request).await.map(Response::new).map_err(status)
+    }
+
+    async fn backfill_schedule(&self, request: Request<BackfillScheduleRequest>) -> Result<Response<Schedule>, Status> {
+        self.backfill(request).await.map(Response::new).map_err(status)
     }
 
     async fn delete_schedule(&self, request: Request<DeleteScheduleRequest>) -> Result<Response<()>, Status> {

@@ -10,14 +10,17 @@ use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+    EntityTrait as _, PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
 };
 
-use crate::model::{attempt, pipeline, run, schedule, task, template};
+use crate::firing::{Previous, Surroundings};
+use crate::model::{attempt, fire, pipeline, run, schedule, task, template};
 use crate::progress::{Attempt, RunProgress, State};
 
 /// The lease whose holder drives runs.
 pub(crate) const ENGINE_LEASE: &str = "workflow-engine";
+/// The lease whose holder makes schedules' fires.
+pub(crate) const SCHEDULES_LEASE: &str = "workflow-schedules";
 
 /// A database failure, as an API error whose detail stays in the logs.
 pub(crate) fn db_error(error: sea_orm::DbErr) -> ApiError {
@@ -58,6 +61,35 @@ pub(crate) struct RunQuery {
     pub(crate) after: Option<(i64, String)>,
     /// How many, one more than the page size.
     pub(crate) limit: u64,
+}
+
+/// The reason stored on a run that waits for its project's quota (the run passed its schedule's policy).
+pub(crate) const WAITING_FOR_QUOTA: &str = "waiting for quota: ";
+
+/// A fire to record: its schedule, its time, whether a backfill makes it, and the run it makes.
+#[derive(Debug, Clone)]
+pub(crate) struct NewFire {
+    /// The schedule.
+    pub(crate) schedule: schedule::Model,
+    /// The fire time.
+    pub(crate) fire_ms: i64,
+    /// Whether a backfill makes it.
+    pub(crate) backfill: bool,
+    /// The run, with `fire_ms` and `schedule` set.
+    pub(crate) run: run::Model,
+    /// The run's tasks.
+    pub(crate) tasks: Vec<task::Model>,
+}
+
+/// How far a schedule's backfill got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BackfillCount {
+    /// Fires of the window with a run.
+    pub(crate) runs: i64,
+    /// Of those, runs ended.
+    pub(crate) ended: i64,
+    /// Of those, runs failed or canceled.
+    pub(crate) failed: i64,
 }
 
 /// A run's row with its tasks and attempts.
@@ -321,10 +353,16 @@ impl Store {
         if result.rows_affected == 0 {
             return Err(changed("pipeline", &name));
         }
-        // Its schedules go with it.
+        // Its schedules and their fires go with it.
         schedule::Entity::delete_many()
             .filter(schedule::Column::Project.eq(project))
             .filter(schedule::Column::Pipeline.eq(id))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        fire::Entity::delete_many()
+            .filter(fire::Column::Project.eq(project))
+            .filter(fire::Column::Pipeline.eq(id))
             .exec(&txn)
             .await
             .map_err(db_error)?;
@@ -403,13 +441,14 @@ impl Store {
             .map_err(db_error)
     }
 
-    /// Replaces a schedule read at `revision`; `Aborted` when it changed since.
+    /// Replaces what a user sets of a schedule read at `revision` (the firer's columns are left alone; `since_ms`
+    /// only ever moves forward); `Aborted` when it changed since.
     pub(crate) async fn update_schedule(&self, row: schedule::Model, revision: i64) -> Result<(), ApiError> {
         let name = format!(
             "projects/{}/pipelines/{}/schedules/{}",
             row.project, row.pipeline, row.id
         );
-        let (project, pipeline, id) = (row.project.clone(), row.pipeline.clone(), row.id.clone());
+        let (project, pipeline, id, since) = (row.project.clone(), row.pipeline.clone(), row.id.clone(), row.since_ms);
         let result = schedule::Entity::update_many()
             .set(schedule::ActiveModel {
                 project: NotSet,
@@ -417,9 +456,16 @@ impl Store {
                 id: NotSet,
                 creator: NotSet,
                 created_ms: NotSet,
+                since_ms: NotSet,
+                last_fire_ms: NotSet,
+                blocked_reason: NotSet,
+                backfill_start_ms: NotSet,
+                backfill_end_ms: NotSet,
+                backfill_pending: NotSet,
                 // Every other column is written (`from` alone marks them unchanged, and nothing would be).
                 ..schedule::ActiveModel::from(row).reset_all()
             })
+            .col_expr(schedule::Column::SinceMs, forward(since))
             .filter(schedule::Column::Project.eq(project))
             .filter(schedule::Column::Pipeline.eq(pipeline))
             .filter(schedule::Column::Id.eq(id))
@@ -449,6 +495,306 @@ impl Store {
             .map_err(db_error)?;
         if result.rows_affected == 0 {
             return Err(changed("schedule", &name));
+        }
+        Ok(())
+    }
+
+    // Fires.
+
+    /// The schedules the firer looks at: the enabled ones and those with a backfill to make.
+    pub(crate) async fn schedules_to_fire(&self) -> Result<Vec<schedule::Model>, ApiError> {
+        schedule::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(schedule::Column::Enabled.eq(true))
+                    .add(schedule::Column::BackfillPending.eq(true)),
+            )
+            .order_by_asc(schedule::Column::Project)
+            .order_by_asc(schedule::Column::Pipeline)
+            .order_by_asc(schedule::Column::Id)
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Records a fire and its run, fenced by the schedules lease held at `epoch`, and cancels the schedule's
+    /// older live runs beyond its newest `keep_newest`. Returns `false`, writing nothing, when the fire has a run
+    /// already.
+    pub(crate) async fn record_fire(&self, epoch: Epoch, fire: NewFire, keep_newest: usize) -> Result<bool, ApiError> {
+        let NewFire {
+            schedule,
+            fire_ms,
+            backfill,
+            run,
+            tasks,
+        } = fire;
+        let txn = self.db.begin().await.map_err(db_error)?;
+        lease::check(&txn, SCHEDULES_LEASE, epoch)
+            .await
+            .map_err(|error| ApiError::Aborted {
+                message: error.to_string(),
+            })?;
+        let inserted = fire::Entity::insert(fire::ActiveModel::from(fire::Model {
+            project: schedule.project.clone(),
+            pipeline: schedule.pipeline.clone(),
+            schedule: schedule.id.clone(),
+            fire_ms,
+            run: run.id.clone(),
+            backfill,
+            created_ms: run.created_ms,
+        }))
+        .on_conflict(
+            OnConflict::columns([
+                fire::Column::Project,
+                fire::Column::Pipeline,
+                fire::Column::Schedule,
+                fire::Column::FireMs,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_error)?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let id = run.id.clone();
+        run::Entity::insert(run::ActiveModel::from(run))
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_error)?;
+        if !tasks.is_empty() {
+            task::Entity::insert_many(tasks.into_iter().map(task::ActiveModel::from))
+                .exec_without_returning(&txn)
+                .await
+                .map_err(db_error)?;
+        }
+        if keep_newest > 0 {
+            let live: Vec<(String, Option<i64>)> = run::Entity::find()
+                .select_only()
+                .column(run::Column::Id)
+                .column(run::Column::FireMs)
+                .filter(run::Column::Project.eq(schedule.project.clone()))
+                .filter(run::Column::Pipeline.eq(schedule.pipeline.clone()))
+                .filter(run::Column::Schedule.eq(schedule.id.clone()))
+                .filter(run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)))
+                .into_tuple()
+                .all(&txn)
+                .await
+                .map_err(db_error)?;
+            let live: Vec<(String, i64)> = live.into_iter().map(|(id, fire)| (id, fire.unwrap_or(0))).collect();
+            let old = crate::firing::superseded(keep_newest, &live);
+            if !old.is_empty() {
+                run::Entity::update_many()
+                    .col_expr(run::Column::State, Expr::value(State::Canceling.as_str()))
+                    .col_expr(
+                        run::Column::Reason,
+                        Expr::value(format!(
+                            "canceled by the scheduled run {id}: the schedule keeps its newest {keep_newest} runs"
+                        )),
+                    )
+                    .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
+                    .filter(run::Column::Id.is_in(old))
+                    .exec(&txn)
+                    .await
+                    .map_err(db_error)?;
+            }
+        }
+        if !backfill {
+            schedule::Entity::update_many()
+                .col_expr(schedule::Column::LastFireMs, Expr::value(fire_ms))
+                .col_expr(schedule::Column::BlockedReason, Expr::value(""))
+                .filter(schedule_key(&schedule))
+                .filter(
+                    Condition::any()
+                        .add(schedule::Column::LastFireMs.is_null())
+                        .add(schedule::Column::LastFireMs.lt(fire_ms)),
+                )
+                .exec(&txn)
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    /// Records that a schedule's fires up to `since_ms` are decided (never moving back), and why its latest
+    /// fire could not be made (`None`: leave the reason as it is).
+    pub(crate) async fn pass_schedule(
+        &self,
+        row: &schedule::Model,
+        since_ms: i64,
+        blocked: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let mut update = schedule::Entity::update_many()
+            .col_expr(schedule::Column::SinceMs, forward(since_ms))
+            .filter(schedule_key(row));
+        if let Some(reason) = blocked {
+            update = update.col_expr(schedule::Column::BlockedReason, Expr::value(truncate(reason, 2000)));
+        }
+        update.exec(&self.db).await.map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The fire times of a schedule in `[from_ms, to_ms]` that have a run.
+    pub(crate) async fn fired(&self, row: &schedule::Model, from_ms: i64, to_ms: i64) -> Result<Vec<i64>, ApiError> {
+        fire::Entity::find()
+            .select_only()
+            .column(fire::Column::FireMs)
+            .filter(fire::Column::Project.eq(row.project.clone()))
+            .filter(fire::Column::Pipeline.eq(row.pipeline.clone()))
+            .filter(fire::Column::Schedule.eq(row.id.clone()))
+            .filter(fire::Column::FireMs.between(from_ms, to_ms))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Sets a schedule's backfill window, pending, without changing its revision (a backfill is not an edit).
+    pub(crate) async fn start_backfill(&self, row: &schedule::Model, from_ms: i64, to_ms: i64) -> Result<(), ApiError> {
+        schedule::Entity::update_many()
+            .col_expr(schedule::Column::BackfillStartMs, Expr::value(from_ms))
+            .col_expr(schedule::Column::BackfillEndMs, Expr::value(to_ms))
+            .col_expr(schedule::Column::BackfillPending, Expr::value(true))
+            .filter(schedule_key(row))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Records that the backfill of `from_ms..=to_ms` has made every fire (unless a newer backfill replaced it).
+    pub(crate) async fn end_backfill(&self, row: &schedule::Model, from_ms: i64, to_ms: i64) -> Result<(), ApiError> {
+        schedule::Entity::update_many()
+            .col_expr(schedule::Column::BackfillPending, Expr::value(false))
+            .filter(schedule_key(row))
+            .filter(schedule::Column::BackfillStartMs.eq(from_ms))
+            .filter(schedule::Column::BackfillEndMs.eq(to_ms))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// How far the runs of a schedule's fires in `[from_ms, to_ms]` got.
+    pub(crate) async fn backfill_count(
+        &self,
+        row: &schedule::Model,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<BackfillCount, ApiError> {
+        let states: Vec<String> = run::Entity::find()
+            .select_only()
+            .column(run::Column::State)
+            .filter(run::Column::Project.eq(row.project.clone()))
+            .filter(run::Column::Pipeline.eq(row.pipeline.clone()))
+            .filter(run::Column::Schedule.eq(row.id.clone()))
+            .filter(run::Column::FireMs.between(from_ms, to_ms))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let mut count = BackfillCount::default();
+        for state in states.iter().filter_map(|state| State::parse(state)) {
+            count.runs += 1;
+            if state.is_final() {
+                count.ended += 1;
+            }
+            if matches!(state, State::Failed | State::Canceled) {
+                count.failed += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Why a schedule's oldest waiting run waits, if one does.
+    pub(crate) async fn waiting_reason(&self, row: &schedule::Model) -> Result<Option<String>, ApiError> {
+        run::Entity::find()
+            .select_only()
+            .column(run::Column::Reason)
+            .filter(run::Column::Project.eq(row.project.clone()))
+            .filter(run::Column::Pipeline.eq(row.pipeline.clone()))
+            .filter(run::Column::Schedule.eq(row.id.clone()))
+            .filter(run::Column::State.eq(State::Queued.as_str()))
+            .order_by_asc(run::Column::FireMs)
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// What a scheduled run's start depends on: the pipeline's other runs going (any trigger; a scheduled run
+    /// counts once it passed its schedule's policy), and the schedule's previous run.
+    pub(crate) async fn surroundings(&self, run: &run::Model) -> Result<Surroundings, ApiError> {
+        let others = Condition::all()
+            .add(run::Column::Project.eq(run.project.clone()))
+            .add(run::Column::Pipeline.eq(run.pipeline.clone()))
+            .add(run::Column::Id.ne(run.id.clone()));
+        let held_by_policy = Condition::all()
+            .add(run::Column::Schedule.is_not_null())
+            .add(run::Column::Admitted.eq(false))
+            .add(run::Column::Reason.not_like(format!("{WAITING_FOR_QUOTA}%")));
+        let active_runs = run::Entity::find()
+            .filter(others)
+            .filter(run::Column::State.is_in(live_states()))
+            .filter(held_by_policy.not())
+            .count(&self.db)
+            .await
+            .map_err(db_error)?;
+        let previous = match (&run.schedule, run.fire_ms) {
+            (Some(schedule), Some(fire_ms)) => run::Entity::find()
+                .filter(run::Column::Project.eq(run.project.clone()))
+                .filter(run::Column::Pipeline.eq(run.pipeline.clone()))
+                .filter(run::Column::Schedule.eq(schedule.clone()))
+                .filter(run::Column::FireMs.lt(fire_ms))
+                .order_by_desc(run::Column::FireMs)
+                .one(&self.db)
+                .await
+                .map_err(db_error)?
+                .map(|row| Previous {
+                    name: format!("projects/{}/pipelines/{}/runs/{}", row.project, row.pipeline, row.id),
+                    state: State::parse(&row.state).unwrap_or(State::Pending),
+                }),
+            _ => None,
+        };
+        Ok(Surroundings {
+            active_runs: usize::try_from(active_runs).unwrap_or(usize::MAX),
+            previous,
+        })
+    }
+
+    /// Holds a run read at `revision` back (`QUEUED`) for `reason`. Returns `false`, writing nothing, when the
+    /// run changed since.
+    pub(crate) async fn hold_run(&self, id: &str, revision: i64, reason: &str) -> Result<bool, ApiError> {
+        let result = run::Entity::update_many()
+            .col_expr(run::Column::State, Expr::value(State::Queued.as_str()))
+            .col_expr(run::Column::Reason, Expr::value(truncate(reason, 2000)))
+            .col_expr(run::Column::Revision, Expr::value(revision + 1))
+            .filter(run::Column::Id.eq(id))
+            .filter(run::Column::Revision.eq(revision))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(result.rows_affected == 1)
+    }
+
+    /// Marks a run read at `revision` that failed or was canceled as skipped, for `reason`; `Aborted` when it
+    /// changed since.
+    pub(crate) async fn skip_run(&self, id: &str, revision: i64, reason: &str) -> Result<(), ApiError> {
+        let result = run::Entity::update_many()
+            .col_expr(run::Column::State, Expr::value(State::Skipped.as_str()))
+            .col_expr(run::Column::Reason, Expr::value(truncate(reason, 2000)))
+            .col_expr(run::Column::Revision, Expr::value(revision + 1))
+            .filter(run::Column::Id.eq(id))
+            .filter(run::Column::Revision.eq(revision))
+            .filter(run::Column::State.is_in([State::Failed, State::Canceled].map(State::as_str)))
+            .exec(&self.db)
+            .await
+            .map_err(db_error)?;
+        if result.rows_affected == 0 {
+            return Err(changed("run", id));
         }
         Ok(())
     }
@@ -611,7 +957,7 @@ impl Store {
         update = match queued {
             Some(reason) => update
                 .col_expr(run::Column::State, Expr::value(State::Queued.as_str()))
-                .col_expr(run::Column::Reason, Expr::value(format!("waiting for quota: {reason}"))),
+                .col_expr(run::Column::Reason, Expr::value(format!("{WAITING_FOR_QUOTA}{reason}"))),
             None => update.col_expr(run::Column::Admitted, Expr::value(true)),
         };
         Ok(update.exec(&self.db).await.map_err(db_error)?.rows_affected == 1)
@@ -855,7 +1201,6 @@ async fn save_attempt(
     Ok(())
 }
 
-/// At most `limit` characters of `text`.
 /// Runs that have a task named `name`.
 fn run_of_task(name: &str) -> Condition {
     Condition::all().add(
@@ -869,6 +1214,7 @@ fn run_of_task(name: &str) -> Condition {
     )
 }
 
+/// At most `limit` characters of `text`.
 fn truncate(text: &str, limit: usize) -> String {
     text.chars().take(limit).collect()
 }
@@ -895,6 +1241,21 @@ async fn record(db: &impl ConnectionTrait, id: &str) -> Result<Option<RunRecord>
         attempts.entry(row.task.clone()).or_default().push(row);
     }
     Ok(Some(RunRecord { run, tasks, attempts }))
+}
+
+/// A schedule's `since_ms` moved to `since_ms` if that is later, never back.
+fn forward(since_ms: i64) -> sea_orm::sea_query::SimpleExpr {
+    Expr::case(schedule::Column::SinceMs.lt(since_ms), since_ms)
+        .finally(Expr::col(schedule::Column::SinceMs))
+        .into()
+}
+
+/// The row of schedule `row`.
+fn schedule_key(row: &schedule::Model) -> Condition {
+    Condition::all()
+        .add(schedule::Column::Project.eq(row.project.clone()))
+        .add(schedule::Column::Pipeline.eq(row.pipeline.clone()))
+        .add(schedule::Column::Id.eq(row.id.clone()))
 }
 
 /// The error of a write that lost to a concurrent change.
@@ -948,6 +1309,9 @@ mod tests {
             since_ms: 1,
             last_fire_ms: None,
             blocked_reason: String::new(),
+            backfill_start_ms: None,
+            backfill_end_ms: None,
+            backfill_pending: false,
             revision: 1,
             created_ms: 1,
             updated_ms: 1,

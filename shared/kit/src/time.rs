@@ -1,6 +1,47 @@
 //! Times as the services store them (Unix milliseconds) and show them (`google.protobuf.Timestamp`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The time as work that follows the calendar (schedules, expiries) reads it: the system's, or one a test sets.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The system clock.
+    #[default]
+    System,
+    /// A clock that stands still until moved, shared by its clones (tests).
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    /// A clock standing at `ms` (Unix milliseconds) until [`Clock::set_ms`] or [`Clock::advance_ms`] moves it.
+    pub fn manual(ms: i64) -> Self {
+        Self::Manual(Arc::new(AtomicI64::new(ms)))
+    }
+
+    /// The current time in Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        match self {
+            Self::System => now_ms(),
+            Self::Manual(ms) => ms.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Sets a manual clock to `ms`; the system clock is not set.
+    pub fn set_ms(&self, ms: i64) {
+        if let Self::Manual(now) = self {
+            now.store(ms, Ordering::SeqCst);
+        }
+    }
+
+    /// Moves a manual clock on by `ms`; the system clock is not moved.
+    pub fn advance_ms(&self, ms: i64) {
+        if let Self::Manual(now) = self {
+            now.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+}
 
 /// Returns `time` in Unix milliseconds (0 before the epoch, `i64::MAX` far after it).
 pub fn unix_ms(time: SystemTime) -> i64 {
@@ -38,5 +79,17 @@ mod tests {
         assert_eq!(timestamp(-1_500).nanos, 500_000_000);
         assert_eq!(unix_ms(UNIX_EPOCH - std::time::Duration::from_secs(1)), 0);
         assert!(now_ms() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn a_manual_clock_moves_only_when_told_and_its_clones_move_with_it() {
+        let clock = Clock::manual(1_000);
+        let twin = clock.clone();
+        assert_eq!(clock.now_ms(), 1_000);
+        clock.advance_ms(500);
+        assert_eq!(twin.now_ms(), 1_500);
+        twin.set_ms(42);
+        assert_eq!(clock.now_ms(), 42);
+        assert!(Clock::System.now_ms() > 1_700_000_000_000);
     }
 }
