@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts, on loopback, the real dependencies Cube's tests talk to, and writes where they are to .cube-test/env.
 #
-#   scripts/test-env.sh up [postgres|mysql|redis|ldap|kubernetes ...]   start (or reuse) everything, or only those named
+#   scripts/test-env.sh up [COMPONENT ...]                              start (or reuse) everything, or only those named:
+#                                                                       postgres, mysql, redis, ldap, kubernetes, prometheus
 #   scripts/test-env.sh down                                            stop what this script started
 #   scripts/test-env.sh env                                             print the settings tests read
 #   scripts/test-env.sh status                                          say what is running
@@ -11,7 +12,8 @@
 # PostgreSQL, MariaDB and Redis are the machine's own services on their standard ports (installed and started from
 # Debian when they do not answer); `down` leaves them alone. OpenLDAP and the Kubernetes control plane (etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler) are our own processes on free loopback ports, with their
-# state under .cube-test/. See ARCHITECTURE.md §8.
+# state under .cube-test/. Prometheus is only installed (its binary, from Debian, its system service never started):
+# tests start their own servers. See ARCHITECTURE.md §8.
 #
 # Settings written (KEY=value lines, read by cube-testkit): CUBE_TEST_POSTGRES_URL, CUBE_TEST_MYSQL_URL,
 # CUBE_TEST_REDIS_URL, CUBE_TEST_LDAP_URL (plain, and StartTLS), CUBE_TEST_LDAPS_URL, CUBE_TEST_LDAP_CA_FILE (the PEM
@@ -20,7 +22,8 @@
 # CUBE_TEST_KUBECONFIG (a kubeconfig for a system:masters token), CUBE_TEST_KUBECONFIG_B (the same for a second
 # cluster: another API server, sharing etcd under its own prefix, with no scheduler), and for tests that start (and
 # restart) an API server of their own: CUBE_TEST_KUBE_APISERVER (the binary), CUBE_TEST_ETCD_URL and
-# CUBE_TEST_KUBE_DIR (tokens.csv, sa.key, sa.pub). Logs are in .cube-test/logs/.
+# CUBE_TEST_KUBE_DIR (tokens.csv, sa.key, sa.pub), and CUBE_TEST_PROMETHEUS (the Prometheus server binary, for
+# tests that start their own). Logs are in .cube-test/logs/.
 #
 # Environment: CUBE_CACHE_DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/cube) keeps the Kubernetes binaries, which
 # take minutes to build, outside the work tree.
@@ -209,7 +212,7 @@ write_env() {
 	{
 		echo "# Written by scripts/test-env.sh: where the test dependencies are. Read by cube-testkit."
 		local f
-		for f in postgres mysql redis ldap kubernetes; do
+		for f in postgres mysql redis ldap kubernetes prometheus; do
 			[[ -s $ENVD/$f ]] && cat "$ENVD/$f"
 		done
 	} >"$tmp"
@@ -688,10 +691,25 @@ up_kubernetes() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
+# Prometheus: only the server binary, from Debian; each test starts its own server, scraping an exporter it serves
+
+PROMETHEUS_BIN=/usr/bin/prometheus
+
+up_prometheus() {
+	# apt_install keeps the package's postinst from starting the system service (on :9090): we never use it.
+	apt_install prometheus prometheus
+	[[ -x $PROMETHEUS_BIN ]] || die prometheus "the prometheus package installed no $PROMETHEUS_BIN"
+	"$PROMETHEUS_BIN" --version >"$LOGS/prometheus.log" 2>&1 ||
+		die prometheus "$PROMETHEUS_BIN --version failed" "$LOGS/prometheus.log"
+	log "prometheus: ok ($PROMETHEUS_BIN; tests start their own servers)"
+	set_env prometheus "CUBE_TEST_PROMETHEUS=$PROMETHEUS_BIN"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
 
 init_state() { mkdir -p "$LOGS" "$PIDS" "$PORTS" "$ENVD"; }
 
-ALL_COMPONENTS=(postgres mysql redis ldap kubernetes)
+ALL_COMPONENTS=(postgres mysql redis ldap kubernetes prometheus)
 # Our own processes, in the order `down` stops them.
 OWN_PROCESSES=(kube-scheduler kube-controller-manager kube-apiserver-b kube-apiserver etcd ldap)
 

@@ -5,9 +5,11 @@
 //! started fails with a message that says how to start it: it never passes silently.
 //!
 //! [`kubernetes`] has what tests on the environment's kube-apiserver need: fake nodes, namespaces that clean up,
-//! and a fake kubelet that plays the pods bound to the fake nodes.
+//! and a fake kubelet that plays the pods bound to the fake nodes. [`prometheus`] runs a real Prometheus server
+//! scraping an exporter the test serves.
 
 pub mod kubernetes;
+pub mod prometheus;
 
 use std::path::PathBuf;
 use std::time::Duration;
