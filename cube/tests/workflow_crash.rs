@@ -3,6 +3,9 @@
 //! exactly one workload. On the real kube-apiserver and scheduler with the fake kubelet (PostgreSQL, Redis
 //! Streams), where the check is the API server's own pod list; and on the local runtime (SQLite), where each
 //! task appends a line to a file when it starts, so a process started twice would show.
+//!
+//! Two replicas of `cube serve workflow` on one PostgreSQL fire a `* * * * *` schedule for ten minutes: exactly one
+//! run per minute, and when the holder of the schedules lease is killed, the other replica makes the next fire.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -136,13 +139,48 @@ impl WorkflowProcess {
         .await
     }
 
-    /// Kills the process with SIGKILL, waits for it to die, and starts it again.
-    async fn crash_and_restart(&mut self) {
+    /// Another replica: the same flags (database, bus, peers), its own address.
+    async fn replica(&self) -> Self {
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut args = self.args.clone();
+        if let Some(listen) = args.iter().position(|arg| arg == "--listen") {
+            args[listen + 1].clone_from(&address);
+        }
+        let mut process = Self {
+            args,
+            address,
+            child: None,
+        };
+        process.spawn().await;
+        process
+    }
+
+    /// The database URL it was started with.
+    fn database_url(&self) -> &str {
+        self.args
+            .iter()
+            .position(|arg| arg == "--database-url")
+            .and_then(|index| self.args.get(index + 1))
+            .map_or("", String::as_str)
+    }
+
+    /// Its process id while it runs.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Kills the process with SIGKILL and waits for it to die.
+    async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.start_kill().expect("SIGKILL");
             let status = child.wait().await.expect("waiting for the killed process");
             assert!(!status.success(), "killed, not stopped: {status:?}");
         }
+    }
+
+    /// Kills the process with SIGKILL, waits for it to die, and starts it again.
+    async fn crash_and_restart(&mut self) {
+        self.kill().await;
         self.spawn().await;
     }
 }
@@ -354,4 +392,186 @@ async fn a_run_of_local_processes_survives_three_kills_of_the_workflow_process()
             task.attempts
         );
     }
+}
+
+/// How long the two replicas fire the schedule.
+const MINUTES: i64 = 10;
+
+/// The process id in the holder of the workflow's schedules lease (`workflow-{pid}-{random}`), if one holds it.
+async fn schedules_holder(database_url: &str) -> Option<u32> {
+    use sea_orm::{ConnectionTrait as _, Statement};
+    let db = sea_orm::Database::connect(database_url)
+        .await
+        .expect("the workflow database");
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT holder FROM leases WHERE name = 'workflow-schedules'",
+        ))
+        .await
+        .expect("reading the lease")?;
+    let holder: String = row.try_get_by_index(0).ok()?;
+    holder.split('-').nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_fire_a_minutely_schedule_once_a_minute_through_the_holders_kill() {
+    use cube_proto::cube::workflow::v1::schedule_service_client::ScheduleServiceClient;
+    use cube_proto::cube::workflow::v1::{CatchUp, CreateScheduleRequest, ListRunsRequest, Schedule};
+
+    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+    let client = kube_client(&kubeconfig).await;
+    let group = cube_testkit::kubernetes::unique_name("fire");
+    let (node, namespace, mut platform) = tokio::join!(
+        training_node(&client, &group, &[]),
+        TestNamespace::unique(&client, "fire"),
+        platform(Shape::PostgresRedis, &kubeconfig),
+    );
+    let _kubelet = Kubelet::start(&client, [&node]).script(
+        "app.kubernetes.io/managed-by=cube",
+        Script::run_for(Duration::from_millis(300)).exit(0),
+    );
+    training_project(&platform, &group, &namespace.name, Quota::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clusters = json!({"clusters": [{"name": "kube", "default": true, "kubeconfig": kubeconfig}]}).to_string();
+    let mut first = WorkflowProcess::start(&mut platform, &clusters, dir.path()).await;
+    let mut second = first.replica().await;
+    let channel = first.channel().await;
+    JobTemplateServiceClient::new(channel.clone())
+        .create_job_template(authed(
+            CreateJobTemplateRequest {
+                job_template_id: "worker".into(),
+                job_template: Some(JobTemplate {
+                    image: "cube.test/worker:1".into(),
+                    version: TemplateVersion::Release as i32,
+                    ..JobTemplate::default()
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("creating the template");
+    let pipeline = PipelineServiceClient::new(channel.clone())
+        .create_pipeline(authed(
+            CreatePipelineRequest {
+                parent: "projects/vision".into(),
+                pipeline_id: "minutely".into(),
+                pipeline: Some(Pipeline {
+                    tasks: vec![Task {
+                        name: "a".into(),
+                        template: "jobTemplates/worker".into(),
+                        cpu: "0.1".into(),
+                        memory: "64M".into(),
+                        ..Task::default()
+                    }],
+                    ..Pipeline::default()
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("creating the pipeline")
+        .into_inner();
+    // A first run, so that the scheduler's inventory has the node before the first fire.
+    cube_testkit::eventually("a run placed", Duration::from_secs(30), || {
+        let mut runs = RunServiceClient::new(channel.clone());
+        let request = authed(
+            CreateRunRequest {
+                parent: pipeline.name.clone(),
+                request_id: "warm-up".into(),
+            },
+            &platform.token,
+        );
+        async move { runs.create_run(request).await.ok().map(tonic::Response::into_inner) }
+    })
+    .await;
+    // Missed fires would not be made late: a fire missing from the runs was missed.
+    ScheduleServiceClient::new(channel.clone())
+        .create_schedule(authed(
+            CreateScheduleRequest {
+                parent: pipeline.name.clone(),
+                schedule_id: "minutely".into(),
+                schedule: Some(Schedule {
+                    cron: "* * * * *".into(),
+                    enabled: true,
+                    catch_up: CatchUp::Skip as i32,
+                    ..Schedule::default()
+                }),
+            },
+            &platform.token,
+        ))
+        .await
+        .expect("creating the schedule");
+    let fires = |channel: Channel| {
+        let request = authed(
+            ListRunsRequest {
+                parent: pipeline.name.clone(),
+                page_size: 1000,
+                filter: "trigger = SCHEDULED".into(),
+                ..ListRunsRequest::default()
+            },
+            &platform.token,
+        );
+        async move {
+            let mut fires: Vec<i64> = RunServiceClient::new(channel)
+                .list_runs(request)
+                .await
+                .expect("listing the scheduled runs")
+                .into_inner()
+                .runs
+                .iter()
+                .filter_map(|run| run.fire_time.map(|time| time.seconds))
+                .collect();
+            fires.sort_unstable();
+            fires
+        }
+    };
+    let second_channel = second.channel().await;
+    let minute = Duration::from_secs(70);
+    let first_fire = cube_testkit::eventually("the first fire", minute, || {
+        let fires = &fires;
+        let channel = second_channel.clone();
+        async move { fires(channel).await.first().copied() }
+    })
+    .await;
+    let mut killed = None;
+    for count in 2..=MINUTES {
+        let fire = first_fire + (count - 1) * 60;
+        if count == 4 {
+            // Near the end of a minute, the holder of the schedules lease dies; the other replica makes the
+            // next fire.
+            let seconds_into_minute = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("the clock")
+                .as_secs()
+                % 60;
+            tokio::time::sleep(Duration::from_secs(50_u64.saturating_sub(seconds_into_minute))).await;
+            let holder = schedules_holder(first.database_url()).await.expect("a holder");
+            let victim = if first.pid() == Some(holder) {
+                &mut first
+            } else {
+                assert_eq!(second.pid(), Some(holder), "the holder is one of the replicas");
+                &mut second
+            };
+            victim.kill().await;
+            killed = Some(fire);
+        }
+        let alive = if first.pid().is_some() { &first } else { &second };
+        let channel = alive.channel().await;
+        cube_testkit::eventually("the next fire", minute, || {
+            let fires = &fires;
+            let channel = channel.clone();
+            async move { fires(channel).await.contains(&fire).then_some(()) }
+        })
+        .await;
+        if killed == Some(fire) {
+            let holder = schedules_holder(first.database_url()).await;
+            assert_eq!(holder, alive.pid(), "the surviving replica holds the lease");
+        }
+    }
+    let alive = if first.pid().is_some() { &first } else { &second };
+    let made = fires(alive.channel().await).await;
+    let expected: Vec<i64> = (0..MINUTES).map(|index| first_fire + index * 60).collect();
+    assert_eq!(made, expected, "exactly one run per minute, none missed or doubled");
+    assert!(killed.is_some());
 }

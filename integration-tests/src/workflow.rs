@@ -52,11 +52,20 @@ pub async fn service_token(platform: &Platform) -> String {
 /// Starts the workflow service of `platform` on a fresh database of its shape, running tasks on the cluster
 /// `kubeconfig` reaches (as `kube`) and locally (as `local`).
 pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> RunningWorkflow {
-    start_workflow_at(platform, kubeconfig, Clock::System).await
+    start_workflow_with(platform, kubeconfig, Setup::default()).await
 }
 
-/// [`start_workflow`], with schedules firing by `clock`.
-pub async fn start_workflow_at(platform: &mut Platform, kubeconfig: &str, clock: Clock) -> RunningWorkflow {
+/// What a test sets of the workflow service besides the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// The time schedules fire by.
+    pub clock: Clock,
+    /// The Prometheus server tasks' usage is read from.
+    pub prometheus_url: Option<String>,
+}
+
+/// [`start_workflow`], set up as `setup` says.
+pub async fn start_workflow_with(platform: &mut Platform, kubeconfig: &str, setup: Setup) -> RunningWorkflow {
     let database = platform.database("workflow").await;
     let local_dir = platform.dir().join("workloads");
     cube_kit::db::private_directory(&local_dir)
@@ -86,7 +95,8 @@ pub async fn start_workflow_at(platform: &mut Platform, kubeconfig: &str, clock:
         Options {
             reconcile_interval: TEST_RECONCILE,
             lease_duration: Duration::from_secs(5),
-            clock,
+            clock: setup.clock,
+            prometheus_url: setup.prometheus_url,
             ..Options::new(
                 format!("workflow-test-{}", uuid::Uuid::new_v4().simple()),
                 service_token(platform).await,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed, kube_client, platform};
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::workflow::{RunningWorkflow, start_workflow_at, training_node, training_project};
+use cube_integration_tests::workflow::{RunningWorkflow, Setup, start_workflow_with, training_node, training_project};
 use cube_integration_tests::{bad_fields, connect};
 use cube_kit::time::Clock;
 use cube_proto::cube::auth::v1::auth_service_client::AuthServiceClient;
@@ -32,10 +32,10 @@ use cube_proto::cube::workflow::v1::{
     ArgSpec, ArgType, BackfillScheduleRequest, CancelRunRequest, CatchUp, ClearTaskRequest, CopyPipelineRequest,
     CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, CreateScheduleRequest, DebugTaskRequest,
     DeleteJobTemplateRequest, DeletePipelineRequest, DeleteScheduleRequest, GetJobTemplateRequest, GetPipelineRequest,
-    GetRunRequest, GetScheduleRequest, GetTaskLogsRequest, JobTemplate, ListJobTemplatesRequest, ListPipelinesRequest,
-    ListRunsRequest, ListSchedulesRequest, Pipeline, RetryPolicy, RetryRunRequest, Run, RunState, RunTaskRequest,
-    Schedule, SkipRunRequest, Task, TemplateVersion, Trigger, UpdateJobTemplateRequest, UpdatePipelineRequest,
-    UpdateScheduleRequest, WatchRunRequest,
+    GetRunRequest, GetScheduleRequest, GetTaskLogsRequest, GetTaskRecommendationRequest, JobTemplate,
+    ListJobTemplatesRequest, ListPipelinesRequest, ListRunsRequest, ListSchedulesRequest, Pipeline, RetryPolicy,
+    RetryRunRequest, Run, RunState, RunTaskRequest, Schedule, SkipRunRequest, Task, TemplateVersion, Trigger,
+    UpdateJobTemplateRequest, UpdatePipelineRequest, UpdateScheduleRequest, WatchRunRequest,
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
 use k8s_openapi::api::core::v1::Pod;
@@ -58,6 +58,7 @@ cube_integration_tests::on_every_shape!(
     depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped,
     missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_stops_them,
     backfill_makes_each_fire_of_a_week_once_within_max_concurrent_runs,
+    resources_are_tuned_from_the_usage_a_real_prometheus_saw,
 );
 
 /// Longest wait for a run to finish.
@@ -82,15 +83,23 @@ impl Flow {
     }
 
     async fn with_quota(shape: Shape, quota: Quota) -> Self {
-        Self::with(shape, quota, Clock::System).await
+        Self::with(shape, quota, Setup::default()).await
     }
 
     /// A flow whose schedules fire by `clock`.
     async fn at(shape: Shape, clock: Clock) -> Self {
-        Self::with(shape, Quota::default(), clock).await
+        Self::with(
+            shape,
+            Quota::default(),
+            Setup {
+                clock,
+                ..Setup::default()
+            },
+        )
+        .await
     }
 
-    async fn with(shape: Shape, quota: Quota, clock: Clock) -> Self {
+    async fn with(shape: Shape, quota: Quota, setup: Setup) -> Self {
         let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
         let client = kube_client(&kubeconfig).await;
         let group = cube_testkit::kubernetes::unique_name("wf");
@@ -100,7 +109,7 @@ impl Flow {
             platform(shape, &kubeconfig),
         );
         training_project(&platform, &group, &namespace.name, quota).await;
-        let workflow = start_workflow_at(&mut platform, &kubeconfig, clock).await;
+        let workflow = start_workflow_with(&mut platform, &kubeconfig, setup).await;
         let channel = connect(&workflow.server).await;
         let flow = Self {
             platform,
@@ -1580,6 +1589,18 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
             [U, H, F, A, A, A],
         ),
         (
+            "GetTaskRecommendation",
+            call!(
+                pipelines,
+                get_task_recommendation,
+                GetTaskRecommendationRequest {
+                    pipeline: pipeline_name.clone(),
+                    task: "a".into(),
+                }
+            ),
+            [U, H, A, A, A, A],
+        ),
+        (
             "ListProjectWorkloads",
             call!(
                 workloads,
@@ -1603,7 +1624,7 @@ async fn every_rpc_answers_each_role_as_its_rights_say(shape: Shape) {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-    assert_eq!(rows.len(), 29, "every workflow RPC has a row");
+    assert_eq!(rows.len(), 30, "every workflow RPC has a row");
 }
 
 async fn quotas_queue_runs_and_tasks_with_the_reason_until_they_fit(shape: Shape) {
@@ -2274,4 +2295,235 @@ async fn backfill_makes_each_fire_of_a_week_once_within_max_concurrent_runs(shap
         .await;
     assert_eq!(runs.len(), 169);
     assert_eq!(runs[0].fire_time, ts("2027-01-03T23:00:00Z"));
+}
+
+/// How long each run's pod of the tuning test runs: long enough for Prometheus to see its usage rise for several
+/// scrapes (a short series makes `rate()` extrapolate).
+const TUNED_RUN: Duration = Duration::from_secs(5);
+
+/// What the exporter says pod `pod` of run number `index` uses: CPU cores and memory bytes.
+fn planned_usage(index: usize) -> (f64, f64) {
+    let cpu = if index == 9 { 1.5 } else { 1.0 };
+    (cpu, f64::from(1_u32 << 30) + index as f64 * f64::from(100_u32 << 20))
+}
+
+async fn resources_are_tuned_from_the_usage_a_real_prometheus_saw(shape: Shape) {
+    use cube_proto::cube::workflow::v1::TaskResourcesRecommended;
+    use cube_testkit::prometheus::{Exporter, Prometheus};
+    use futures::StreamExt as _;
+    use prost::Message as _;
+    use std::sync::{Arc, Mutex};
+
+    let exporter = Arc::new(Exporter::start().await);
+    let prometheus = Prometheus::start(&[exporter.address()], Duration::from_millis(500)).await;
+    // Prometheus finds its targets some seconds after it starts: no run may end before its first scrape.
+    prometheus.wait_for_sample("up{job=\"exporter\"} == 1", TIMEOUT).await;
+    let flow = Flow::with(
+        shape,
+        Quota::default(),
+        Setup {
+            prometheus_url: Some(prometheus.url()),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let _kubelet = flow.kubelet().script(MANAGED, Script::run_for(TUNED_RUN).exit(0));
+    let mut events = flow
+        .platform
+        .bus
+        .subscribe("workflow.task.resources", "tuning-test", "tuning-test")
+        .await
+        .expect("subscribing to recommendations");
+    JobTemplateServiceClient::new(flow.channel.clone())
+        .create_job_template(authed(
+            CreateJobTemplateRequest {
+                job_template_id: "untuned".into(),
+                job_template: Some(JobTemplate {
+                    env: HashMap::from([("NO_RESOURCE_CHECK".to_owned(), "1".to_owned())]),
+                    ..worker_template()
+                }),
+            },
+            &flow.platform.admin,
+        ))
+        .await
+        .expect("creating the untuned template");
+    let mut ranged = task("b", &[]);
+    ranged.cpu = "1~4".into();
+    let mut untuned = task("c", &[]);
+    untuned.template = "jobTemplates/untuned".into();
+    let created = flow
+        .pipelines()
+        .create_pipeline(authed(
+            CreatePipelineRequest {
+                parent: "projects/vision".into(),
+                pipeline_id: "tuned".into(),
+                pipeline: Some(Pipeline {
+                    tasks: vec![task("a", &[]), ranged, untuned],
+                    auto_tune: true,
+                    ..Pipeline::default()
+                }),
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("creating the pipeline")
+        .into_inner();
+    // The exporter plays cAdvisor for the pods of each run: CPU seconds rising at the run's planned rate, and its
+    // planned working set.
+    let planned: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let feeder = {
+        let (pods, planned, exporter) = (flow.namespace.pods(), planned.clone(), exporter.clone());
+        tokio::spawn(async move {
+            let mut used: HashMap<String, f64> = HashMap::new();
+            let tick = Duration::from_millis(50);
+            let mut before = tokio::time::Instant::now();
+            loop {
+                // CPU seconds grow by the time that really passed (listing the pods takes some).
+                let now = tokio::time::Instant::now();
+                let passed = (now - before).as_secs_f64();
+                before = now;
+                let listed = pods
+                    .list(&ListParams::default().labels("cube.io/pipeline=tuned"))
+                    .await
+                    .map(|list| list.items)
+                    .unwrap_or_default();
+                for pod in listed {
+                    let running = pod.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Running");
+                    let (Some(name), Some(run)) = (
+                        pod.metadata.name.clone(),
+                        pod.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|labels| labels.get("cube.io/run").cloned()),
+                    ) else {
+                        continue;
+                    };
+                    let Some(index) = planned.lock().expect("the plan").get(&run).copied() else {
+                        continue;
+                    };
+                    if !running {
+                        continue;
+                    }
+                    let (cpu, memory) = planned_usage(index);
+                    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+                    let labels = [
+                        ("namespace", namespace.as_str()),
+                        ("pod", name.as_str()),
+                        ("container", "main"),
+                    ];
+                    let total = used.entry(name.clone()).or_default();
+                    *total += cpu * passed;
+                    exporter.set("container_cpu_usage_seconds_total", &labels, *total);
+                    exporter.set("container_memory_working_set_bytes", &labels, memory);
+                }
+                tokio::time::sleep(tick).await;
+            }
+        })
+    };
+    let recommendation = |task: &str| {
+        let mut pipelines = flow.pipelines();
+        let request = authed(
+            GetTaskRecommendationRequest {
+                pipeline: created.name.clone(),
+                task: task.into(),
+            },
+            &flow.platform.token,
+        );
+        async move {
+            pipelines
+                .get_task_recommendation(request)
+                .await
+                .expect("a recommendation")
+                .into_inner()
+        }
+    };
+    let run_number = |index: usize| {
+        let planned = planned.clone();
+        let flow = &flow;
+        let pipeline = created.name.clone();
+        async move {
+            let run = flow.start_run(&pipeline).await;
+            planned
+                .lock()
+                .expect("the plan")
+                .insert(id_of(&run.name).to_owned(), index);
+            let end = last(&flow.watch_to_end(&run.name).await).clone();
+            assert_eq!(end.state(), RunState::Succeeded, "{end:#?}");
+        }
+    };
+    for index in 0..9 {
+        run_number(index).await;
+    }
+    let nine = cube_testkit::eventually("nine runs sampled", TIMEOUT, || async {
+        let got = recommendation("a").await;
+        (got.samples == 9).then_some(got)
+    })
+    .await;
+    assert_eq!((nine.cpu.as_str(), nine.memory.as_str()), ("", ""), "{nine:?}");
+    assert!(nine.reason.starts_with("9 of the 10"), "{}", nine.reason);
+
+    run_number(9).await;
+    // The tenth sample: ceil(1.5 cores × 1.4) + 2 = 5 cores, ceil(1.88 GiB × 1.4) + 2 = 5 GiB, applied.
+    let tuned = cube_testkit::eventually("the pipeline tuned", TIMEOUT, || async {
+        let pipeline = flow
+            .pipelines()
+            .get_pipeline(authed(
+                GetPipelineRequest {
+                    name: created.name.clone(),
+                },
+                &flow.platform.token,
+            ))
+            .await
+            .expect("reading the pipeline")
+            .into_inner();
+        (pipeline.tasks[0].cpu != "0.1" && pipeline.tasks[1].memory != "64M").then_some(pipeline)
+    })
+    .await;
+    feeder.abort();
+    let resources: Vec<(&str, &str)> = tuned
+        .tasks
+        .iter()
+        .map(|task| (task.cpu.as_str(), task.memory.as_str()))
+        .collect();
+    assert_eq!(resources, [("5", "5G"), ("1~5", "5G"), ("0.1", "64M")]);
+    let a = recommendation("a").await;
+    assert_eq!((a.cpu.as_str(), a.memory.as_str(), a.samples), ("5", "5G", 10), "{a:?}");
+    assert!((1.5..1.75).contains(&a.max_cpu_used), "{a:?}");
+    assert_eq!(a.max_memory_used_bytes, (1 << 30) + 9 * (100 << 20));
+    let b = recommendation("b").await;
+    assert_eq!(b.cpu, "1~5", "a range stays a range: {b:?}");
+    let c = recommendation("c").await;
+    assert_eq!(c.cpu, "", "{c:?}");
+    assert!(c.reason.contains("NO_RESOURCE_CHECK"), "{}", c.reason);
+    // Each change is announced for the pipeline's creator.
+    let mut announced = Vec::new();
+    tokio::time::timeout(TIMEOUT, async {
+        while announced.len() < 2 {
+            let delivery = events.next().await.expect("the bus").expect("a delivery");
+            let event = TaskResourcesRecommended::decode(delivery.payload.clone()).expect("an event");
+            let _ = delivery.ack().await;
+            announced.push(event);
+        }
+    })
+    .await
+    .expect("two announcements");
+    let mut told: Vec<(String, bool, String)> = announced
+        .iter()
+        .map(|event| {
+            let task = event
+                .recommendation
+                .as_ref()
+                .map(|rec| rec.task.clone())
+                .unwrap_or_default();
+            (task, event.applied, event.owner.clone())
+        })
+        .collect();
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            ("a".to_owned(), true, "users/lena".to_owned()),
+            ("b".to_owned(), true, "users/lena".to_owned())
+        ]
+    );
 }

@@ -351,7 +351,7 @@ fn environment(
     env
 }
 
-fn or_default<'a>(given: &'a str, default: &'a str) -> &'a str {
+pub(crate) fn or_default<'a>(given: &'a str, default: &'a str) -> &'a str {
     if given.is_empty() { default } else { given }
 }
 

@@ -23,6 +23,8 @@ mod schedules;
 mod secrets;
 mod store;
 mod templates;
+mod tuning;
+mod usage;
 mod workloads;
 
 use std::path::PathBuf;
@@ -47,7 +49,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::access::Access;
 use crate::engine::Engine;
 use crate::secrets::SecretKey;
-use crate::store::{ENGINE_LEASE, SCHEDULES_LEASE, Store};
+use crate::store::{ENGINE_LEASE, SCHEDULES_LEASE, Store, USAGE_LEASE};
 
 /// The `ErrorInfo` domain of the workflow service's errors.
 pub(crate) const DOMAIN: &str = "workflow.cube.dev";
@@ -115,6 +117,10 @@ pub struct WorkflowArgs {
     /// How long a replica's hold on the engine lasts without renewal: how soon another replica takes over.
     #[arg(long = "lease-duration", env = "CUBE_WORKFLOW_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// A Prometheus server (`http://…`) holding the pods' `container_cpu_usage_seconds_total` and
+    /// `container_memory_working_set_bytes` (cAdvisor's), from which tasks' resources are tuned (unset: no tuning).
+    #[arg(long = "prometheus-url", env = "CUBE_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
     /// Environment every task gets, `KEY=value`, comma-separated (replaces the defaults of cube-studio's
     /// `GLOBAL_ENV`: `KFJ_ARCHIVE_BASE_PATH=/archives`, `KFJ_GPU_MEM_MIN=13G`, `KFJ_GPU_MEM_MAX=13G`,
     /// `KFJ_MODEL_REPO_API_URL=`).
@@ -150,6 +156,8 @@ pub struct Options {
     pub service_token: String,
     /// The time schedules fire by (the system's, or a test's).
     pub clock: cube_kit::time::Clock,
+    /// The Prometheus server tasks' usage is read from, if any.
+    pub prometheus_url: Option<String>,
 }
 
 impl Options {
@@ -167,6 +175,7 @@ impl Options {
                 .collect(),
             secret_key_file: None,
             clock: cube_kit::time::Clock::System,
+            prometheus_url: None,
         }
     }
 }
@@ -242,16 +251,34 @@ impl Workflow {
             wake: Arc::new(Notify::new()),
             token: options.service_token,
         });
-        let fires = Lease::new(SCHEDULES_LEASE, options.holder.clone(), options.lease_duration).keep(db);
-        let tasks = vec![
+        let fires = Lease::new(SCHEDULES_LEASE, options.holder.clone(), options.lease_duration).keep(db.clone());
+        let relay = Arc::new(Notify::new());
+        let mut tasks = vec![
             cube_kit::task::Background::spawn(engine::run(engine.clone(), keeper)),
             cube_kit::task::Background::spawn(engine::follow_transitions(
-                bus,
+                bus.clone(),
                 options.holder.clone(),
                 engine.wake.clone(),
             )),
             cube_kit::task::Background::spawn(firer::run(firer.clone(), fires)),
+            cube_kit::task::Background::spawn(cube_kit::outbox::relay(
+                db.clone(),
+                bus,
+                relay.clone(),
+                cube_kit::outbox::RelayOptions::default(),
+            )),
         ];
+        if let Some(url) = &options.prometheus_url {
+            let usage = Arc::new(usage::Usage {
+                store: store.clone(),
+                access: access.clone(),
+                prometheus: usage::Prometheus::new(url),
+                token: firer.token.clone(),
+                relay,
+            });
+            let keeper = Lease::new(USAGE_LEASE, options.holder.clone(), options.lease_duration).keep(db);
+            tasks.push(cube_kit::task::Background::spawn(usage::run(usage, keeper)));
+        }
         let server = server()
             .authenticate(gate)
             .add_service(JobTemplateServiceServer::new(templates::Templates {
@@ -339,8 +366,10 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: WorkflowArgs) -> Resul
         projects: remote("--projects-url", &args.projects_url)?,
         scheduler: remote("--scheduler-url", &args.scheduler_url)?,
     };
+    // The process id tells an operator (and the replica tests) which process holds a lease.
     let holder = format!(
-        "workflow-{}",
+        "workflow-{}-{}",
+        std::process::id(),
         cube_kit::identity::jws::random_id(6).map_err(|_| StartError::Config("no randomness".into()))?
     );
     let token = std::fs::read_to_string(&args.service_token_file)
@@ -356,6 +385,7 @@ pub async fn serve(serve: cube_kit::cli::ServeArgs, args: WorkflowArgs) -> Resul
         reconcile_interval: args.reconcile_interval,
         task_env: task_env(&args.task_env)?,
         secret_key_file: args.secret_key_file.clone(),
+        prometheus_url: args.prometheus_url.clone(),
         ..Options::new(holder, token)
     };
     let workflow = Workflow::start(Runtimes::new(registry, Arc::new(local)), db, bus, peers, options).await?;

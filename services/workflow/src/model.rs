@@ -302,6 +302,39 @@ pub mod fire {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// The highest usage of each successful task of a run, read from Prometheus, for resource tuning.
+pub mod usage {
+    use sea_orm::entity::prelude::*;
+
+    /// A row of `task_usage`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "task_usage")]
+    pub struct Model {
+        /// The run id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub run: String,
+        /// The task's name.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub task: String,
+        /// The project id.
+        pub project: String,
+        /// The pipeline id.
+        pub pipeline: String,
+        /// The highest CPU its pod used, millicores; `None` when Prometheus had no samples of it.
+        pub cpu_millis: Option<i64>,
+        /// The highest memory its pod used, bytes; `None` when Prometheus had no samples of it.
+        pub memory_bytes: Option<i64>,
+        /// When its successful attempt ended.
+        pub ended_ms: i64,
+    }
+
+    /// No relations are navigated.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// The workflow service's migrations.
 pub struct Migrator;
 
@@ -314,6 +347,7 @@ impl MigratorTrait for Migrator {
             cube_kit::lease::migration(),
             Box::new(CreateSchedules),
             Box::new(AddBackfills),
+            Box::new(CreateTaskUsage),
         ]
     }
 }
@@ -496,5 +530,37 @@ impl MigrationTrait for AddBackfills {
                 .await?;
         }
         Ok(())
+    }
+}
+
+struct CreateTaskUsage;
+
+impl MigrationName for CreateTaskUsage {
+    fn name(&self) -> &str {
+        "m20261206_000002_create_task_usage"
+    }
+}
+
+#[expect(
+    elided_lifetimes_in_paths,
+    reason = "the trait declares `&SchemaManager` with a late-bound lifetime that `<'_>` would make early-bound"
+)]
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateTaskUsage {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        create(manager, usage::Entity, &[]).await?;
+        // A task's newest samples.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_task_usage_task")
+                    .table(Alias::new("task_usage"))
+                    .col(Alias::new("project"))
+                    .col(Alias::new("pipeline"))
+                    .col(Alias::new("task"))
+                    .col(Alias::new("ended_ms"))
+                    .to_owned(),
+            )
+            .await
     }
 }

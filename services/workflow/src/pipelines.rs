@@ -8,8 +8,9 @@ use cube_kit::time::{now_ms, timestamp};
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::workflow::v1::pipeline_service_server::PipelineService;
 use cube_proto::cube::workflow::v1::{
-    CopyPipelineRequest, CreatePipelineRequest, DeletePipelineRequest, GetPipelineRequest, ListPipelinesRequest,
-    ListPipelinesResponse, Pipeline, Task, UpdatePipelineRequest,
+    CopyPipelineRequest, CreatePipelineRequest, DeletePipelineRequest, GetPipelineRequest,
+    GetTaskRecommendationRequest, ListPipelinesRequest, ListPipelinesResponse, Pipeline, Task, TaskRecommendation,
+    UpdatePipelineRequest,
 };
 use cube_resources::{CpuSpec, GpuSpec, MemorySpec};
 use prost::Message as _;
@@ -379,7 +380,15 @@ impl Pipelines {
             .await?;
         check_etag(&given.name, &given.etag, row.revision)?;
         let mut pipeline = Pipeline::decode(row.spec.as_slice()).map_err(ApiError::internal)?;
-        const FIELDS: [&str; 6] = ["display_name", "description", "tasks", "parallelism", "global_env", "*"];
+        const FIELDS: [&str; 7] = [
+            "display_name",
+            "description",
+            "tasks",
+            "parallelism",
+            "global_env",
+            "auto_tune",
+            "*",
+        ];
         let mut found = Vec::new();
         for path in &paths {
             let every = path == "*";
@@ -398,10 +407,13 @@ impl Pipelines {
             if every || path == "global_env" {
                 pipeline.global_env.clone_from(&given.global_env);
             }
+            if every || path == "auto_tune" {
+                pipeline.auto_tune = given.auto_tune;
+            }
             if !FIELDS.contains(&path.as_str()) {
                 found.push(FieldViolation::new(
                     "update_mask",
-                    format!("{path:?} cannot be changed; the mask accepts {:?}", &FIELDS[..5]),
+                    format!("{path:?} cannot be changed; the mask accepts {:?}", &FIELDS[..6]),
                 ));
             }
         }
@@ -418,6 +430,15 @@ impl Pipelines {
         };
         self.store.update_pipeline(updated.clone(), row.revision).await?;
         Ok(message(&updated))
+    }
+
+    async fn recommend(&self, request: Request<GetTaskRecommendationRequest>) -> Result<TaskRecommendation, ApiError> {
+        let body = request.get_ref();
+        let (_, row) = self
+            .find(&request, "pipeline", &body.pipeline, Need::Read, "pipelines.get")
+            .await?;
+        let bounds = crate::usage::bounds(&self.access, &request, &row.project).await?;
+        crate::usage::recommendation(&self.store, &row, &body.task, bounds).await
     }
 
     async fn delete(&self, request: Request<DeletePipelineRequest>) -> Result<(), ApiError> {
@@ -463,6 +484,13 @@ impl Pipelines {
 
 #[tonic::async_trait]
 impl PipelineService for Pipelines {
+    async fn get_task_recommendation(
+        &self,
+        request: Request<GetTaskRecommendationRequest>,
+    ) -> Result<Response<TaskRecommendation>, Status> {
+        self.recommend(request).await.map(Response::new).map_err(status)
+    }
+
     async fn create_pipeline(&self, request: Request<CreatePipelineRequest>) -> Result<Response<Pipeline>, Status> {
         self.create(request).await.map(Response::new).map_err(status)
     }

@@ -14,13 +14,15 @@ use sea_orm::{
 };
 
 use crate::firing::{Previous, Surroundings};
-use crate::model::{attempt, fire, pipeline, run, schedule, task, template};
+use crate::model::{attempt, fire, pipeline, run, schedule, task, template, usage};
 use crate::progress::{Attempt, RunProgress, State};
 
 /// The lease whose holder drives runs.
 pub(crate) const ENGINE_LEASE: &str = "workflow-engine";
 /// The lease whose holder makes schedules' fires.
 pub(crate) const SCHEDULES_LEASE: &str = "workflow-schedules";
+/// The lease whose holder samples tasks' usage.
+pub(crate) const USAGE_LEASE: &str = "workflow-usage";
 
 /// A database failure, as an API error whose detail stays in the logs.
 pub(crate) fn db_error(error: sea_orm::DbErr) -> ApiError {
@@ -90,6 +92,15 @@ pub(crate) struct BackfillCount {
     pub(crate) ended: i64,
     /// Of those, runs failed or canceled.
     pub(crate) failed: i64,
+}
+
+/// A successful task whose usage is not sampled yet.
+#[derive(Debug, Clone)]
+pub(crate) struct Unsampled {
+    /// Its run.
+    pub(crate) run: run::Model,
+    /// Its successful attempt.
+    pub(crate) attempt: attempt::Model,
 }
 
 /// A run's row with its tasks and attempts.
@@ -301,27 +312,7 @@ impl Store {
 
     /// Replaces a pipeline read at `revision`; `Aborted` when it changed since.
     pub(crate) async fn update_pipeline(&self, row: pipeline::Model, revision: i64) -> Result<(), ApiError> {
-        let name = format!("projects/{}/pipelines/{}", row.project, row.id);
-        let (project, id) = (row.project.clone(), row.id.clone());
-        let result = pipeline::Entity::update_many()
-            .set(pipeline::ActiveModel {
-                project: NotSet,
-                id: NotSet,
-                creator: NotSet,
-                created_ms: NotSet,
-                // Every other column is written (`from` alone marks them unchanged, and nothing would be).
-                ..pipeline::ActiveModel::from(row).reset_all()
-            })
-            .filter(pipeline::Column::Project.eq(project))
-            .filter(pipeline::Column::Id.eq(id))
-            .filter(pipeline::Column::Revision.eq(revision))
-            .exec(&self.db)
-            .await
-            .map_err(db_error)?;
-        if result.rows_affected == 0 {
-            return Err(changed("pipeline", &name));
-        }
-        Ok(())
+        write_pipeline(&self.db, row, revision).await
     }
 
     /// Deletes a pipeline read at `revision`, unless one of its runs is live.
@@ -799,6 +790,116 @@ impl Store {
         Ok(())
     }
 
+    // Usage.
+
+    /// Up to `limit` successful attempts of pipeline runs (manual or scheduled) that ended in
+    /// `(from_ms, until_ms)` and whose usage is not sampled yet, oldest first, with their runs.
+    pub(crate) async fn unsampled(&self, from_ms: i64, until_ms: i64, limit: u64) -> Result<Vec<Unsampled>, ApiError> {
+        use sea_orm::sea_query::Query;
+        let sampled = Query::select()
+            .expr(Expr::val(1))
+            .from(usage::Entity)
+            .and_where(Expr::col((usage::Entity, usage::Column::Run)).equals((attempt::Entity, attempt::Column::Run)))
+            .and_where(Expr::col((usage::Entity, usage::Column::Task)).equals((attempt::Entity, attempt::Column::Task)))
+            .to_owned();
+        let attempts = attempt::Entity::find()
+            .filter(attempt::Column::State.eq(State::Succeeded.as_str()))
+            .filter(attempt::Column::EndedMs.gt(from_ms))
+            .filter(attempt::Column::EndedMs.lt(until_ms))
+            .filter(Expr::exists(sampled).not())
+            .order_by_asc(attempt::Column::EndedMs)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let ids: Vec<String> = attempts.iter().map(|attempt| attempt.run.clone()).collect();
+        let runs: HashMap<String, run::Model> = run::Entity::find()
+            .filter(run::Column::Id.is_in(ids))
+            .filter(run::Column::Trigger.is_in(["MANUAL", "SCHEDULED"]))
+            .all(&self.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|run| (run.id.clone(), run))
+            .collect();
+        let mut found = Vec::new();
+        for attempt in attempts {
+            match runs.get(&attempt.run) {
+                Some(run) => found.push(Unsampled {
+                    run: run.clone(),
+                    attempt,
+                }),
+                // A task's or a debug run's: never sampled, so recorded as such.
+                None => {
+                    self.insert_usage(usage::Model {
+                        run: attempt.run.clone(),
+                        task: attempt.task.clone(),
+                        project: String::new(),
+                        pipeline: String::new(),
+                        cpu_millis: None,
+                        memory_bytes: None,
+                        ended_ms: attempt.ended_ms.unwrap_or(0),
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records a task's usage (once).
+    pub(crate) async fn insert_usage(&self, row: usage::Model) -> Result<(), ApiError> {
+        usage::Entity::insert(usage::ActiveModel::from(row))
+            .on_conflict(
+                OnConflict::columns([usage::Column::Run, usage::Column::Task])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The newest `limit` usage samples of a pipeline's task that have both CPU and memory, newest first.
+    pub(crate) async fn usage_of(
+        &self,
+        project: &str,
+        pipeline: &str,
+        task: &str,
+        limit: u64,
+    ) -> Result<Vec<usage::Model>, ApiError> {
+        usage::Entity::find()
+            .filter(usage::Column::Project.eq(project))
+            .filter(usage::Column::Pipeline.eq(pipeline))
+            .filter(usage::Column::Task.eq(task))
+            .filter(usage::Column::CpuMillis.is_not_null())
+            .filter(usage::Column::MemoryBytes.is_not_null())
+            .order_by_desc(usage::Column::EndedMs)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Announces `event` on `topic` through the outbox, in one transaction with `tuned` (a pipeline read at a
+    /// revision, with new task resources) when given; `Aborted`, announcing nothing, when the pipeline changed since.
+    pub(crate) async fn announce(
+        &self,
+        topic: &str,
+        event: &impl prost::Message,
+        tuned: Option<(pipeline::Model, i64)>,
+    ) -> Result<(), ApiError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if let Some((row, revision)) = tuned {
+            write_pipeline(&txn, row, revision).await?;
+        }
+        cube_kit::outbox::enqueue(&txn, topic, event)
+            .await
+            .map_err(ApiError::internal)?;
+        txn.commit().await.map_err(db_error)
+    }
+
     // Runs.
 
     /// The run of `project`'s `pipeline` created with `request_id`.
@@ -1241,6 +1342,31 @@ async fn record(db: &impl ConnectionTrait, id: &str) -> Result<Option<RunRecord>
         attempts.entry(row.task.clone()).or_default().push(row);
     }
     Ok(Some(RunRecord { run, tasks, attempts }))
+}
+
+/// Replaces a pipeline read at `revision` through `db`; `Aborted` when it changed since.
+async fn write_pipeline(db: &impl ConnectionTrait, row: pipeline::Model, revision: i64) -> Result<(), ApiError> {
+    let name = format!("projects/{}/pipelines/{}", row.project, row.id);
+    let (project, id) = (row.project.clone(), row.id.clone());
+    let result = pipeline::Entity::update_many()
+        .set(pipeline::ActiveModel {
+            project: NotSet,
+            id: NotSet,
+            creator: NotSet,
+            created_ms: NotSet,
+            // Every other column is written (`from` alone marks them unchanged, and nothing would be).
+            ..pipeline::ActiveModel::from(row).reset_all()
+        })
+        .filter(pipeline::Column::Project.eq(project))
+        .filter(pipeline::Column::Id.eq(id))
+        .filter(pipeline::Column::Revision.eq(revision))
+        .exec(db)
+        .await
+        .map_err(db_error)?;
+    if result.rows_affected == 0 {
+        return Err(changed("pipeline", &name));
+    }
+    Ok(())
 }
 
 /// A schedule's `since_ms` moved to `since_ms` if that is later, never back.
