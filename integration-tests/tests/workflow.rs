@@ -1,8 +1,11 @@
 //! The workflow engine across services, on both shapes, against the real kube-apiserver and scheduler with the
 //! fake kubelet: DAG order, parallelism, retries with backoff, `RetryRun` (also after the pods are gone),
-//! `CancelRun`, a manual run replacing the previous one, `RunTask`, `DebugTask` and `ClearTask`, schedules (their
-//! validation and next fire time), the placement and `KFJ_*` environment on every pod,
-//! refused input that stores nothing, and who may call what.
+//! `CancelRun`, a manual run replacing the previous one, `RunTask`, `DebugTask` and `ClearTask`, the placement and
+//! `KFJ_*` environment on every pod, refused input that stores nothing, and who may call what. Schedules, with a
+//! controlled clock: validation and next fire time, fires under each policy (max concurrent runs counting manual
+//! runs, keep newest, depends on past through a failure and its recovery), each catch-up mode after an outage,
+//! start and end bounds, both daylight-saving changes of Berlin and New York, a disabled schedule and a deleted
+//! project, and a week's backfill. Resource tuning from what a real Prometheus saw.
 
 // The matrix test's one future holds every row's boxed call: deeper than the compiler's default layout limit.
 #![recursion_limit = "256"]
@@ -57,6 +60,7 @@ cube_integration_tests::on_every_shape!(
     schedules_fire_by_the_clock_under_max_concurrent_runs_and_keep_newest,
     depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped,
     missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_stops_them,
+    daylight_saving_changes_fire_once_in_berlin_and_new_york,
     backfill_makes_each_fire_of_a_week_once_within_max_concurrent_runs,
     resources_are_tuned_from_the_usage_a_real_prometheus_saw,
 );
@@ -2108,6 +2112,14 @@ async fn missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_
         ("all", hourly(CatchUp::All, 0, true)),
         ("all2", hourly(CatchUp::All, 2, true)),
         ("latest", hourly(CatchUp::Latest, 0, true)),
+        (
+            "bounded",
+            Schedule {
+                start_time: ts("2027-01-04T11:30:00Z"),
+                end_time: ts("2027-01-04T13:00:00Z"),
+                ..hourly(CatchUp::All, 0, true)
+            },
+        ),
         ("off", hourly(CatchUp::All, 0, false)),
         ("skip", hourly(CatchUp::Skip, 0, true)),
     ] {
@@ -2135,7 +2147,12 @@ async fn missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_
     assert_eq!(fires(&of(&runs, "latest")), ["13:00"]);
     assert_eq!(fires(&of(&runs, "skip")), Vec::<String>::new());
     assert_eq!(fires(&of(&runs, "off")), Vec::<String>::new());
-    assert_eq!(runs.len(), 6);
+    assert_eq!(
+        fires(&of(&runs, "bounded")),
+        ["12:00", "13:00"],
+        "within its start and end only"
+    );
+    assert_eq!(runs.len(), 8);
 
     // Enabled again, a disabled schedule catches nothing up: its first fire is the next one.
     let enabled = flow
@@ -2152,11 +2169,16 @@ async fn missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_
     clock.set_ms(ms("2027-01-04T14:00:05Z"));
     let runs = flow
         .scheduled_until(&pipeline.name, "the 14:00 fires, ended", |runs| {
-            runs.len() == 11 && runs.iter().all(|run| run.end_time.is_some())
+            runs.len() == 13 && runs.iter().all(|run| run.end_time.is_some())
         })
         .await;
     assert_eq!(fires(&of(&runs, "off")), ["14:00"]);
     assert_eq!(fires(&of(&runs, "skip")), ["14:00"]);
+    assert_eq!(
+        fires(&of(&runs, "bounded")),
+        ["12:00", "13:00"],
+        "nothing after its end"
+    );
 
     // A deleted project stops its schedules: no fire is made, and each schedule says why.
     ProjectServiceClient::new(connect(&flow.platform.projects).await)
@@ -2183,7 +2205,7 @@ async fn missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_
     let runs = flow.scheduled_as(&pipeline.name, &flow.platform.admin).await;
     assert_eq!(
         runs.len(),
-        11,
+        13,
         "no fire after the deletion: {:?}",
         fires(&runs.iter().collect::<Vec<_>>())
     );
@@ -2526,4 +2548,98 @@ async fn resources_are_tuned_from_the_usage_a_real_prometheus_saw(shape: Shape) 
             ("b".to_owned(), true, "users/lena".to_owned())
         ]
     );
+}
+
+async fn daylight_saving_changes_fire_once_in_berlin_and_new_york(shape: Shape) {
+    let clock = Clock::manual(ms("2027-03-13T12:00:00Z"));
+    let flow = Flow::at(shape, clock.clone()).await;
+    let _kubelet = flow.kubelet().script(MANAGED, Script::run_for(RUNS).exit(0));
+    let pipeline = flow.pipeline("nights", vec![task("a", &[])], 0).await;
+    flow.warm_up(&pipeline.name).await;
+    // Each schedule lives around one change; catching up everything, a missed or doubled fire would show.
+    for (id, zone, cron, from, to) in [
+        (
+            "berlin-fall",
+            "Europe/Berlin",
+            "30 2 * * *",
+            "2027-10-30T12:00:00Z",
+            "2027-10-31T12:00:00Z",
+        ),
+        (
+            "berlin-spring",
+            "Europe/Berlin",
+            "30 2 * * *",
+            "2027-03-27T12:00:00Z",
+            "2027-03-28T12:00:00Z",
+        ),
+        (
+            "ny-fall",
+            "America/New_York",
+            "30 1 * * *",
+            "2027-11-06T12:00:00Z",
+            "2027-11-07T12:00:00Z",
+        ),
+        (
+            "ny-spring",
+            "America/New_York",
+            "30 2 * * *",
+            "2027-03-13T12:00:00Z",
+            "2027-03-14T12:00:00Z",
+        ),
+        (
+            "sentinel",
+            "UTC",
+            "0 0 * * *",
+            "2027-11-07T12:00:00Z",
+            "2027-11-08T12:00:00Z",
+        ),
+    ] {
+        flow.schedule(
+            &pipeline.name,
+            id,
+            Schedule {
+                cron: cron.into(),
+                time_zone: zone.into(),
+                enabled: true,
+                start_time: ts(from),
+                end_time: ts(to),
+                catch_up: CatchUp::All as i32,
+                ..Schedule::default()
+            },
+        )
+        .await;
+    }
+    let fired = |runs: &[Run], schedule: &str| -> Vec<Option<prost_types::Timestamp>> {
+        of(runs, schedule).iter().map(|run| run.fire_time).collect()
+    };
+    for (now, schedule, fire) in [
+        // New York springs forward at 02:00 EST on 2027-03-14: 02:30 is skipped and fires at 03:30 EDT (07:30Z).
+        ("2027-03-14T07:30:10Z", "ny-spring", "2027-03-14T07:30:00Z"),
+        // Berlin springs forward at 02:00 CET on 2027-03-28: 02:30 fires at 03:30 CEST (01:30Z).
+        ("2027-03-28T01:30:10Z", "berlin-spring", "2027-03-28T01:30:00Z"),
+        // Berlin falls back at 03:00 CEST on 2027-10-31: 02:30 happens at 00:30Z and again at 01:30Z.
+        ("2027-10-31T00:30:10Z", "berlin-fall", "2027-10-31T00:30:00Z"),
+        ("2027-10-31T01:30:10Z", "berlin-fall", "2027-10-31T00:30:00Z"),
+        // New York falls back at 02:00 EDT on 2027-11-07: 01:30 happens at 05:30Z and again at 06:30Z.
+        ("2027-11-07T05:30:10Z", "ny-fall", "2027-11-07T05:30:00Z"),
+        ("2027-11-07T06:30:10Z", "ny-fall", "2027-11-07T05:30:00Z"),
+        // Looked at after every schedule above (the firer takes them in name order, each tick).
+        ("2027-11-08T00:00:10Z", "sentinel", "2027-11-08T00:00:00Z"),
+    ] {
+        clock.set_ms(ms(now));
+        flow.scheduled_until(&pipeline.name, &format!("{schedule} fired at {fire}"), |runs| {
+            fired(runs, schedule).contains(&ts(fire))
+        })
+        .await;
+    }
+    let runs = flow.scheduled_as(&pipeline.name, &flow.platform.token).await;
+    for (schedule, fire) in [
+        ("ny-spring", "2027-03-14T07:30:00Z"),
+        ("berlin-spring", "2027-03-28T01:30:00Z"),
+        ("berlin-fall", "2027-10-31T00:30:00Z"),
+        ("ny-fall", "2027-11-07T05:30:00Z"),
+    ] {
+        assert_eq!(fired(&runs, schedule), [ts(fire)], "{schedule} fired once");
+    }
+    assert_eq!(runs.len(), 5);
 }
