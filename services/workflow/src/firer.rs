@@ -20,7 +20,7 @@ use crate::cron::CronSchedule;
 use crate::firing::{self, ON_TIME_MS, Window};
 use crate::model::schedule;
 use crate::runs::{Fire, Maker, Runs, Scope};
-use crate::schedules::{catch_up_of, ms, spec};
+use crate::schedules::{MAX_BACKFILL, catch_up_of, ms, spec};
 use crate::store::NewFire;
 
 /// How often the firer looks at the schedules, besides when a handler wakes it.
@@ -116,11 +116,15 @@ async fn fire_schedule(firer: &Firer, epoch: Epoch, row: &schedule::Model, now: 
         && let (Some(start), Some(end)) = (row.backfill_start_ms, row.backfill_end_ms)
     {
         let made: HashSet<i64> = store.fired(row, start, end).await?.into_iter().collect();
-        let missing: Vec<i64> = cron
-            .fires_ms(start.saturating_sub(1), end, usize::MAX)
-            .into_iter()
-            .filter(|fire| !made.contains(fire))
-            .collect();
+        let fires = cron.fires_ms(start.saturating_sub(1), end, MAX_BACKFILL + 1);
+        if fires.len() > MAX_BACKFILL {
+            // The cron changed since the backfill was asked for: the window holds too many fires now.
+            let reason =
+                format!("the backfill stopped: its window holds more than {MAX_BACKFILL} fires of the cron now");
+            store.pass_schedule(row, row.since_ms, Some(&reason)).await?;
+            return store.end_backfill(row, start, end).await;
+        }
+        let missing: Vec<i64> = fires.into_iter().filter(|fire| !made.contains(fire)).collect();
         for fire_ms in missing.iter().take(BACKFILL_PER_TICK) {
             if let Err(error) = make(firer, epoch, row, &given, &cron, *fire_ms, true).await {
                 if !for_good(&error) {

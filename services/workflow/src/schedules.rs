@@ -28,7 +28,7 @@ use crate::templates::{check_etag, etag};
 /// How far ahead the next fire time is looked for.
 const HORIZON: chrono::TimeDelta = chrono::TimeDelta::days(40 * 366);
 /// The most fires one backfill makes.
-const MAX_BACKFILL: usize = 10_000;
+pub(crate) const MAX_BACKFILL: usize = 10_000;
 
 /// Serves `ScheduleService`.
 #[derive(Clone)]
@@ -151,6 +151,7 @@ fn spec_of(given: &Schedule) -> Vec<u8> {
         create_time: None,
         update_time: None,
         etag: String::new(),
+        backfill: None,
         ..given.clone()
     }
     .encode_to_vec()

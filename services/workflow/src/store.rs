@@ -476,18 +476,27 @@ impl Store {
             "projects/{}/pipelines/{}/schedules/{}",
             row.project, row.pipeline, row.id
         );
+        let txn = self.db.begin().await.map_err(db_error)?;
         let result = schedule::Entity::delete_many()
             .filter(schedule::Column::Project.eq(row.project.clone()))
             .filter(schedule::Column::Pipeline.eq(row.pipeline.clone()))
             .filter(schedule::Column::Id.eq(row.id.clone()))
             .filter(schedule::Column::Revision.eq(row.revision))
-            .exec(&self.db)
+            .exec(&txn)
             .await
             .map_err(db_error)?;
         if result.rows_affected == 0 {
             return Err(changed("schedule", &name));
         }
-        Ok(())
+        // Its fires go with it: a schedule made again under its id fires afresh.
+        fire::Entity::delete_many()
+            .filter(fire::Column::Project.eq(row.project.clone()))
+            .filter(fire::Column::Pipeline.eq(row.pipeline.clone()))
+            .filter(fire::Column::Schedule.eq(row.id.clone()))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)
     }
 
     // Fires.
@@ -587,6 +596,10 @@ impl Store {
                     )
                     .col_expr(run::Column::Revision, Expr::col(run::Column::Revision).add(1))
                     .filter(run::Column::Id.is_in(old))
+                    // One that ended meanwhile stays as it ended.
+                    .filter(
+                        run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)),
+                    )
                     .exec(&txn)
                     .await
                     .map_err(db_error)?;
@@ -716,12 +729,13 @@ impl Store {
             .map_err(db_error)
     }
 
-    /// What a scheduled run's start depends on: the pipeline's other runs going (any trigger; a scheduled run
-    /// counts once it passed its schedule's policy), and the schedule's previous run.
+    /// What a scheduled run depends on: the pipeline's other manual and scheduled runs going (a
+    /// scheduled run counts once it passed its schedule's policy), and the schedule's previous run.
     pub(crate) async fn surroundings(&self, run: &run::Model) -> Result<Surroundings, ApiError> {
         let others = Condition::all()
             .add(run::Column::Project.eq(run.project.clone()))
             .add(run::Column::Pipeline.eq(run.pipeline.clone()))
+            .add(run::Column::Trigger.is_in(["MANUAL", "SCHEDULED"]))
             .add(run::Column::Id.ne(run.id.clone()));
         let held_by_policy = Condition::all()
             .add(run::Column::Schedule.is_not_null())

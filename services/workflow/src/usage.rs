@@ -201,7 +201,10 @@ async fn sample(usage: &Usage) -> Result<(), ApiError> {
         judged.insert((run.project, run.pipeline, attempt.task));
     }
     for (project, pipeline, task) in judged {
-        judge(usage, &project, &pipeline, &task).await?;
+        // A task renamed or a project gone holds back no other task.
+        if let Err(error) = judge(usage, &project, &pipeline, &task).await {
+            tracing::warn!(%error, project, pipeline, task, "judging a task's resources");
+        }
     }
     Ok(())
 }
