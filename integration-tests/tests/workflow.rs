@@ -1144,6 +1144,25 @@ async fn bad_input_is_refused_field_by_field_and_nothing_is_stored(shape: Shape)
         .expect("an admin sees every category")
         .into_inner();
     assert_eq!(made.category, "projects/tools");
+    // A one-letter project id is no project id in any service: refused here, not passed on for projects to refuse.
+    for token in [&flow.platform.admin, &flow.platform.token] {
+        let short = categorized("projects/p", token)
+            .await
+            .expect_err("projects/p is no project name");
+        assert_eq!(bad_fields(&short), ["job_template.category"], "{short:?}");
+    }
+    let short_parent = flow
+        .pipelines()
+        .list_pipelines(authed(
+            ListPipelinesRequest {
+                parent: "projects/p".into(),
+                ..ListPipelinesRequest::default()
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("projects/p is no project name");
+    assert_eq!(bad_fields(&short_parent), ["parent"], "{short_parent:?}");
 }
 
 /// What a call's answer says of the caller's rights.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cube_bus::EventBus;
 use cube_kit::dn;
 use cube_kit::identity::{Principal, forward_token};
+use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::{ApiError, Channel};
 use cube_proto::cube::auth::v1::role_service_client::RoleServiceClient;
 use cube_proto::cube::common::v1::project_workload_service_client::ProjectWorkloadServiceClient;
@@ -68,18 +69,13 @@ pub(crate) fn project_id(field: &str, name: &str) -> Result<String, ApiError> {
     let id = name
         .strip_prefix("projects/")
         .ok_or_else(|| ApiError::invalid(field, format!("expected projects/{{project}}, got {name:?}")))?;
-    if !valid_project_id(id) {
+    if !is_project_id(id) {
         return Err(ApiError::invalid(
             field,
-            format!("{id:?} is not a project id: 2 to 63 lowercase letters, digits and dashes, starting with a letter"),
+            format!("{id:?} is not a project id: {PROJECT_ID_RULE}"),
         ));
     }
     Ok(id.to_owned())
-}
-
-/// Whether `id` is a project id: a DNS label of 2 to 63 characters starting with a letter.
-pub(crate) fn valid_project_id(id: &str) -> bool {
-    id.len() >= 2 && id.as_bytes()[0].is_ascii_lowercase() && crate::settings::dns_label(id)
 }
 
 /// The caller's LDAP group DNs in the normal form group members are stored in (see [`cube_kit::dn`]): tokens

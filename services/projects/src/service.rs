@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use cube_kit::dn;
 use cube_kit::identity::{Principal, canonical_username};
+use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::{ApiError, FieldViolation};
 use cube_proto::cube::projects::v1::member::Subject;
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{
     Core, PROJECT_DELETED, PROJECT_UNDELETED, PUBLIC, RETENTION, db_error, normal_groups, not_found, now_ms,
-    project_id, role_of, role_text, status, timestamp, valid_project_id,
+    project_id, role_of, role_text, status, timestamp,
 };
 use crate::model::{member, project};
 use crate::settings::{StoredQuota, StoredSettings, check_quota, check_settings};
@@ -254,11 +255,11 @@ impl Projects {
         let body = request.get_ref();
         let given = body.project.clone().unwrap_or_default();
         let mut violations = Vec::new();
-        if !valid_project_id(&body.project_id) {
+        if !is_project_id(&body.project_id) {
             violations.push(FieldViolation::new(
                 "project_id",
                 format!(
-                    "{:?} is not a project id: 2 to 63 lowercase letters, digits and dashes, starting with a letter",
+                    "{:?} is not a project id: {PROJECT_ID_RULE}",
                     body.project_id.chars().take(64).collect::<String>()
                 ),
             ));

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use cube_kit::FieldViolation;
+use cube_kit::names::dns_label;
 use cube_proto::cube::projects::v1::{Quota, Settings};
 use serde::{Deserialize, Serialize};
 
@@ -33,18 +34,6 @@ pub(crate) struct StoredQuota {
     pub(crate) services: Option<i32>,
     pub(crate) runs: Option<i32>,
 }
-
-/// Whether `name` is a DNS label: 1 to 63 lowercase letters, digits and dashes, alphanumeric at both ends.
-pub(crate) fn dns_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=63).contains(&bytes.len())
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-}
-
 /// Whether `value` is a Kubernetes label value (empty allowed).
 fn label_value(value: &str) -> bool {
     let bytes = value.as_bytes();

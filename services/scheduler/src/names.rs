@@ -32,7 +32,7 @@ pub(crate) fn shown(value: &str) -> String {
 /// The project id of `name` (`projects/{project}`), or a violation of `field` saying what is accepted.
 pub(crate) fn project_id(field: &str, name: &str) -> Result<String, FieldViolation> {
     match name.strip_prefix("projects/") {
-        Some(id) if cube_clusters::valid_name(id) => Ok(id.to_owned()),
+        Some(id) if cube_kit::names::is_project_id(id) => Ok(id.to_owned()),
         _ => Err(FieldViolation::new(
             field,
             format!(
@@ -81,7 +81,7 @@ pub(crate) fn workload_project(field: &str, workload: &str) -> Result<String, Fi
     let pairs_valid = !rest.is_empty()
         && rest.len().is_multiple_of(2)
         && rest.chunks(2).all(|pair| collection(pair[0]) && resource_id(pair[1]));
-    if !cube_clusters::valid_name(project) || !pairs_valid {
+    if !cube_kit::names::is_project_id(project) || !pairs_valid {
         return Err(refuse());
     }
     Ok(project.to_owned())

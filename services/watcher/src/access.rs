@@ -53,8 +53,9 @@ impl Access {
     }
 }
 
-/// What the projects service's refusal means to the watcher's caller: their credentials' refusal stays theirs;
-/// anything else is the projects service being unavailable.
+/// What the projects service's refusal means to the watcher's caller: their credentials' refusal stays theirs; a
+/// request it finds malformed is our mistake, so INTERNAL, never a "retry later"; anything else is the projects
+/// service being unavailable.
 fn upstream(status: Status) -> ApiError {
     let message = status.message().to_owned();
     match status.code() {
@@ -62,6 +63,7 @@ fn upstream(status: Status) -> ApiError {
         Code::PermissionDenied => ApiError::PermissionDenied {
             permission: "projects.list".to_owned(),
         },
+        Code::InvalidArgument => ApiError::internal(format!("projects refused a request as malformed: {message}")),
         _ => ApiError::Unavailable {
             service: "projects".to_owned(),
             source: Box::new(status),

@@ -3,6 +3,7 @@
 //! result.
 
 use cube_kit::ApiError;
+use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::page::parse_filter;
 
 use crate::store::{EventQuery, event};
@@ -53,10 +54,10 @@ pub(crate) fn parse(filter: &str) -> Result<Filter, ApiError> {
         let value = condition.value;
         match condition.field.as_str() {
             "project" => {
-                let id = value.strip_prefix("projects/").unwrap_or_default();
-                if id.is_empty() || id.contains('/') {
+                if !value.strip_prefix("projects/").is_some_and(is_project_id) {
                     return Err(invalid(format!(
-                        "project {value:?} is not of the form projects/{{project}}"
+                        "project {value:?} is not of the form projects/{{project}}, the project being \
+                         {PROJECT_ID_RULE}"
                     )));
                 }
                 parsed.project = Some(value);
@@ -189,6 +190,7 @@ mod tests {
         for bad in [
             "project = vision",
             "project = projects/a/b",
+            "project = projects/p",
             "kind = pods",
             "type = GONE",
             "after = yesterday",
@@ -204,21 +206,24 @@ mod tests {
     fn members_see_their_projects_only_and_admins_everything() -> Result<(), ApiError> {
         let everything = query(Filter::default(), &Reader::Admin)?;
         assert_eq!(everything.visible, None);
-        let mine = query(Filter::default(), &member(&["projects/a", "projects/b"]))?;
+        let mine = query(Filter::default(), &member(&["projects/aa", "projects/bb"]))?;
         assert_eq!(
             mine.visible,
-            Some(vec!["projects/a".to_owned(), "projects/b".to_owned()])
+            Some(vec!["projects/aa".to_owned(), "projects/bb".to_owned()])
         );
-        let one = query(parse("project = projects/b")?, &member(&["projects/a", "projects/b"]))?;
-        assert_eq!(one.visible, Some(vec!["projects/b".to_owned()]));
-        let other = query(parse("project = projects/c")?, &member(&["projects/a"]));
+        let one = query(
+            parse("project = projects/bb")?,
+            &member(&["projects/aa", "projects/bb"]),
+        )?;
+        assert_eq!(one.visible, Some(vec!["projects/bb".to_owned()]));
+        let other = query(parse("project = projects/cc")?, &member(&["projects/aa"]));
         assert!(matches!(other, Err(ApiError::NotFound { .. })));
-        let nodes = query(parse("kind = NODE")?, &member(&["projects/a"]));
+        let nodes = query(parse("kind = NODE")?, &member(&["projects/aa"]));
         assert!(matches!(nodes, Err(ApiError::PermissionDenied { .. })));
-        let admin_one = query(parse("project = projects/c")?, &Reader::Admin)?;
+        let admin_one = query(parse("project = projects/cc")?, &Reader::Admin)?;
         assert_eq!(admin_one.visible, None);
         assert!(
-            matches!(admin_one.equal.as_slice(), [(event::Column::Project, project)] if project == "projects/c"),
+            matches!(admin_one.equal.as_slice(), [(event::Column::Project, project)] if project == "projects/cc"),
             "{:?}",
             admin_one.equal
         );

@@ -106,8 +106,9 @@ impl Access {
     }
 }
 
-/// What a peer's error answer means to the workflow's caller: their credentials' refusal stays theirs; anything
-/// else is the peer being unavailable.
+/// What a peer's error answer means to the workflow's caller: their credentials' refusal stays theirs; a request
+/// the peer finds malformed is our mistake (every name is checked here first), so INTERNAL, never a "retry
+/// later"; anything else is the peer being unavailable.
 pub(crate) fn upstream(service: &str, status: Status) -> ApiError {
     let message = status.message().to_owned();
     match status.code() {
@@ -119,6 +120,7 @@ pub(crate) fn upstream(service: &str, status: Status) -> ApiError {
             kind: "project",
             name: message,
         },
+        Code::InvalidArgument => ApiError::internal(format!("{service} refused a request as malformed: {message}")),
         _ => ApiError::Unavailable {
             service: service.to_owned(),
             source: Box::new(status),

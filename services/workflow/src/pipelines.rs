@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use cube_kit::identity::Principal;
+use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::time::{now_ms, timestamp};
 use cube_kit::{ApiError, FieldViolation};
@@ -42,7 +43,7 @@ pub(crate) struct Pipelines {
 pub(crate) fn pipeline_name<'a>(field: &str, name: &'a str) -> Result<(&'a str, &'a str), ApiError> {
     let parts: Vec<&str> = name.split('/').collect();
     match parts.as_slice() {
-        ["projects", project, "pipelines", pipeline] if is_label(project, 63) && is_label(pipeline, MAX_ID) => {
+        ["projects", project, "pipelines", pipeline] if is_project_id(project) && is_label(pipeline, MAX_ID) => {
             Ok((project, pipeline))
         }
         _ => Err(ApiError::invalid(
@@ -55,10 +56,10 @@ pub(crate) fn pipeline_name<'a>(field: &str, name: &'a str) -> Result<(&'a str, 
 /// The project id of `projects/{project}` in `field`.
 pub(crate) fn project_name<'a>(field: &str, name: &'a str) -> Result<&'a str, ApiError> {
     match name.strip_prefix("projects/") {
-        Some(project) if is_label(project, 63) => Ok(project),
+        Some(project) if is_project_id(project) => Ok(project),
         _ => Err(ApiError::invalid(
             field,
-            format!("{name:?} is not a project name, projects/{{project}}"),
+            format!("{name:?} is not a project name, projects/{{project}}, the project being {PROJECT_ID_RULE}"),
         )),
     }
 }

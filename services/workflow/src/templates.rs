@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use cube_kit::identity::Principal;
+use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::time::{now_ms, timestamp};
 use cube_kit::{ApiError, FieldViolation};
@@ -106,11 +107,14 @@ fn violations(caller: &Principal, template: &JobTemplate) -> Vec<FieldViolation>
         && template
             .category
             .strip_prefix("projects/")
-            .is_none_or(|id| !is_label(id, 63))
+            .is_none_or(|id| !is_project_id(id))
     {
         found.push(FieldViolation::new(
             field("category"),
-            format!("{:?} is not a project name, projects/{{project}}", template.category),
+            format!(
+                "{:?} is not a project name, projects/{{project}}, the project being {PROJECT_ID_RULE}",
+                template.category
+            ),
         ));
     }
     if let Err(error) = cube_volumes::parse(&template.volume_mounts) {
@@ -167,7 +171,7 @@ impl Templates {
         request: &Request<T>,
         category: &str,
     ) -> Result<Option<FieldViolation>, ApiError> {
-        let Some(id) = category.strip_prefix("projects/").filter(|id| is_label(id, 63)) else {
+        let Some(id) = category.strip_prefix("projects/").filter(|id| is_project_id(id)) else {
             return Ok(None);
         };
         let violation = |message: String| Ok(Some(FieldViolation::new("job_template.category", message)));

@@ -176,22 +176,13 @@ pub enum RegistryError {
     },
 }
 
-/// Checks a name against DNS-label rules (2 to 63 lowercase letters, digits and dashes, starting with a letter).
+/// Checks a name against DNS-label rules (2 to 63 lowercase letters, digits and dashes, starting with a letter),
+/// the rule project ids follow too.
 pub fn valid_name(name: &str) -> bool {
-    name.len() >= 2 && name.starts_with(|c: char| c.is_ascii_lowercase()) && dns_label(name)
+    cube_kit::names::is_project_id(name)
 }
 
-/// Checks an RFC 1123 DNS label: 1 to 63 lowercase letters, digits and dashes, starting and ending with a letter
-/// or digit (each dot-separated part of a DNS subdomain).
-pub fn dns_label(label: &str) -> bool {
-    let bytes = label.as_bytes();
-    (1..=63).contains(&bytes.len())
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-}
+pub use cube_kit::names::dns_label;
 
 /// Reads and checks a clusters file; the default cluster comes first.
 pub(crate) fn read_cluster_file(path: &Path) -> Result<Vec<ClusterConfig>, RegistryError> {

@@ -13,6 +13,7 @@ pub mod health;
 pub mod identity;
 pub mod lease;
 pub mod metrics;
+pub mod names;
 pub mod outbox;
 pub mod page;
 pub mod redis;
