@@ -70,7 +70,16 @@ impl ApiTokens {
         }
         let now = cube_kit::time::now_ms();
         let expire_ms = token.expire_time.as_ref().map(timestamp_ms);
-        if expire_ms.is_some_and(|expire| expire <= now) {
+        if token
+            .expire_time
+            .as_ref()
+            .is_some_and(|time| !cube_kit::time::valid_timestamp(time))
+        {
+            violations.push(cube_kit::FieldViolation::new(
+                "api_token.expire_time",
+                "must be a time between the years 1 and 9999, with nanos in 0..1e9",
+            ));
+        } else if expire_ms.is_some_and(|expire| expire <= now) {
             violations.push(cube_kit::FieldViolation::new(
                 "api_token.expire_time",
                 "must be in the future",

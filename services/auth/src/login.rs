@@ -410,7 +410,7 @@ impl Login {
 
     async fn who_am_i(&self, request: Request<WhoAmIRequest>) -> Result<WhoAmIResponse, ApiError> {
         let caller = Principal::of(&request)?;
-        let expire_time = caller.expires_at.map(|seconds| timestamp(seconds * 1000));
+        let expire_time = caller.expires_at.map(|seconds| timestamp(seconds.saturating_mul(1000)));
         let credential = match &caller.credential {
             Credential::AccessToken { id, session } => CredentialMessage {
                 kind: CredentialKind::AccessToken as i32,

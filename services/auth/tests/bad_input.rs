@@ -608,6 +608,17 @@ async fn refused_creates_leave_no_rows(url: &str) {
         ),
         (token("ci", vec![scope("", "get")], None), vec!["api_token.scopes[0]"]),
         (token("ci", Vec::new(), Some(past)), vec!["api_token.expire_time"]),
+        (
+            token(
+                "ci",
+                Vec::new(),
+                Some(prost_types::Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 999_999_999,
+                }),
+            ),
+            vec!["api_token.expire_time"],
+        ),
         (token("", Vec::new(), None), vec!["api_token.display_name"]),
         (token("   ", Vec::new(), None), vec!["api_token.display_name"]),
         (

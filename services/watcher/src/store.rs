@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use cube_kit::time::now_ms;
+use cube_kit::time::{now_ms, timestamp_ms};
 
 use cube_kit::lease::{self, Epoch, LeaseError};
 use cube_kit::outbox::{self, OutboxError};
@@ -525,10 +525,7 @@ async fn insert_events(
         .await?;
     let first = last_event_id(txn).await? - count + 1;
     let rows = transitions.iter().zip(first..).map(|(transition, id)| {
-        let time_ms = transition
-            .time
-            .as_ref()
-            .map_or_else(now_ms, |time| time.seconds * 1000 + i64::from(time.nanos / 1_000_000));
+        let time_ms = transition.time.as_ref().map_or_else(now_ms, timestamp_ms);
         event::ActiveModel {
             id: Set(id),
             time_ms: Set(time_ms),

@@ -498,7 +498,9 @@ pub(crate) fn progress_of(record: &RunRecord, snapshot: &Snapshot) -> RunProgres
             let policy = task.retry.unwrap_or_default();
             let ms = |duration: Option<prost_types::Duration>, default: i64| {
                 duration.map_or(default, |d| {
-                    d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)
+                    d.seconds
+                        .saturating_mul(1000)
+                        .saturating_add(i64::from(d.nanos / 1_000_000))
                 })
             };
             TaskProgress {

@@ -2,8 +2,10 @@
 //! a graceful shutdown that flips health to NOT_SERVING before it drains.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use http::Request;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,6 +18,7 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::ApiError;
 use crate::config::ServerArgs;
 use crate::health::Health;
 use crate::identity::Gate;
@@ -156,10 +159,19 @@ impl Server {
     /// # Errors
     /// Returns an error when the reflection service cannot be built from the descriptor sets.
     pub fn into_routes(self) -> Result<Routes, ServeError> {
+        let domain = format!("{}.cube.dev", self.name);
+        let routes = Routes::from(
+            self.routes
+                .into_axum_router()
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::<str>::from(domain.as_str()),
+                    contain_panics,
+                )),
+        );
         let routes = match self.authentication {
-            Authentication::Gate(gate) => gate.guard(self.routes, &format!("{}.cube.dev", self.name)),
-            Authentication::Open => self.routes,
-            Authentication::Unset if self.reflected.is_empty() => self.routes,
+            Authentication::Gate(gate) => gate.guard(routes, &domain),
+            Authentication::Open => routes,
+            Authentication::Unset if self.reflected.is_empty() => routes,
             Authentication::Unset => return Err(ServeError::Unauthenticated(self.name)),
         };
         let mut v1 = tonic_reflection::server::Builder::configure()
@@ -199,6 +211,30 @@ impl Server {
         let layer = metrics.layer(self.methods());
         let routes = self.into_routes()?;
         serve_routes(name, routes, health, listener, args, layer, shutdown).await
+    }
+}
+
+/// Answers a call whose handler panicked with INTERNAL, logged, instead of the connection dropping under every
+/// call multiplexed on it.
+async fn contain_panics(
+    axum::extract::State(domain): axum::extract::State<Arc<str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.uri().path().to_owned();
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%method, panic = %what, "a handler panicked");
+            ApiError::internal(format!("{method} panicked: {what}"))
+                .status(&domain)
+                .into_http()
+        }
     }
 }
 

@@ -62,9 +62,20 @@ pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-/// Returns a protobuf timestamp in Unix milliseconds.
+/// Whether `time` is a timestamp the protobuf type allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z,
+/// with nanoseconds in `0..1e9`.
+pub fn valid_timestamp(time: &prost_types::Timestamp) -> bool {
+    const FIRST: i64 = -62_135_596_800;
+    const LAST: i64 = 253_402_300_799;
+    (FIRST..=LAST).contains(&time.seconds) && (0..1_000_000_000).contains(&time.nanos)
+}
+
+/// Returns a protobuf timestamp in Unix milliseconds, saturating at the ends of `i64` (a caller may send any
+/// seconds; the range check is the handler's).
 pub fn timestamp_ms(time: &prost_types::Timestamp) -> i64 {
-    time.seconds.saturating_mul(1000) + i64::from(time.nanos) / 1_000_000
+    time.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(time.nanos) / 1_000_000)
 }
 
 #[cfg(test)]
@@ -77,6 +88,26 @@ mod tests {
             assert_eq!(timestamp_ms(&timestamp(ms)), ms, "{ms}");
         }
         assert_eq!(timestamp(-1_500).nanos, 500_000_000);
+        for (seconds, nanos, ms) in [
+            (i64::MAX, 999_999_999, i64::MAX),
+            (i64::MAX / 1000, i32::MAX, i64::MAX),
+            (i64::MIN, -999_999_999, i64::MIN),
+            (i64::MIN / 1000, i32::MIN, i64::MIN),
+        ] {
+            let time = prost_types::Timestamp { seconds, nanos };
+            assert_eq!(timestamp_ms(&time), ms, "{seconds} s {nanos} ns");
+            assert!(!valid_timestamp(&time), "{time:?}");
+        }
+        assert!(valid_timestamp(&timestamp(1_795_409_491_897)));
+        assert!(valid_timestamp(&prost_types::Timestamp {
+            seconds: 253_402_300_799,
+            nanos: 999_999_999
+        }));
+        assert!(!valid_timestamp(&prost_types::Timestamp {
+            seconds: 253_402_300_800,
+            nanos: 0
+        }));
+        assert!(!valid_timestamp(&prost_types::Timestamp { seconds: 0, nanos: -1 }));
         assert_eq!(unix_ms(UNIX_EPOCH - std::time::Duration::from_secs(1)), 0);
         assert!(now_ms() > 1_700_000_000_000);
     }

@@ -510,3 +510,62 @@ async fn calls_still_running_after_the_grace_are_cut_off() {
         "{err:?}"
     );
 }
+
+/// A unary method (`/cube.probe.v1.Panic/Pass`) whose handler panics.
+#[derive(Clone)]
+struct Panicking;
+
+impl NamedService for Panicking {
+    const NAME: &'static str = "cube.probe.v1.Panic";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Panicking {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move {
+            let pass = tower::service_fn(|request: tonic::Request<HealthCheckRequest>| async move {
+                assert!(request.get_ref().service.is_empty(), "the handler's own bug");
+                Ok::<_, tonic::Status>(tonic::Response::new(HealthCheckResponse::default()))
+            });
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+            Ok(grpc.unary(pass, request).await)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_internal_and_the_connection_keeps_serving() {
+    let server = cube_kit::Server::new("probe", PACKAGE)
+        .without_authentication()
+        .add_service(Panicking);
+    let running = start(server, Duration::from_secs(1), unregistered_metrics()).await;
+    let channel = running.channel().await;
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    for _ in 0..2 {
+        grpc.ready().await.expect("the channel is ready");
+        let answer: Result<tonic::Response<HealthCheckResponse>, _> = grpc
+            .unary(
+                tonic::Request::new(HealthCheckRequest { service: "boom".into() }),
+                http::uri::PathAndQuery::from_static("/cube.probe.v1.Panic/Pass"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        let status = answer.expect_err("the handler panicked");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert_eq!(status.message(), "internal error", "the panic is logged, not sent");
+    }
+    let healthy = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("the same connection still serves")
+        .into_inner();
+    assert_eq!(healthy.status(), ServingStatus::Serving);
+    running.stop_within(Duration::from_secs(5)).await;
+}
