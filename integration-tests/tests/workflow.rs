@@ -905,6 +905,24 @@ async fn schedules_are_validated_whole_and_show_their_next_fire(shape: Shape) {
     assert_eq!(disabled.cron, "30 2 * * *", "the fields outside the mask are kept");
     let stale = update(created.etag.clone(), true).await.expect_err("a stale etag");
     assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    for paths in [vec![], vec!["enabled".to_owned(), "creator".to_owned()]] {
+        let refused = schedules
+            .clone()
+            .update_schedule(authed(
+                UpdateScheduleRequest {
+                    schedule: Some(Schedule {
+                        name: created.name.clone(),
+                        enabled: true,
+                        ..Schedule::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths: paths.clone() }),
+                },
+                &flow.platform.token,
+            ))
+            .await
+            .expect_err("a mask naming nothing or a field that cannot change");
+        assert_eq!(bad_fields(&refused), ["update_mask"], "{paths:?}: {refused:?}");
+    }
 
     schedules
         .delete_schedule(authed(
@@ -963,6 +981,23 @@ async fn updates_change_what_the_mask_names_and_keep_the_rest(shape: Shape) {
     assert_eq!(updated.entrypoint, "train --quiet");
     assert_eq!(updated.image, template.image, "outside the mask");
     assert_ne!(updated.etag, template.etag);
+    let refused = templates
+        .update_job_template(authed(
+            UpdateJobTemplateRequest {
+                job_template: Some(JobTemplate {
+                    name: template.name.clone(),
+                    image: "ignored:1".into(),
+                    ..JobTemplate::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["image".into(), "creator".into(), "name".into()],
+                }),
+            },
+            &flow.platform.admin,
+        ))
+        .await
+        .expect_err("creator and name cannot change");
+    assert_eq!(bad_fields(&refused), ["update_mask", "update_mask"], "{refused:?}");
 
     let pipeline = flow.pipeline("edited", vec![task("a", &[])], 0).await;
     let mut pipelines = flow.pipelines();
@@ -992,6 +1027,20 @@ async fn updates_change_what_the_mask_names_and_keep_the_rest(shape: Shape) {
     assert_eq!(changed.tasks.len(), 1, "outside the mask");
     let stale = update(pipeline.etag.clone()).await.expect_err("a stale etag");
     assert_eq!(stale.code(), Code::Aborted);
+    let refused = pipelines
+        .update_pipeline(authed(
+            UpdatePipelineRequest {
+                pipeline: Some(Pipeline {
+                    name: pipeline.name.clone(),
+                    ..Pipeline::default()
+                }),
+                update_mask: None,
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect_err("no mask");
+    assert_eq!(bad_fields(&refused), ["update_mask"], "{refused:?}");
     let read = pipelines
         .get_pipeline(authed(
             GetPipelineRequest {
@@ -1974,16 +2023,11 @@ async fn depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped(shap
         .script(MANAGED, done());
     let pipeline = flow.pipeline("chain", vec![task("a", &[])], 0).await;
     flow.warm_up(&pipeline.name).await;
-    let schedule = flow
-        .schedule(
-            &pipeline.name,
-            "chain",
-            Schedule {
-                depends_on_past: true,
-                ..every_ten_minutes()
-            },
-        )
-        .await;
+    let chain = || Schedule {
+        depends_on_past: true,
+        ..every_ten_minutes()
+    };
+    let schedule = flow.schedule(&pipeline.name, "chain", chain()).await;
     let state_of = |runs: &[Run], index: usize, state: RunState| runs.len() > index && runs[index].state() == state;
     clock.set_ms(ms("2027-01-04T10:10:05Z"));
     flow.scheduled_until(&pipeline.name, "the 10:10 fire succeeded", |runs| {
@@ -2026,9 +2070,10 @@ async fn depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped(shap
 
     // Retried to success, the failed run lets the chain go on, in fire order.
     drop(kubelet);
-    let _kubelet = flow
+    let kubelet = flow
         .kubelet()
         .script(&failing("10:50"), Script::run_for(RUNS).exit(1))
+        .script(&failing("11:10"), Script::run_for(RUNS).exit(1))
         .script(MANAGED, done());
     flow.runs()
         .retry_run(authed(
@@ -2112,6 +2157,38 @@ async fn depends_on_past_blocks_on_a_failure_until_it_is_retried_or_skipped(shap
         .await
         .expect_err("a succeeded run is not skipped");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    // A schedule made again under a deleted one's id starts its own chain: the old schedule's failed run does not
+    // block it.
+    clock.set_ms(ms("2027-01-04T11:10:05Z"));
+    flow.scheduled_until(&pipeline.name, "the 11:10 fire failed", |runs| {
+        state_of(runs, 6, RunState::Failed)
+    })
+    .await;
+    let etag = flow.get_schedule_as(&schedule.name, &flow.platform.token).await.etag;
+    ScheduleServiceClient::new(flow.channel.clone())
+        .delete_schedule(authed(
+            DeleteScheduleRequest {
+                name: schedule.name.clone(),
+                etag,
+            },
+            &flow.platform.token,
+        ))
+        .await
+        .expect("deleting the schedule");
+    flow.schedule(&pipeline.name, "chain", chain()).await;
+    clock.set_ms(ms("2027-01-04T11:20:05Z"));
+    let runs = flow
+        .scheduled_until(&pipeline.name, "the new schedule's 11:20 fire succeeded", |runs| {
+            state_of(runs, 7, RunState::Succeeded)
+        })
+        .await;
+    assert_eq!(
+        runs[6].state(),
+        RunState::Failed,
+        "the old schedule's run keeps its end"
+    );
+    drop(kubelet);
 }
 
 async fn missed_fires_are_caught_up_as_each_schedule_says_and_a_deleted_project_stops_them(shape: Shape) {

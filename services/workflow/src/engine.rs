@@ -59,13 +59,7 @@ const DEFAULT_MAX_BACKOFF_MS: i64 = 600_000;
 /// Drives runs while `keeper` holds the engine lease.
 pub(crate) async fn run(engine: Arc<Engine>, keeper: Keeper) {
     loop {
-        tokio::select! {
-            () = engine.wake.notified() => {}
-            () = tokio::time::sleep(engine.interval) => {}
-        }
-        let Some(epoch) = keeper.current() else {
-            continue;
-        };
+        let epoch = keeper.tick(&engine.wake, engine.interval).await;
         let live = match engine.store.live_runs().await {
             Ok(live) => live,
             Err(error) => {

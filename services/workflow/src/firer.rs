@@ -44,13 +44,7 @@ pub(crate) struct Firer {
 /// Makes fires while `keeper` holds the schedules lease.
 pub(crate) async fn run(firer: Arc<Firer>, keeper: Keeper) {
     loop {
-        tokio::select! {
-            () = firer.wake.notified() => {}
-            () = tokio::time::sleep(TICK) => {}
-        }
-        let Some(epoch) = keeper.current() else {
-            continue;
-        };
+        let epoch = keeper.tick(&firer.wake, TICK).await;
         let schedules = match firer.runs.engine.store.schedules_to_fire().await {
             Ok(schedules) => schedules,
             Err(error) => {

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use cube_kit::identity::Principal;
+use cube_kit::mask::UpdateMask;
 use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::time::{now_ms, timestamp};
@@ -369,58 +370,19 @@ impl Pipelines {
     async fn update(&self, request: Request<UpdatePipelineRequest>) -> Result<Pipeline, ApiError> {
         let body = request.get_ref();
         let given = body.pipeline.clone().unwrap_or_default();
-        let paths = body.update_mask.clone().map(|mask| mask.paths).unwrap_or_default();
-        if paths.is_empty() {
-            return Err(ApiError::invalid(
-                "update_mask",
-                "name the fields to change, or * for all",
-            ));
-        }
         let (caller, row) = self
             .find(&request, "pipeline.name", &given.name, Need::Write, "pipelines.update")
             .await?;
         check_etag(&given.name, &given.etag, row.revision)?;
         let mut pipeline = Pipeline::decode(row.spec.as_slice()).map_err(ApiError::internal)?;
-        const FIELDS: [&str; 7] = [
-            "display_name",
-            "description",
-            "tasks",
-            "parallelism",
-            "global_env",
-            "auto_tune",
-            "*",
-        ];
-        let mut found = Vec::new();
-        for path in &paths {
-            let every = path == "*";
-            if every || path == "display_name" {
-                pipeline.display_name.clone_from(&given.display_name);
-            }
-            if every || path == "description" {
-                pipeline.description.clone_from(&given.description);
-            }
-            if every || path == "tasks" {
-                pipeline.tasks.clone_from(&given.tasks);
-            }
-            if every || path == "parallelism" {
-                pipeline.parallelism = given.parallelism;
-            }
-            if every || path == "global_env" {
-                pipeline.global_env.clone_from(&given.global_env);
-            }
-            if every || path == "auto_tune" {
-                pipeline.auto_tune = given.auto_tune;
-            }
-            if !FIELDS.contains(&path.as_str()) {
-                found.push(FieldViolation::new(
-                    "update_mask",
-                    format!("{path:?} cannot be changed; the mask accepts {:?}", &FIELDS[..6]),
-                ));
-            }
+        // The fields the mask may name, each copied from the request when it does.
+        macro_rules! take {
+            ($($field:ident),*) => {
+                let mask = UpdateMask::parse(body.update_mask.as_ref(), &[$(stringify!($field)),*])?;
+                $(if mask.wants(stringify!($field)) { pipeline.$field = given.$field.clone(); })*
+            };
         }
-        if !found.is_empty() {
-            return Err(ApiError::InvalidArgument(found));
-        }
+        take!(display_name, description, tasks, parallelism, global_env, auto_tune);
         self.validate(&caller, &pipeline).await?;
         let updated = pipeline::Model {
             spec: spec_of(&pipeline),

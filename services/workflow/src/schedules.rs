@@ -2,6 +2,7 @@
 //! zone, the window and the policies) and shown with their next fire time.
 
 use cube_kit::identity::Principal;
+use cube_kit::mask::UpdateMask;
 use cube_kit::page::{decode_token, finish_page, page_size};
 use std::sync::Arc;
 
@@ -334,51 +335,16 @@ impl Schedules {
     async fn update(&self, request: Request<UpdateScheduleRequest>) -> Result<Schedule, ApiError> {
         let body = request.get_ref();
         let given = body.schedule.clone().unwrap_or_default();
-        let paths = body.update_mask.clone().map(|mask| mask.paths).unwrap_or_default();
-        if paths.is_empty() {
-            return Err(ApiError::invalid(
-                "update_mask",
-                "name the fields to change, or * for all",
-            ));
-        }
         let (_, row) = self
             .find(&request, "schedule.name", &given.name, Need::Write, "schedules.update")
             .await?;
         check_etag(&given.name, &given.etag, row.revision)?;
-        const FIELDS: [&str; 14] = [
-            "display_name",
-            "cron",
-            "time_zone",
-            "start_time",
-            "end_time",
-            "enabled",
-            "global_env",
-            "max_concurrent_runs",
-            "keep_newest",
-            "depends_on_past",
-            "catch_up",
-            "max_catch_up",
-            "*",
-            "",
-        ];
         let mut schedule = message(&row);
-        let every = paths.iter().any(|path| path == "*");
-        let wanted = |name: &str| every || paths.iter().any(|path| path == name);
-        let mut found = Vec::new();
-        for path in &paths {
-            if path.is_empty() || !FIELDS.contains(&path.as_str()) {
-                found.push(FieldViolation::new(
-                    "update_mask",
-                    format!("{path:?} cannot be changed; the mask accepts {:?}", &FIELDS[..13]),
-                ));
-            }
-        }
-        if !found.is_empty() {
-            return Err(ApiError::InvalidArgument(found));
-        }
+        // The fields the mask may name, each copied from the request when it does.
         macro_rules! take {
             ($($field:ident),*) => {
-                $(if wanted(stringify!($field)) { schedule.$field = given.$field.clone(); })*
+                let mask = UpdateMask::parse(body.update_mask.as_ref(), &[$(stringify!($field)),*])?;
+                $(if mask.wants(stringify!($field)) { schedule.$field = given.$field.clone(); })*
             };
         }
         take!(

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use cube_kit::ApiError;
 use cube_kit::lease::{self, Epoch};
 use sea_orm::ActiveValue::{NotSet, Set};
-use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict, Query, SimpleExpr};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
     EntityTrait as _, PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
@@ -67,6 +67,20 @@ pub(crate) struct RunQuery {
 
 /// The reason stored on a run that waits for its project's quota (the run passed its schedule's policy).
 pub(crate) const WAITING_FOR_QUOTA: &str = "waiting for quota: ";
+
+/// The runs schedule `schedule` of `project`'s `pipeline` made: those of its fire ledger. The ledger goes with the
+/// schedule, so one made again under a deleted one's id sees only its own runs, never the old one's.
+fn made_by(project: &str, pipeline: &str, schedule: &str) -> SimpleExpr {
+    run::Column::Id.in_subquery(
+        Query::select()
+            .column(fire::Column::Run)
+            .from(fire::Entity)
+            .and_where(fire::Column::Project.eq(project))
+            .and_where(fire::Column::Pipeline.eq(pipeline))
+            .and_where(fire::Column::Schedule.eq(schedule))
+            .to_owned(),
+    )
+}
 
 /// A fire to record: its schedule, its time, whether a backfill makes it, and the run it makes.
 #[derive(Debug, Clone)]
@@ -575,9 +589,7 @@ impl Store {
                 .select_only()
                 .column(run::Column::Id)
                 .column(run::Column::FireMs)
-                .filter(run::Column::Project.eq(schedule.project.clone()))
-                .filter(run::Column::Pipeline.eq(schedule.pipeline.clone()))
-                .filter(run::Column::Schedule.eq(schedule.id.clone()))
+                .filter(made_by(&schedule.project, &schedule.pipeline, &schedule.id))
                 .filter(run::Column::State.is_in([State::Pending, State::Queued, State::Running].map(State::as_str)))
                 .into_tuple()
                 .all(&txn)
@@ -692,9 +704,7 @@ impl Store {
         let states: Vec<String> = run::Entity::find()
             .select_only()
             .column(run::Column::State)
-            .filter(run::Column::Project.eq(row.project.clone()))
-            .filter(run::Column::Pipeline.eq(row.pipeline.clone()))
-            .filter(run::Column::Schedule.eq(row.id.clone()))
+            .filter(made_by(&row.project, &row.pipeline, &row.id))
             .filter(run::Column::FireMs.between(from_ms, to_ms))
             .into_tuple()
             .all(&self.db)
@@ -718,9 +728,7 @@ impl Store {
         run::Entity::find()
             .select_only()
             .column(run::Column::Reason)
-            .filter(run::Column::Project.eq(row.project.clone()))
-            .filter(run::Column::Pipeline.eq(row.pipeline.clone()))
-            .filter(run::Column::Schedule.eq(row.id.clone()))
+            .filter(made_by(&row.project, &row.pipeline, &row.id))
             .filter(run::Column::State.eq(State::Queued.as_str()))
             .order_by_asc(run::Column::FireMs)
             .into_tuple()
@@ -750,9 +758,7 @@ impl Store {
             .map_err(db_error)?;
         let previous = match (&run.schedule, run.fire_ms) {
             (Some(schedule), Some(fire_ms)) => run::Entity::find()
-                .filter(run::Column::Project.eq(run.project.clone()))
-                .filter(run::Column::Pipeline.eq(run.pipeline.clone()))
-                .filter(run::Column::Schedule.eq(schedule.clone()))
+                .filter(made_by(&run.project, &run.pipeline, schedule))
                 .filter(run::Column::FireMs.lt(fire_ms))
                 .order_by_desc(run::Column::FireMs)
                 .one(&self.db)

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use cube_kit::identity::Principal;
+use cube_kit::mask::UpdateMask;
 use cube_kit::names::{PROJECT_ID_RULE, is_project_id};
 use cube_kit::page::{decode_token, finish_page, page_size, parse_filter};
 use cube_kit::time::{now_ms, timestamp};
@@ -311,27 +312,22 @@ impl Templates {
         let from = Request::from_parts(request.metadata().clone(), tonic::Extensions::default(), ());
         let body = request.into_inner();
         let given = body.job_template.unwrap_or_default();
-        let paths = body.update_mask.map(|mask| mask.paths).unwrap_or_default();
-        if paths.is_empty() {
-            return Err(ApiError::invalid(
-                "update_mask",
-                "name the fields to change, or * for all",
-            ));
-        }
         let row = self
             .owned(&caller, "job_template.name", &given.name, &given.etag)
             .await?;
         let mut template = JobTemplate::decode(row.spec.as_slice()).map_err(ApiError::internal)?;
-        let mut password = None;
-        let mut found = Vec::new();
-        let every = paths.iter().any(|path| path == "*");
-        let wanted = |name: &str| every || paths.iter().any(|path| path == name);
+        // The fields the mask may name, each copied from the request when it does; the password is sealed.
         macro_rules! take {
-            ($($field:ident),*) => {
-                $(if wanted(stringify!($field)) { template.$field = given.$field.clone(); })*
-            };
+            ($($field:ident),*) => {{
+                let mask = UpdateMask::parse(
+                    body.update_mask.as_ref(),
+                    &[$(stringify!($field)),*, "registry_password"],
+                )?;
+                $(if mask.wants(stringify!($field)) { template.$field = given.$field.clone(); })*
+                mask
+            }};
         }
-        take!(
+        let mask = take!(
             display_name,
             description,
             image,
@@ -348,37 +344,11 @@ impl Templates {
             display_order,
             args
         );
-        if wanted("registry_password") {
-            password = Some(self.seal(&given.registry_password)?);
-        }
-        const FIELDS: [&str; 17] = [
-            "display_name",
-            "description",
-            "image",
-            "registry_user",
-            "registry_password",
-            "entrypoint",
-            "working_dir",
-            "env",
-            "volume_mounts",
-            "privileged",
-            "service_account",
-            "version",
-            "category",
-            "help_url",
-            "display_order",
-            "args",
-            "*",
-        ];
-        for path in &paths {
-            if !FIELDS.contains(&path.as_str()) {
-                found.push(FieldViolation::new(
-                    "update_mask",
-                    format!("{path:?} cannot be changed; the mask accepts {:?}", &FIELDS[..16]),
-                ));
-            }
-        }
-        found.extend(violations(&caller, &template));
+        let password = mask
+            .wants("registry_password")
+            .then(|| self.seal(&given.registry_password))
+            .transpose()?;
+        let mut found = violations(&caller, &template);
         // A category is checked when it changes: a template keeps one whose project went away.
         if template.category != row.category {
             found.extend(self.category_violation(&from, &template.category).await?);

@@ -302,6 +302,21 @@ impl Keeper {
         (Instant::now() < held.valid_until).then_some(held.epoch)
     }
 
+    /// Waits for the next tick of a loop that works only while this replica holds the lease: `interval` after the
+    /// last, or sooner when `wake` is notified; a tick at which the lease is not held is passed over. Returns the
+    /// epoch held at the tick, for the tick's writes to [`check`].
+    pub async fn tick(&self, wake: &tokio::sync::Notify, interval: Duration) -> Epoch {
+        loop {
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+            if let Some(epoch) = self.current() {
+                return epoch;
+            }
+        }
+    }
+
     /// Stops renewing and releases the lease, so another replica can take it at once.
     ///
     /// # Errors

@@ -12,6 +12,7 @@ pub mod error;
 pub mod health;
 pub mod identity;
 pub mod lease;
+pub mod mask;
 pub mod metrics;
 pub mod names;
 pub mod outbox;

@@ -322,10 +322,20 @@ async fn killed_holder_is_replaced_and_fenced(url: &str) {
     // A few renewal periods: the live holder keeps the lease from the second replica.
     tokio::time::sleep(LEASE).await;
     assert_eq!(second.current(), None, "the lease has one holder while it lives");
+    // A loop on the second replica gets no tick while it does not hold the lease, woken or not.
+    let wake = tokio::sync::Notify::new();
+    wake.notify_one();
+    let idle = tokio::time::timeout(LEASE / 2, second.tick(&wake, Duration::from_millis(50))).await;
+    assert!(idle.is_err(), "a tick without the lease: {idle:?}");
 
     child.kill().await.expect("kill -9 the holder");
     let new = held(&second).await;
     assert!(new > old, "a new holder, a new epoch: {old} then {new}");
+    wake.notify_one();
+    let woken = tokio::time::timeout(LEASE, second.tick(&wake, Duration::from_secs(3600)))
+        .await
+        .expect("a wake ticks at once, long before the interval");
+    assert_eq!(woken, new, "the tick carries the epoch held");
     match fenced_write(&setup, old).await {
         Err(WriteError::Fenced(LeaseError::Superseded { held, current, .. })) => {
             assert_eq!((held, current), (old, Some(new)));
