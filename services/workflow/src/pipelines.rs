@@ -401,7 +401,7 @@ impl Pipelines {
             .find(&request, "pipeline", &body.pipeline, Need::Read, "pipelines.get")
             .await?;
         let bounds = crate::usage::bounds(&self.access, &request, &row.project).await?;
-        crate::usage::recommendation(&self.store, &row, &body.task, bounds).await
+        crate::usage::recommendation(&self.store, &row, &body.task, bounds, 0).await
     }
 
     async fn delete(&self, request: Request<DeletePipelineRequest>) -> Result<(), ApiError> {

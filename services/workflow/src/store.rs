@@ -881,12 +881,14 @@ impl Store {
         Ok(())
     }
 
-    /// The newest `limit` usage samples of a pipeline's task that have both CPU and memory, newest first.
+    /// The newest `limit` usage samples of a pipeline's task that have both CPU and memory, after its newest `skip`,
+    /// newest first.
     pub(crate) async fn usage_of(
         &self,
         project: &str,
         pipeline: &str,
         task: &str,
+        skip: u64,
         limit: u64,
     ) -> Result<Vec<usage::Model>, ApiError> {
         usage::Entity::find()
@@ -896,6 +898,7 @@ impl Store {
             .filter(usage::Column::CpuMillis.is_not_null())
             .filter(usage::Column::MemoryBytes.is_not_null())
             .order_by_desc(usage::Column::EndedMs)
+            .offset(skip)
             .limit(limit)
             .all(&self.db)
             .await

@@ -2,6 +2,7 @@
 //! cores and GiB over the last 10 successful runs) with its bugs fixed: fractions and ranges are read (a range stays
 //! a range), memory is compared in bytes, and the project's quota and the platform's maximum bound the result.
 
+use cube_proto::cube::workflow::v1::TaskRecommendation;
 use cube_resources::{CpuSpec, MemorySpec};
 
 /// How many successful runs' usage a recommendation needs, and is judged from.
@@ -109,9 +110,37 @@ pub(crate) fn recommend(cpu: &str, memory: &str, samples: &[Sample], bounds: Bou
     })
 }
 
+/// Whether recommendation `now` is news for the pipeline's owner: it changes the task's resources, and it is not
+/// what `before` (the recommendation before the newest sample, given when it is not applied) already said.
+pub(crate) fn news(now: &TaskRecommendation, before: Option<&TaskRecommendation>) -> bool {
+    let changes = !now.cpu.is_empty() && (now.cpu != now.current_cpu || now.memory != now.current_memory);
+    changes && before.is_none_or(|before| (&before.cpu, &before.memory) != (&now.cpu, &now.memory))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recommendation_is_news_when_it_changes_the_task_and_not_again_unapplied() {
+        let advice = |cpu: &str, memory: &str| TaskRecommendation {
+            cpu: cpu.into(),
+            memory: memory.into(),
+            current_cpu: "1".into(),
+            current_memory: "2G".into(),
+            ..TaskRecommendation::default()
+        };
+        let now = advice("5", "5G");
+        assert!(news(&now, None), "applied: news whenever it changes the task");
+        assert!(news(&now, Some(&advice("", ""))), "the first recommendation");
+        assert!(news(&now, Some(&advice("4", "5G"))), "the newest sample changed it");
+        assert!(
+            !news(&now, Some(&advice("5", "5G"))),
+            "said already at the sample before"
+        );
+        assert!(!news(&advice("1", "2G"), None), "what the task has");
+        assert!(!news(&advice("", ""), None), "none");
+    }
 
     fn samples(count: usize, cpu_cores: f64, memory_bytes: u64) -> Vec<Sample> {
         (0..count)

@@ -209,7 +209,8 @@ async fn sample(usage: &Usage) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Judges a task's resources again after a new sample: applies them with `auto_tune`, and announces a change.
+/// Judges a task's resources again after a new sample: applies them with `auto_tune`, and announces a change (one
+/// not applied once, when the sample makes it, not again at every sample after).
 async fn judge(usage: &Usage, project: &str, pipeline: &str, task: &str) -> Result<(), ApiError> {
     let Some(row) = usage.store.pipeline(project, pipeline).await? else {
         return Ok(());
@@ -217,14 +218,17 @@ async fn judge(usage: &Usage, project: &str, pipeline: &str, task: &str) -> Resu
     let mut credentials = Request::new(());
     act_for(&mut credentials, &usage.token, &format!("users/{}", row.creator))?;
     let bounds = bounds(&usage.access, &credentials, project).await?;
-    let recommendation = recommendation(&usage.store, &row, task, bounds).await?;
-    if recommendation.cpu.is_empty()
-        || (recommendation.cpu == recommendation.current_cpu && recommendation.memory == recommendation.current_memory)
-    {
-        return Ok(());
-    }
+    let recommendation = recommendation(&usage.store, &row, task, bounds, 0).await?;
     let mut spec = Pipeline::decode(row.spec.as_slice()).map_err(ApiError::internal)?;
     let applied = spec.auto_tune;
+    let before = if applied {
+        None
+    } else {
+        Some(self::recommendation(&usage.store, &row, task, bounds, 1).await?)
+    };
+    if !tuning::news(&recommendation, before.as_ref()) {
+        return Ok(());
+    }
     let tuned = applied.then(|| {
         for given in spec.tasks.iter_mut().filter(|given| given.name == task) {
             given.cpu.clone_from(&recommendation.cpu);
@@ -268,12 +272,14 @@ pub(crate) async fn bounds<T>(access: &Access, credentials: &Request<T>, project
     })
 }
 
-/// Task `task` of pipeline `row`'s recommendation under `bounds`, or why there is none.
+/// Task `task` of pipeline `row`'s recommendation under `bounds`, or why there is none; from its samples but the
+/// newest `older` (0 for the recommendation now, 1 for the one before the newest sample).
 pub(crate) async fn recommendation(
     store: &Store,
     row: &pipeline::Model,
     task: &str,
     bounds: Bounds,
+    older: u64,
 ) -> Result<TaskRecommendation, ApiError> {
     let pipeline = crate::pipelines::message(row);
     let given = pipeline
@@ -302,7 +308,7 @@ pub(crate) async fn recommendation(
         return Ok(answer);
     }
     let rows = store
-        .usage_of(&row.project, &row.id, task, u64::try_from(SAMPLES).unwrap_or(10))
+        .usage_of(&row.project, &row.id, task, older, u64::try_from(SAMPLES).unwrap_or(10))
         .await?;
     #[expect(
         clippy::cast_precision_loss,
