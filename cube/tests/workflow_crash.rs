@@ -16,16 +16,14 @@ use cube_integration_tests::platform::{
     Platform, TestNamespace, authed, create_project, kube_client, platform, platform_with_local,
 };
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::workflow::{training_node, training_project};
+use cube_integration_tests::workflow::{create_worker_template, training_node, training_project};
 use cube_proto::cube::projects::v1::{Quota, Settings};
-use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
 use cube_proto::cube::workflow::v1::{
-    CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, GetRunRequest, JobTemplate, Pipeline, Run,
-    RunState, Task, TemplateVersion,
+    CreatePipelineRequest, CreateRunRequest, GetRunRequest, Pipeline, Run, RunState, Task,
 };
-use cube_testkit::kubernetes::{Kubelet, Script};
+use cube_testkit::kubernetes::{FakeNode, Kubelet, Script};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use serde_json::json;
@@ -206,29 +204,17 @@ fn layered(command: &str) -> Vec<Task> {
         .collect()
 }
 
-/// Creates the template and a pipeline of `tasks` in `vision`, runs it, kills the workflow process
-/// [`KILLS`] times while it runs, and returns the run once it has finished.
-async fn run_through_kills(platform: &Platform, process: &mut WorkflowProcess, tasks: Vec<Task>) -> Run {
-    let channel = process.channel().await;
-    JobTemplateServiceClient::new(channel.clone())
-        .create_job_template(authed(
-            CreateJobTemplateRequest {
-                job_template_id: "worker".into(),
-                job_template: Some(JobTemplate {
-                    image: "cube.test/worker:1".into(),
-                    version: TemplateVersion::Release as i32,
-                    ..JobTemplate::default()
-                }),
-            },
-            &platform.token,
-        ))
+/// Creates the template and pipeline `id` of `tasks` in `vision`, and its first run, tried until the scheduler's
+/// inventory has the node to place it on.
+async fn first_run(channel: &Channel, platform: &Platform, id: &str, tasks: Vec<Task>) -> (Pipeline, Run) {
+    create_worker_template(channel.clone(), &platform.token, "")
         .await
         .expect("creating the template");
     let pipeline = PipelineServiceClient::new(channel.clone())
         .create_pipeline(authed(
             CreatePipelineRequest {
                 parent: "projects/vision".into(),
-                pipeline_id: "layers".into(),
+                pipeline_id: id.into(),
                 pipeline: Some(Pipeline {
                     tasks,
                     ..Pipeline::default()
@@ -244,13 +230,21 @@ async fn run_through_kills(platform: &Platform, process: &mut WorkflowProcess, t
         let request = authed(
             CreateRunRequest {
                 parent: pipeline.name.clone(),
-                request_id: "crash-test".into(),
+                request_id: "first".into(),
             },
             &platform.token,
         );
         async move { runs.create_run(request).await.ok().map(tonic::Response::into_inner) }
     })
     .await;
+    (pipeline, run)
+}
+
+/// Creates the template and a pipeline of `tasks` in `vision`, runs it, kills the workflow process
+/// [`KILLS`] times while it runs, and returns the run once it has finished.
+async fn run_through_kills(platform: &Platform, process: &mut WorkflowProcess, tasks: Vec<Task>) -> Run {
+    let channel = process.channel().await;
+    let (_, run) = first_run(&channel, platform, "layers", tasks).await;
     let get = |channel: Channel| {
         let request = authed(GetRunRequest { name: run.name.clone() }, &platform.token);
         async move {
@@ -290,21 +284,49 @@ async fn run_through_kills(platform: &Platform, process: &mut WorkflowProcess, t
     .await
 }
 
+/// The platform (PostgreSQL, Redis Streams) with project `vision` training on a node of the test cluster, whose
+/// fake kubelet runs each of Cube's pods for a while and ends it successfully.
+struct OnKubernetes {
+    kubeconfig: String,
+    platform: Platform,
+    namespace: TestNamespace,
+    _node: FakeNode,
+    _kubelet: Kubelet,
+}
+
+impl OnKubernetes {
+    /// Starts it, naming the node group and namespace after `prefix`; each pod runs for `run_for`.
+    async fn start(prefix: &str, run_for: Duration) -> Self {
+        let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
+        let client = kube_client(&kubeconfig).await;
+        let group = cube_testkit::kubernetes::unique_name(prefix);
+        let (node, namespace, platform) = tokio::join!(
+            training_node(&client, &group, &[]),
+            TestNamespace::unique(&client, prefix),
+            platform(Shape::PostgresRedis, &kubeconfig),
+        );
+        let kubelet = Kubelet::start(&client, [&node])
+            .script("app.kubernetes.io/managed-by=cube", Script::run_for(run_for).exit(0));
+        training_project(&platform, &group, &namespace.name, Quota::default()).await;
+        Self {
+            kubeconfig,
+            platform,
+            namespace,
+            _node: node,
+            _kubelet: kubelet,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_on_kubernetes_survives_three_kills_of_the_workflow_process() {
-    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let client = kube_client(&kubeconfig).await;
-    let group = cube_testkit::kubernetes::unique_name("crash");
-    let (node, namespace, mut platform) = tokio::join!(
-        training_node(&client, &group, &[]),
-        TestNamespace::unique(&client, "crash"),
-        platform(Shape::PostgresRedis, &kubeconfig),
-    );
-    let _kubelet = Kubelet::start(&client, [&node]).script(
-        "app.kubernetes.io/managed-by=cube",
-        Script::run_for(Duration::from_millis(700)).exit(0),
-    );
-    training_project(&platform, &group, &namespace.name, Quota::default()).await;
+    let OnKubernetes {
+        kubeconfig,
+        mut platform,
+        namespace,
+        _node,
+        _kubelet,
+    } = OnKubernetes::start("crash", Duration::from_millis(700)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let clusters = json!({"clusters": [
         {"name": "kube", "default": true, "kubeconfig": kubeconfig},
@@ -419,72 +441,27 @@ async fn two_replicas_fire_a_minutely_schedule_once_a_minute_through_the_holders
     use cube_proto::cube::workflow::v1::schedule_service_client::ScheduleServiceClient;
     use cube_proto::cube::workflow::v1::{CatchUp, CreateScheduleRequest, ListRunsRequest, Schedule};
 
-    let kubeconfig = cube_testkit::require("CUBE_TEST_KUBECONFIG");
-    let client = kube_client(&kubeconfig).await;
-    let group = cube_testkit::kubernetes::unique_name("fire");
-    let (node, namespace, mut platform) = tokio::join!(
-        training_node(&client, &group, &[]),
-        TestNamespace::unique(&client, "fire"),
-        platform(Shape::PostgresRedis, &kubeconfig),
-    );
-    let _kubelet = Kubelet::start(&client, [&node]).script(
-        "app.kubernetes.io/managed-by=cube",
-        Script::run_for(Duration::from_millis(300)).exit(0),
-    );
-    training_project(&platform, &group, &namespace.name, Quota::default()).await;
+    let OnKubernetes {
+        kubeconfig,
+        mut platform,
+        _node,
+        _kubelet,
+        ..
+    } = OnKubernetes::start("fire", Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let clusters = json!({"clusters": [{"name": "kube", "default": true, "kubeconfig": kubeconfig}]}).to_string();
     let mut first = WorkflowProcess::start(&mut platform, &clusters, dir.path()).await;
     let mut second = first.replica().await;
     let channel = first.channel().await;
-    JobTemplateServiceClient::new(channel.clone())
-        .create_job_template(authed(
-            CreateJobTemplateRequest {
-                job_template_id: "worker".into(),
-                job_template: Some(JobTemplate {
-                    image: "cube.test/worker:1".into(),
-                    version: TemplateVersion::Release as i32,
-                    ..JobTemplate::default()
-                }),
-            },
-            &platform.token,
-        ))
-        .await
-        .expect("creating the template");
-    let pipeline = PipelineServiceClient::new(channel.clone())
-        .create_pipeline(authed(
-            CreatePipelineRequest {
-                parent: "projects/vision".into(),
-                pipeline_id: "minutely".into(),
-                pipeline: Some(Pipeline {
-                    tasks: vec![Task {
-                        name: "a".into(),
-                        template: "jobTemplates/worker".into(),
-                        cpu: "0.1".into(),
-                        memory: "64M".into(),
-                        ..Task::default()
-                    }],
-                    ..Pipeline::default()
-                }),
-            },
-            &platform.token,
-        ))
-        .await
-        .expect("creating the pipeline")
-        .into_inner();
     // A first run, so that the scheduler's inventory has the node before the first fire.
-    cube_testkit::eventually("a run placed", Duration::from_secs(30), || {
-        let mut runs = RunServiceClient::new(channel.clone());
-        let request = authed(
-            CreateRunRequest {
-                parent: pipeline.name.clone(),
-                request_id: "warm-up".into(),
-            },
-            &platform.token,
-        );
-        async move { runs.create_run(request).await.ok().map(tonic::Response::into_inner) }
-    })
-    .await;
+    let task = Task {
+        name: "a".into(),
+        template: "jobTemplates/worker".into(),
+        cpu: "0.1".into(),
+        memory: "64M".into(),
+        ..Task::default()
+    };
+    let (pipeline, _) = first_run(&channel, &platform, "minutely", vec![task]).await;
     // Missed fires would not be made late: a fire missing from the runs was missed.
     ScheduleServiceClient::new(channel.clone())
         .create_schedule(authed(

@@ -49,6 +49,35 @@ pub async fn service_token(platform: &Platform) -> String {
         .token
 }
 
+/// Creates, as `token`'s user, the release template `jobTemplates/worker` (image `cube.test/worker:1`) running
+/// `entrypoint` (the image's own when empty).
+///
+/// # Errors
+/// The workflow service's refusal.
+pub async fn create_worker_template(
+    channel: tonic::transport::Channel,
+    token: &str,
+    entrypoint: &str,
+) -> Result<(), tonic::Status> {
+    use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
+    use cube_proto::cube::workflow::v1::{CreateJobTemplateRequest, JobTemplate, TemplateVersion};
+    JobTemplateServiceClient::new(channel)
+        .create_job_template(crate::platform::authed(
+            CreateJobTemplateRequest {
+                job_template_id: "worker".into(),
+                job_template: Some(JobTemplate {
+                    image: "cube.test/worker:1".into(),
+                    entrypoint: entrypoint.into(),
+                    version: TemplateVersion::Release as i32,
+                    ..JobTemplate::default()
+                }),
+            },
+            token,
+        ))
+        .await
+        .map(drop)
+}
+
 /// Starts the workflow service of `platform` on a fresh database of its shape, running tasks on the cluster
 /// `kubeconfig` reaches (as `kube`) and locally (as `local`).
 pub async fn start_workflow(platform: &mut Platform, kubeconfig: &str) -> RunningWorkflow {

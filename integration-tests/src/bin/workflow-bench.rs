@@ -25,15 +25,16 @@ use clap::Parser;
 use cube_integration_tests::connect;
 use cube_integration_tests::platform::{FakeNode, Platform, TestNamespace, authed, kube_client, platform};
 use cube_integration_tests::shape::Shape;
-use cube_integration_tests::workflow::{RunningWorkflow, start_workflow, training_node, training_project};
+use cube_integration_tests::workflow::{
+    RunningWorkflow, create_worker_template, start_workflow, training_node, training_project,
+};
 use cube_proto::cube::projects::v1::Quota;
 use cube_proto::cube::watcher::v1::{WorkloadState, WorkloadTransition};
-use cube_proto::cube::workflow::v1::job_template_service_client::JobTemplateServiceClient;
 use cube_proto::cube::workflow::v1::pipeline_service_client::PipelineServiceClient;
 use cube_proto::cube::workflow::v1::run_service_client::RunServiceClient;
 use cube_proto::cube::workflow::v1::{
-    CancelRunRequest, CreateJobTemplateRequest, CreatePipelineRequest, CreateRunRequest, GetRunRequest, JobTemplate,
-    ListRunsRequest, Pipeline, Run, RunState, Task, TemplateVersion,
+    CancelRunRequest, CreatePipelineRequest, CreateRunRequest, GetRunRequest, ListRunsRequest, Pipeline, Run, RunState,
+    Task,
 };
 use cube_testkit::kubernetes::{Kubelet, Script};
 use futures::StreamExt as _;
@@ -83,19 +84,7 @@ impl Bench {
         training_project(&platform, &group, &namespace.name, Quota::default()).await;
         let workflow = start_workflow(&mut platform, &kubeconfig).await;
         let channel = connect(&workflow.server).await;
-        JobTemplateServiceClient::new(channel.clone())
-            .create_job_template(authed(
-                CreateJobTemplateRequest {
-                    job_template_id: "worker".into(),
-                    job_template: Some(JobTemplate {
-                        image: "cube.test/worker:1".into(),
-                        entrypoint: "train".into(),
-                        version: TemplateVersion::Release as i32,
-                        ..JobTemplate::default()
-                    }),
-                },
-                &platform.token,
-            ))
+        create_worker_template(channel.clone(), &platform.token, "train")
             .await
             .context("creating the template")?;
         Ok(Self {

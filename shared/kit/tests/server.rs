@@ -29,7 +29,8 @@ use cube_kit::server::ServeError;
 const PACKAGE: &str = "cube.probe.v1";
 
 /// A unary method (`/cube.probe.v1.Gate/Pass`) that reports each call it starts and answers only when the test
-/// releases it, so a call can be held in flight for as long as a test needs.
+/// releases it, so a call can be held in flight for as long as a test needs; a call for the service `panic`
+/// panics in the handler instead.
 #[derive(Clone)]
 struct Gate {
     entered: mpsc::UnboundedSender<()>,
@@ -68,9 +69,10 @@ impl tower::Service<http::Request<tonic::body::Body>> for Gate {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let gate = self.clone();
         Box::pin(async move {
-            let pass = tower::service_fn(move |_: tonic::Request<HealthCheckRequest>| {
+            let pass = tower::service_fn(move |request: tonic::Request<HealthCheckRequest>| {
                 let gate = gate.clone();
                 async move {
+                    assert_ne!(request.get_ref().service, "panic", "the handler's own bug");
                     let _ = gate.entered.send(());
                     let permit = gate
                         .release
@@ -511,40 +513,11 @@ async fn calls_still_running_after_the_grace_are_cut_off() {
     );
 }
 
-/// A unary method (`/cube.probe.v1.Panic/Pass`) whose handler panics.
-#[derive(Clone)]
-struct Panicking;
-
-impl NamedService for Panicking {
-    const NAME: &'static str = "cube.probe.v1.Panic";
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Panicking {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(async move {
-            let pass = tower::service_fn(|request: tonic::Request<HealthCheckRequest>| async move {
-                assert!(request.get_ref().service.is_empty(), "the handler's own bug");
-                Ok::<_, tonic::Status>(tonic::Response::new(HealthCheckResponse::default()))
-            });
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
-            Ok(grpc.unary(pass, request).await)
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_panicking_handler_answers_internal_and_the_connection_keeps_serving() {
     let server = cube_kit::Server::new("probe", PACKAGE)
         .without_authentication()
-        .add_service(Panicking);
+        .add_service(gate().0);
     let running = start(server, Duration::from_secs(1), unregistered_metrics()).await;
     let channel = running.channel().await;
     let mut grpc = tonic::client::Grpc::new(channel.clone());
@@ -552,8 +525,10 @@ async fn a_panicking_handler_answers_internal_and_the_connection_keeps_serving()
         grpc.ready().await.expect("the channel is ready");
         let answer: Result<tonic::Response<HealthCheckResponse>, _> = grpc
             .unary(
-                tonic::Request::new(HealthCheckRequest { service: "boom".into() }),
-                http::uri::PathAndQuery::from_static("/cube.probe.v1.Panic/Pass"),
+                tonic::Request::new(HealthCheckRequest {
+                    service: "panic".into(),
+                }),
+                http::uri::PathAndQuery::from_static("/cube.probe.v1.Gate/Pass"),
                 tonic_prost::ProstCodec::default(),
             )
             .await;
