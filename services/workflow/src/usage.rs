@@ -56,14 +56,13 @@ impl Prometheus {
     async fn max_over(&self, query: &str, start_ms: i64, end_ms: i64) -> Result<Option<f64>, String> {
         let seconds = |ms: i64| format!("{:.3}", ms as f64 / 1000.0);
         let step = ((end_ms - start_ms) / 250).max(1000);
-        let uri = format!(
-            "{}/api/v1/query_range?query={}&start={}&end={}&step={}",
-            self.base,
-            encode(query),
-            seconds(start_ms),
-            seconds(end_ms),
-            seconds(step)
-        );
+        let parameters = form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", query)
+            .append_pair("start", &seconds(start_ms))
+            .append_pair("end", &seconds(end_ms))
+            .append_pair("step", &seconds(step))
+            .finish();
+        let uri = format!("{}/api/v1/query_range?{parameters}", self.base);
         let uri: hyper::Uri = uri.parse().map_err(|error| format!("{uri}: {error}"))?;
         let response = self
             .client
@@ -116,19 +115,6 @@ impl Prometheus {
             self.max_over(&memory, start_ms, end_ms).await?,
         ))
     }
-}
-
-/// `text` percent-encoded for a URL query.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-                char::from(byte).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
 }
 
 /// The usage loop's parts.
